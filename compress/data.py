@@ -1,0 +1,160 @@
+"""Calibration and evaluation data: text files, directories, globs or the model's own samples, cut into
+fixed-length token windows with a seeded split so calibration and evaluation never overlap."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compress.errors import UserError
+from compress.models.load import LoadedModel
+
+SPLITS = ("calibration", "evaluation", "all")
+DEFAULT_TOKENS = 2048
+
+
+@dataclass
+class Windows:
+    """Token windows [n, seq_len] of one split, with where they came from and a hash of their tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    split: str
+    source: str
+    seed: int
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in all windows."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per window."""
+        return int(self.input_ids.shape[1])
+
+    @property
+    def data_hash(self) -> str:
+        """sha256 of the token ids: two runs on the same windows share it."""
+        return hashlib.sha256(self.input_ids.to(torch.int64).numpy().tobytes()).hexdigest()
+
+    def describe(self) -> dict:
+        """Provenance for reports."""
+        return {"source": self.source, "split": self.split, "seed": self.seed, "windows": len(self.input_ids),
+                "seq_len": self.seq_len, "tokens": self.num_tokens, "sha256": self.data_hash}
+
+
+def default_seq_len(loaded: LoadedModel) -> int:
+    """512 tokens for decoders; 256 for encoders (their training length), capped by position embeddings."""
+    limit = getattr(loaded.module.config, "max_position_embeddings", None) or 512
+    return min(512 if loaded.kind == "decoder" else 256, limit)
+
+
+def load_windows(
+    spec: str | None,
+    loaded: LoadedModel,
+    *,
+    split: str = "calibration",
+    tokens: int = DEFAULT_TOKENS,
+    seq_len: int | None = None,
+    seed: int = 0,
+    sequential: bool = False,
+) -> Windows:
+    """Windows for `spec` (text file, directory, glob or "self"); `sequential` keeps document order, no split."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
+    if tokens <= 0:
+        raise UserError(f"--tokens {tokens}: must be a positive number of tokens")
+    seq_len = seq_len or default_seq_len(loaded)
+    n_windows = max(1, tokens // seq_len)
+    if spec is None:
+        if not loaded.can_generate:
+            raise UserError(f"{loaded.spec} is an encoder and cannot generate its own data: pass --data "
+                            "(a text file, a directory or a glob of text files)")
+        spec = "self"
+    if spec == "self":
+        if not loaded.can_generate:
+            raise UserError(f"--data self: {loaded.spec} is an encoder and cannot generate text; pass --data "
+                            "a text file, a directory or a glob of text files")
+        ids = sample_self(loaded, n_windows, seq_len, seed + (1 if split == "evaluation" else 0))
+        return Windows(ids, torch.ones_like(ids), split, "self", seed)
+    if loaded.tokenizer is None:
+        raise UserError(f"{loaded.spec} has no tokenizer beside its weights: text data cannot be tokenized")
+    files = resolve_text_files(spec)
+    windows = []
+    for f in files:
+        windows.extend(_cut(_tokenize(loaded, f.read_text(encoding="utf-8", errors="replace")), loaded, seq_len))
+    if not windows:
+        raise UserError(f"--data {spec}: too short for one window of {seq_len} tokens; give more text or a "
+                        "smaller --seq-len")
+    order = list(range(len(windows)))
+    if not sequential:
+        order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed)).tolist()
+        if split != "all":
+            if len(order) < 2:
+                raise UserError(f"--data {spec}: only one window of {seq_len} tokens, too little to split into "
+                                "calibration and evaluation; give more text or a smaller --seq-len")
+            half = len(order) // 2
+            order = order[:half] if split == "calibration" else order[half:]
+    ids = torch.stack([windows[i] for i in order[:n_windows]])
+    return Windows(ids, torch.ones_like(ids), split if not sequential else "all", spec, seed)
+
+
+def resolve_text_files(spec: str) -> list[Path]:
+    """A text file, every *.txt under a directory, or the files matching a glob; sorted; error if none."""
+    if any(ch in spec for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise UserError(f"--data {spec}: no such file or directory; pass a text file, a directory, a glob "
+                            "or 'self'")
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*.txt") if p.is_file())
+    if not files:
+        raise UserError(f"--data {spec}: no text files found (directories are searched for *.txt)")
+    if sum(f.stat().st_size for f in files) == 0:
+        raise UserError(f"--data {spec}: the text is empty")
+    return files
+
+
+def _tokenize(loaded: LoadedModel, text: str) -> list[int]:
+    """Decoders: the tokenizer's own convention (BOS if it adds one). Encoders: no specials (added per window)."""
+    tok = loaded.tokenizer
+    add_special = loaded.kind == "decoder"
+    return tok(text, add_special_tokens=add_special, verbose=False)["input_ids"]
+
+
+def _cut(ids: list[int], loaded: LoadedModel, seq_len: int) -> list[torch.Tensor]:
+    """Consecutive non-overlapping windows; encoder windows get [CLS] ... [SEP] around seq_len-2 tokens."""
+    tok = loaded.tokenizer
+    if loaded.kind == "encoder" and tok.cls_token_id is not None and tok.sep_token_id is not None:
+        body = seq_len - 2
+        return [torch.tensor([tok.cls_token_id, *ids[s:s + body], tok.sep_token_id])
+                for s in range(0, len(ids) - body + 1, body)]
+    return [torch.tensor(ids[s:s + seq_len]) for s in range(0, len(ids) - seq_len + 1, seq_len)]
+
+
+@torch.inference_mode()
+def sample_self(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch: int = 8) -> torch.Tensor:
+    """Sample `n` sequences of `seq_len` tokens from the model itself (temperature 1, top-p 0.95), seeded."""
+    model, tok = loaded.module, loaded.tokenizer
+    bos = getattr(tok, "bos_token_id", None) if tok is not None else None
+    if bos is None:
+        bos = getattr(model.config, "bos_token_id", None)
+    if bos is None:
+        raise UserError(f"--data self: {loaded.spec} has no BOS token to start sampling from; pass --data")
+    torch.manual_seed(seed)
+    out = []
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
+        prompt = torch.full((b, 1), bos, dtype=torch.long)
+        gen = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
+            max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=bos,
+        )
+        out.append(gen[:, :seq_len])
+    return torch.cat(out)

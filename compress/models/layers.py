@@ -1,0 +1,222 @@
+"""LayerMap: the repeated block stack of a model, each block's sublayers, Linear modules, norms and sizes.
+
+Per-family adapters are small dicts of child names; everything else (finding the block stack, the final norm,
+the head) is found structurally, so wrapped models (e.g. `model.language_model.layers`) work too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+# How skipping a sublayer is done, per residual style:
+#  zero      pre-norm residual (x + f(norm(x))): the sublayer's output is replaced by zeros.
+#  input     post-norm block part that returns norm(x + f(x)) (BERT attention): output replaced by its input x.
+#  residual  post-norm part called as g(h, x) -> norm(dense(h) + x) (BERT FFN output): replaced by x.
+SKIP_RULES = ("zero", "input", "residual")
+
+
+@dataclass(frozen=True)
+class SublayerSpec:
+    """Where a sublayer sits inside a block and how to skip it."""
+
+    children: tuple[str, ...]  # child module names that make up the sublayer
+    hook: str  # the child whose output is replaced when the sublayer is skipped
+    skip: str  # one of SKIP_RULES
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A model family's block layout."""
+
+    name: str
+    sublayers: dict[str, SublayerSpec]
+
+
+LLAMA_STYLE = Adapter("llama-style", {
+    "attn": SublayerSpec(("self_attn",), "self_attn", "zero"),
+    "mlp": SublayerSpec(("mlp",), "mlp", "zero"),
+})
+BERT_STYLE = Adapter("bert", {
+    "attn": SublayerSpec(("attention",), "attention", "input"),
+    "mlp": SublayerSpec(("intermediate", "output"), "output", "residual"),
+})
+GPT2_STYLE = Adapter("gpt2", {
+    "attn": SublayerSpec(("attn",), "attn", "zero"),
+    "mlp": SublayerSpec(("mlp",), "mlp", "zero"),
+})
+FAMILIES: dict[str, Adapter] = {
+    **{f: LLAMA_STYLE for f in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "gemma3_text",
+                                "olmo", "olmo2", "phi3", "granite", "smollm3")},
+    **{f: BERT_STYLE for f in ("bert", "roberta", "xlm-roberta", "camembert", "electra")},
+    "gpt2": GPT2_STYLE,
+}
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm")
+ATTN_WORDS = ("attn", "attention")
+MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward")
+
+
+@dataclass
+class Sublayer:
+    """One sublayer of a block (attention, FFN/MLP, ...)."""
+
+    name: str
+    paths: list[str]
+    hook_path: str
+    skip: str
+    params: int
+
+
+@dataclass
+class Block:
+    """One repeated block of the stack."""
+
+    index: int
+    path: str
+    sublayers: dict[str, Sublayer]
+    linears: list[str]
+    norms: list[str]
+    params: int
+
+
+@dataclass
+class LayerMap:
+    """The structure every scorer, allocator and transform works on."""
+
+    family: str
+    adapter: str
+    blocks_path: str
+    blocks: list[Block]
+    final_norm: str | None
+    head: str | None
+    embeddings: str | None
+    total_params: int
+    logit_softcap: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_blocks(self) -> int:
+        """How many repeated blocks the stack has."""
+        return len(self.blocks)
+
+    @property
+    def num_sublayers(self) -> int:
+        """How many sublayers all blocks have together."""
+        return sum(len(b.sublayers) for b in self.blocks)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with `num_blocks` and `blocks`."""
+        d = asdict(self)
+        d["num_blocks"] = self.num_blocks
+        d["num_sublayers"] = self.num_sublayers
+        return d
+
+
+def layer_map(model: nn.Module) -> LayerMap:
+    """Build the LayerMap of `model`: per-family adapter where known, structural fallback otherwise."""
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None) or type(model).__name__
+    blocks_path, blocks_list = find_block_stack(model)
+    adapter = FAMILIES.get(family) or _generic_adapter(blocks_list[0])
+    notes = [] if family in FAMILIES else [f"no adapter for '{family}': block stack and sublayers found structurally"]
+    blocks = []
+    for i, blk in enumerate(blocks_list):
+        path = f"{blocks_path}.{i}"
+        sublayers = {}
+        for name, spec in adapter.sublayers.items():
+            present = [c for c in spec.children if _has_child(blk, c)]
+            if not present:
+                continue
+            sublayers[name] = Sublayer(
+                name, [f"{path}.{c}" for c in present], f"{path}.{spec.hook}", spec.skip,
+                sum(_count(blk.get_submodule(c)) for c in present),
+            )
+        linears = [f"{path}.{n}" for n, m in blk.named_modules() if _is_linear(m)]
+        norms = [f"{path}.{n}" for n, m in blk.named_modules() if n and "norm" in type(m).__name__.lower()]
+        blocks.append(Block(i, path, sublayers, linears, norms, _count(blk)))
+    return LayerMap(
+        family=family,
+        adapter=adapter.name,
+        blocks_path=blocks_path,
+        blocks=blocks,
+        final_norm=_final_norm(model, blocks_path),
+        head=_module_path(model, _call(model, "get_output_embeddings")),
+        embeddings=_module_path(model, _call(model, "get_input_embeddings")),
+        total_params=_count(model),
+        logit_softcap=getattr(config, "final_logit_softcapping", None),
+        notes=notes,
+    )
+
+
+def find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The largest nn.ModuleList (by parameters) whose entries are all of one class: the repeated blocks."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) >= 1 and len({type(m) for m in mod}) == 1:
+            size = _count(mod)
+            if size > 0 and (best is None or size > best[0]):
+                best = (size, name, mod)
+    if best is None:
+        from compress.errors import UserError
+
+        raise UserError(f"{type(model).__name__}: no repeated block stack (nn.ModuleList of identical blocks) "
+                        "found; this architecture is not supported yet")
+    return best[1], best[2]
+
+
+def _generic_adapter(block: nn.Module) -> Adapter:
+    subs: dict[str, SublayerSpec] = {}
+    for child, _ in block.named_children():
+        low = child.lower()
+        if "attn" not in subs and any(w in low for w in ATTN_WORDS):
+            subs["attn"] = SublayerSpec((child,), child, "zero")
+        elif "mlp" not in subs and any(w in low for w in MLP_WORDS):
+            subs["mlp"] = SublayerSpec((child,), child, "zero")
+    return Adapter("generic", subs)
+
+
+def _final_norm(model: nn.Module, blocks_path: str) -> str | None:
+    parent = blocks_path.rsplit(".", 1)[0] if "." in blocks_path else ""
+    owner = model.get_submodule(parent) if parent else model
+    for n in FINAL_NORM_NAMES:
+        if _has_child(owner, n):
+            return f"{parent}.{n}" if parent else n
+    return None
+
+
+def _module_path(model: nn.Module, target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    for n, m in model.named_modules():
+        if m is target:
+            return n
+    return None
+
+
+def _call(model: nn.Module, method: str) -> nn.Module | None:
+    fn = getattr(model, method, None)
+    try:
+        return fn() if fn else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _has_child(module: nn.Module, name: str) -> bool:
+    return name in dict(module.named_children())
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def _count(module: nn.Module) -> int:
+    """Parameters of `module`, tied (shared) tensors counted once."""
+    seen: set[int] = set()
+    total = 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

@@ -1,0 +1,94 @@
+"""Scorers on modules with known answers: rotation, rescale, identity; ZD on constructed weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny_models import ToyLM, build, rotation
+
+from compress.data import Windows
+from compress.errors import UserError
+from compress.importance import parse_methods, score_model
+from compress.importance.zd import zscore_fraction
+from compress.models.load import LoadedModel
+from evals.metrics import kl_per_token, log_softmax_chunked
+
+
+def _windows(vocab: int, n: int = 3, length: int = 10) -> Windows:
+    ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(3))
+    return Windows(ids, torch.ones_like(ids), "calibration", "test", 0)
+
+
+def _toy(matrices):
+    return LoadedModel(ToyLM(matrices).eval(), None, "decoder", "toy", "toy")
+
+
+def test_lim_of_rotation_is_one_minus_cos_theta_and_of_rescale_is_zero():
+    theta = 0.7
+    loaded = _toy([rotation(theta), 2.5 * torch.eye(2), rotation(-1.9)])
+    report = score_model(loaded, _windows(16), ["lim", "bi"])
+    lim = report.block_scores("lim")
+    assert lim[0] == pytest.approx(1 - math.cos(theta), abs=1e-6)
+    assert lim[1] == pytest.approx(0.0, abs=1e-6)
+    assert lim[2] == pytest.approx(1 - math.cos(1.9), abs=1e-6)
+    assert report.block_scores("bi") == lim
+    assert report.ranking("lim") == [2, 0, 1]
+
+
+def test_ablation_of_identity_block_is_zero_and_matches_naive_removal():
+    loaded = _toy([rotation(0.4), torch.eye(2), rotation(1.1), 0.5 * torch.eye(2)])
+    w = _windows(16)
+    report = score_model(loaded, w, ["ablation"])
+    abl = report.block_scores("ablation")
+    assert abl[1] == pytest.approx(0.0, abs=1e-7)
+    model = loaded.module
+    with torch.inference_mode():
+        ref = log_softmax_chunked(model(w.input_ids))
+        for i in (0, 2, 3):
+            kept = [b for j, b in enumerate(model.layers) if j != i]
+            h = model.embed(w.input_ids)
+            for b in kept:
+                h = b(h)
+            naive = kl_per_token(ref, model.lm_head(h)).mean().item()
+            assert naive > 1e-3
+            assert abl[i] == pytest.approx(naive, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "bert"])
+def test_every_scorer_runs_on_every_family(family):
+    loaded = build(family)
+    ids = torch.randint(4, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    w = Windows(ids, torch.ones_like(ids), "calibration", "test", 0)
+    report = score_model(loaded, w, ["lim", "zd", "ablation"])
+    assert report.num_blocks == 3 and len(report.sublayers) == 6
+    assert report.divergence == ("kl" if loaded.kind == "decoder" else "1-cos(mean-pooled embedding)")
+    for b in report.blocks:
+        assert all(v is not None and v >= 0 for v in b["scores"].values())
+        assert b["scores"]["ablation"] > 0
+    for s in report.sublayers:
+        assert s["scores"]["ablation"] > 0 and s["scores"]["zd"] > 0
+
+
+def test_zd_known_fractions():
+    w = torch.zeros(10, 10)
+    w[0, 0], w[5, 5] = 10.0, -10.0
+    assert zscore_fraction(w) == pytest.approx(0.02)
+    g = torch.randn(1000, 1000, generator=torch.Generator().manual_seed(0))
+    assert zscore_fraction(g) == pytest.approx(math.erfc(1 / math.sqrt(2)), abs=2e-3)  # 0.3173
+    assert zscore_fraction(torch.ones(4, 4)) == 0.0
+
+
+def test_report_round_trips_through_json(tmp_path):
+    loaded = _toy([rotation(0.3), torch.eye(2)])
+    report = score_model(loaded, _windows(16), ["lim", "zd", "ablation"])
+    report.save(tmp_path / "r.json")
+    back = type(report).load(tmp_path / "r.json")
+    assert back.blocks == report.blocks and back.direction == report.direction
+
+
+def test_unknown_scorer_is_a_user_error():
+    with pytest.raises(UserError, match="unknown scorer 'nope'"):
+        parse_methods("lim,nope")
+    assert parse_methods("lim, zd,lim") == ["lim", "zd"]

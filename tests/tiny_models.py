@@ -1,0 +1,104 @@
+"""Tiny random-init models of every supported family, built from their transformers config classes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compress.models.load import LoadedModel
+
+VOCAB = 64
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128)
+
+
+def _decoder(config) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config._attn_implementation = "eager"
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def build(family: str) -> LoadedModel:
+    """A LoadedModel with random weights for `family`; no download."""
+    import transformers as tf
+
+    if family == "llama":
+        m = _decoder(tf.LlamaConfig(**COMMON))
+    elif family == "qwen2":
+        m = _decoder(tf.Qwen2Config(**COMMON))
+    elif family == "qwen3":
+        m = _decoder(tf.Qwen3Config(**COMMON, head_dim=8))
+    elif family == "mistral":
+        m = _decoder(tf.MistralConfig(**COMMON))
+    elif family == "gemma":
+        m = _decoder(tf.GemmaConfig(**COMMON, head_dim=8))
+    elif family == "gemma2":
+        m = _decoder(tf.Gemma2Config(**COMMON, head_dim=8, final_logit_softcapping=5.0, sliding_window=8))
+    elif family == "gemma3_text":
+        m = _decoder(tf.Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=8, final_logit_softcapping=5.0))
+    elif family == "gpt2":
+        m = _decoder(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128))
+    elif family == "bert":
+        torch.manual_seed(0)
+        cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=128)
+        m = tf.BertModel(cfg).eval()
+        return LoadedModel(m, None, "encoder", "bert", f"tiny-{family}")
+    else:
+        raise ValueError(family)
+    return LoadedModel(m, None, "decoder", m.config.model_type, f"tiny-{family}")
+
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gpt2", "bert"]
+
+
+class ToyBlock(nn.Module):
+    """x -> x @ M.T: a rotation, a rescale or the identity, chosen by M."""
+
+    def __init__(self, matrix: torch.Tensor):
+        super().__init__()
+        self.lin = nn.Linear(matrix.shape[1], matrix.shape[0], bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(matrix)
+
+    def forward(self, hidden_states, **kwargs):
+        return self.lin(hidden_states)
+
+
+class ToyLM(nn.Module):
+    """Embedding -> a stack of ToyBlocks -> LM head: known-answer tests for scorers."""
+
+    def __init__(self, matrices: list[torch.Tensor], vocab: int = 16, seed: int = 0):
+        super().__init__()
+        dim = matrices[0].shape[0]
+        g = torch.Generator().manual_seed(seed)
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList([ToyBlock(m) for m in matrices])
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(vocab, dim, generator=g))
+            self.lm_head.weight.copy_(torch.randn(vocab, dim, generator=g))
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        h = self.embed(input_ids)
+        for blk in self.layers:
+            h = blk(h)
+        return self.lm_head(h)
+
+
+def rotation(theta: float, dim: int = 2) -> torch.Tensor:
+    """Rotation by theta in the plane of the first two axes (identity elsewhere)."""
+    import math
+
+    m = torch.eye(dim)
+    c, s = math.cos(theta), math.sin(theta)
+    m[0, 0], m[0, 1], m[1, 0], m[1, 1] = c, -s, s, c
+    return m
