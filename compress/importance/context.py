@@ -43,6 +43,14 @@ class ScoringContext:
         with torch.inference_mode():
             return [self._output(batch, batch.inputs[-1], raw=True) for batch in self.runner.batches]
 
+    @cached_property
+    def reference_probs(self) -> list[torch.Tensor | None]:
+        """Per batch: exp of the reference log-probs (decoders), kept so each KL skips an exp pass."""
+        if self.loaded.kind != "decoder":
+            return [None] * len(self.reference)
+        with torch.inference_mode():
+            return [lp.exp() for lp in self.reference]
+
     def _output(self, batch: CachedBatch, last_hidden: torch.Tensor, raw: bool = False) -> torch.Tensor:
         r = self.runner
         if self.loaded.kind == "decoder":
@@ -56,7 +64,7 @@ class ScoringContext:
         out = self._output(batch, last_hidden)
         ref = self.reference[batch_index]
         if self.loaded.kind == "decoder":
-            return kl_per_token(ref, out).reshape(-1)
+            return kl_per_token(ref, out, self.reference_probs[batch_index]).reshape(-1)
         return cosine_distance(ref, out)
 
     def task(self, description: str, total: int):

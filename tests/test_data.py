@@ -1,0 +1,76 @@
+"""Data windows: files, directories, globs, seeded non-overlapping split, caps and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FakeTokenizer
+
+from compress.data import load_windows
+from compress.errors import UserError
+from compress.models.load import LoadedModel
+
+
+def _loaded(kind: str = "decoder") -> LoadedModel:
+    module = torch.nn.Linear(1, 1)
+    module.config = type("C", (), {"max_position_embeddings": 512})()
+    return LoadedModel(module, FakeTokenizer(), kind, "fake", "fake")
+
+
+def _rows(w) -> set[tuple[int, ...]]:
+    return {tuple(r.tolist()) for r in w.input_ids}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    import random
+
+    for i in range(3):
+        rng = random.Random(i)
+        (tmp_path / f"doc{i}.txt").write_text("".join(rng.choice("abcdefghijklmnopqrstuvwxyz .,") for _ in range(2000)))
+    (tmp_path / "ignored.bin").write_bytes(b"\x00" * 10)
+    return tmp_path
+
+
+def test_calibration_and_evaluation_never_overlap_and_are_seeded(corpus):
+    lm = _loaded()
+    cal = load_windows(str(corpus), lm, split="calibration", tokens=10**6, seq_len=50)
+    ev = load_windows(str(corpus), lm, split="evaluation", tokens=10**6, seq_len=50)
+    assert cal.input_ids.shape[1] == 50 and len(cal.input_ids) + len(ev.input_ids) == 3 * (2001 // 50)
+    assert not _rows(cal) & _rows(ev)
+    again = load_windows(str(corpus), lm, split="calibration", tokens=10**6, seq_len=50)
+    assert torch.equal(again.input_ids, cal.input_ids) and again.data_hash == cal.data_hash
+    other = load_windows(str(corpus), lm, split="calibration", tokens=10**6, seq_len=50, seed=1)
+    assert other.data_hash != cal.data_hash
+
+
+def test_tokens_cap_glob_and_sequential_order(corpus):
+    lm = _loaded()
+    w = load_windows(str(corpus), lm, tokens=120, seq_len=50)
+    assert w.input_ids.shape == (2, 50) and w.num_tokens == 100
+    g = load_windows(str(corpus / "doc1*.txt"), lm, split="all", tokens=10**6, seq_len=50, sequential=True)
+    first = FakeTokenizer()((corpus / "doc1.txt").read_text())["input_ids"]
+    assert g.input_ids[0].tolist() == first[:50] and g.input_ids[0, 0] == FakeTokenizer.bos_token_id
+    assert g.input_ids[1].tolist() == first[50:100]
+
+
+def test_encoder_windows_are_wrapped_in_cls_sep(corpus):
+    w = load_windows(str(corpus / "doc0.txt"), _loaded("encoder"), split="all", tokens=10**6, seq_len=20,
+                     sequential=True)
+    assert (w.input_ids[:, 0] == 2).all() and (w.input_ids[:, -1] == 3).all()
+
+
+@pytest.mark.parametrize("spec, kind, message", [
+    ("missing.txt", "decoder", "no such file"),
+    ("self", "encoder", "cannot generate"),
+    (None, "encoder", "cannot generate"),
+    ("EMPTYDIR", "decoder", "no text files"),
+    ("SHORT", "decoder", "too short"),
+])
+def test_bad_data_is_a_user_error(tmp_path, spec, kind, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "short.txt").write_text("tiny")
+    spec = {"EMPTYDIR": str(tmp_path / "empty"), "SHORT": str(tmp_path / "short.txt"),
+            "missing.txt": str(tmp_path / "missing.txt")}.get(spec, spec)
+    with pytest.raises(UserError, match=message):
+        load_windows(spec, _loaded(kind), seq_len=50)

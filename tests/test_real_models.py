@@ -1,0 +1,111 @@
+"""Real weights, real text: SmolLM2-135M and all-MiniLM-L6-v2 from the offline zoo (pulled on first use)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from compress.data import load_windows
+from compress.importance import score_model
+from compress.models import layer_map, load_model
+from compress.models.zoo import model_dir
+from evals.evaluate import evaluate
+
+pytestmark = pytest.mark.slow
+ANCHOR_Q4_0_KL = 0.318  # ANCHORS.md: llama.cpp Q4_0 and ORT MatMulNBits int4 block 32 on SmolLM2
+
+
+def q4_0_round_trip(w: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """llama.cpp Q4_0: per group of 32 inputs, d = (signed max-magnitude weight) / -8 stored in fp16, q in [-8, 7]."""
+    g = w.reshape(-1, group)
+    idx = g.abs().argmax(dim=1, keepdim=True)
+    d = g.gather(1, idx) / -8.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.clamp(torch.floor(g * inv + 8.5), max=15) - 8
+    return (q * d.half().float()).reshape(w.shape)
+
+
+def test_smollm2_layer_map(smollm2):
+    lmap = layer_map(smollm2.module)
+    assert (lmap.family, lmap.num_blocks, lmap.num_sublayers) == ("llama", 30, 60)
+    assert lmap.total_params == 134_515_008  # tied embedding counted once
+    assert lmap.head == "lm_head" and lmap.embeddings == "model.embed_tokens" and lmap.final_norm == "model.norm"
+    assert all(len(b.linears) == 7 for b in lmap.blocks)
+
+
+def test_smollm2_scores_every_block_and_sublayer(smollm2, austen):
+    w = load_windows(str(austen), smollm2, tokens=256, seq_len=256)
+    report = score_model(smollm2, w, ["lim", "zd", "ablation"])
+    assert report.num_blocks == 30 and len(report.sublayers) == 60 and report.divergence == "kl"
+    abl, lim = report.block_scores("ablation"), report.block_scores("lim")
+    assert all(v is not None and v > 0 for v in abl + lim)
+    assert all(s["scores"]["ablation"] > 0 for s in report.sublayers)
+    # Removing the first block destroys the model (attention sink / embedding mixing); a middle block barely matters.
+    assert abl[0] > 10 * sorted(abl)[15] and lim[0] > 0.5
+
+
+def test_eval_self_is_exact_and_q4_0_reproduces_the_anchor(smollm2, austen, tmp_path):
+    persuasion = str(austen / "persuasion.txt")
+    result = CliRunner().invoke(app, ["eval", "smollm2-135m", "--reference", "smollm2-135m", "--data", persuasion,
+                                      "--protocol", "anchors", "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    for key in ("ppl", "ppl_ref", "kl_mean", "kl_median", "kl_p99", "top1_agreement", "emb_cosine", "size_bytes",
+                "bpw", "provenance"):
+        assert key in d
+    assert d["kl_mean"] < 1e-6 and d["top1_agreement"] == 1.0 and d["emb_cosine"] is None
+    assert d["tokens"] == 3072 and d["ppl"] == pytest.approx(d["ppl_ref"])
+    assert d["bpw"] == pytest.approx(32.0) and d["provenance"]["reference_sha256"] == d["provenance"]["model_sha256"]
+
+    cand = load_model("smollm2-135m")
+    lmap = layer_map(cand.module)
+    with torch.no_grad():
+        for blk in lmap.blocks:
+            for path in blk.linears:
+                lin = cand.module.get_submodule(path)
+                lin.weight.copy_(q4_0_round_trip(lin.weight))
+    windows = load_windows(persuasion, smollm2, split="all", tokens=3072, seq_len=512, sequential=True)
+    report = evaluate(cand, smollm2, windows)
+    assert report.kl_mean == pytest.approx(ANCHOR_Q4_0_KL, rel=0.20), report
+    assert 0.55 < report.top1_agreement < 0.75 and report.ppl > report.ppl_ref
+    assert report.provenance["windows_sha256"] == d["provenance"]["windows_sha256"]
+
+
+def test_self_data_is_sampled_from_the_model_and_seeded(smollm2):
+    a = load_windows("self", smollm2, tokens=64, seq_len=32, seed=5)
+    b = load_windows("self", smollm2, tokens=64, seq_len=32, seed=5)
+    ev = load_windows("self", smollm2, split="evaluation", tokens=64, seq_len=32, seed=5)
+    assert a.input_ids.shape == (2, 32) and torch.equal(a.input_ids, b.input_ids)
+    assert not torch.equal(a.input_ids, ev.input_ids)
+    assert (a.input_ids[:, 0] == smollm2.tokenizer.bos_token_id).all()
+
+
+def test_gguf_spec_loads_the_same_model_as_the_converted_cache(smollm2):
+    gguf = next((model_dir("smollm2-135m") / "source").glob("*.gguf"))
+    direct = load_model(str(gguf))
+    ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert ids[0, 0] == smollm2.tokenizer.bos_token_id  # transformers 4.57.6's GGUF tokenizer prepends BOS
+    with torch.inference_mode():
+        a = direct.module(ids).logits
+        b = smollm2.module(ids).logits
+    torch.testing.assert_close(a, b)
+    assert smollm2.tokenizer.decode(int(b[0, -1].argmax())).strip() == "Paris"
+
+
+def test_minilm_scores_with_encoder_divergence(minilm, austen):
+    w = load_windows(str(austen), minilm, tokens=1024, seq_len=128)
+    report = score_model(minilm, w, ["lim", "zd", "ablation"])
+    assert report.num_blocks == 6 and len(report.sublayers) == 12
+    assert report.divergence == "1-cos(mean-pooled embedding)"
+    assert all(0 < v < 2 for v in report.block_scores("ablation"))
+    ev = evaluate(minilm, minilm, load_windows(str(austen), minilm, split="evaluation", tokens=512, seq_len=128))
+    assert ev.emb_cosine == pytest.approx(1.0, abs=1e-6) and ev.kl_mean is None and ev.bpw == pytest.approx(32.0)
+
+
+def test_minilm_self_data_is_refused():
+    result = CliRunner().invoke(app, ["score", "minilm-l6", "--data", "self"])
+    assert result.exit_code == 2 and "cannot generate" in result.stderr
