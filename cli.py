@@ -24,6 +24,7 @@ TOKENS = typer.Option(2048, "--tokens", help="Tokens to use (whole windows).")
 SEQ_LEN = typer.Option(None, "--seq-len", help="Window length in tokens (default 512 decoders, 256 encoders).")
 SEED = typer.Option(0, "--seed", help="Seed of the calibration/evaluation split and of self-sampling.")
 ARCH = typer.Option(None, "--arch", help="Config source (zoo name or HF dir) for a bare weights file.")
+TRUST = typer.Option(False, "--trust-pickle", help="Allow pickled checkpoints to run code (weights_only=False).")
 
 
 @models_app.command("list")
@@ -61,12 +62,13 @@ def models_pull(name: str = typer.Argument(..., help="Zoo name, e.g. smollm2-135
 
 
 @app.command()
-def inspect(model: str = MODEL, json_out: bool = JSON, arch: str = ARCH, debug: bool = DEBUG) -> None:
+def inspect(model: str = MODEL, json_out: bool = JSON, arch: str = ARCH, trust_pickle: bool = TRUST,
+            debug: bool = DEBUG) -> None:
     """Print the LayerMap: blocks, their sublayers, Linear modules, norms and parameter counts."""
     from compress.models import layer_map, load_model
 
     def go():
-        lmap = layer_map(load_model(model, arch=arch).module)
+        lmap = layer_map(load_model(model, arch=arch, trust_pickle=trust_pickle).module)
         if json_out:
             print_json(lmap.to_dict())
             return
@@ -94,6 +96,7 @@ def score(
     out: Path = typer.Option(None, "--out", help="Write the ImportanceReport JSON here."),
     json_out: bool = JSON,
     arch: str = ARCH,
+    trust_pickle: bool = TRUST,
     debug: bool = DEBUG,
 ) -> None:
     """Score every block and sublayer by importance (LIM, ZD, ablation) on calibration windows."""
@@ -105,7 +108,7 @@ def score(
         names = parse_methods(methods)
         if data not in (None, "self"):
             resolve_text_files(data)
-        loaded = load_model(model, arch=arch)
+        loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
         needs_data = any(SCORERS[{"bi": "lim"}.get(m, m)].needs_data for m in names)
         windows = None
         if needs_data:
@@ -151,6 +154,7 @@ def eval_(
                                                           "first 6 windows of 512 tokens, no split."),
     json_out: bool = JSON,
     arch: str = ARCH,
+    trust_pickle: bool = TRUST,
     debug: bool = DEBUG,
 ) -> None:
     """Perplexity, KL(reference ‖ model) mean/median/p99, top-1 agreement, embedding cosine, size and bpw."""
@@ -168,8 +172,8 @@ def eval_(
             tokens, seq_len, sequential = 3072, 512, True
         if data not in (None, "self"):
             resolve_text_files(data)
-        cand = load_model(model, arch=arch)
-        ref = load_model(reference, arch=arch) if reference else None
+        cand = load_model(model, arch=arch, trust_pickle=trust_pickle)
+        ref = load_model(reference, arch=arch, trust_pickle=trust_pickle) if reference else None
         with stderr.status("preparing data"):
             windows = load_windows(data, cand, split=split, tokens=tokens, seq_len=seq_len, seed=seed,
                                    sequential=sequential)

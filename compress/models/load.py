@@ -78,7 +78,7 @@ def load_gguf(path: Path) -> tuple[nn.Module, Any]:
 
 
 def _load_dir(path: Path, spec: str) -> LoadedModel:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -86,16 +86,12 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
         raise UserError(f"{spec}: unreadable config.json ({_first_line(exc)})") from exc
     model_cls = _model_class(config, spec)
     model = model_cls.from_pretrained(path, dtype=torch.float32).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (ValueError, OSError):
-        tokenizer = None
-    return _wrap(model, tokenizer, spec, path)
+    return _wrap(model, _load_tokenizer(path), spec, path)
 
 
 def _load_weights_file(path: Path, spec: str, arch: str | None, trust_pickle: bool) -> LoadedModel:
     """A bare weights file has no architecture: take the config from beside it or from `--arch`."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     config_dir = path.parent if (path.parent / "config.json").is_file() else None
     if arch is not None:
@@ -123,11 +119,22 @@ def _load_weights_file(path: Path, spec: str, arch: str | None, trust_pickle: bo
                         f"{len(missing)} missing and {len(unexpected)} unexpected tensors")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    return _wrap(model, _load_tokenizer(config_dir), spec, config_dir)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+
+
+def _load_tokenizer(path: Path) -> Any:
+    """The tokenizer saved beside the weights, or None when there is none (weights-only directories)."""
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config_dir)
-    except (ValueError, OSError):
-        tokenizer = None
-    return _wrap(model, tokenizer, spec, config_dir)
+        return AutoTokenizer.from_pretrained(path)
+    except (ValueError, OSError, AttributeError, KeyError):
+        return None
 
 
 def _model_class(config: Any, spec: str):
