@@ -94,6 +94,7 @@ def score(
     seq_len: int = SEQ_LEN,
     seed: int = SEED,
     out: Path = typer.Option(None, "--out", help="Write the ImportanceReport JSON here."),
+    plot: Path = typer.Option(None, "--plot", help="Write a PNG of the scores per block and sublayer here."),
     json_out: bool = JSON,
     arch: str = ARCH,
     trust_pickle: bool = TRUST,
@@ -118,12 +119,17 @@ def score(
             report = score_model(loaded, windows, names, progress=p)
         if out is not None:
             report.save(out)
+        if plot is not None:
+            from evals.plots import plot_importance
+
+            plot_importance(report, plot)
         if json_out:
             print_json(report.to_dict())
             return
         _print_scores(report)
-        if out is not None:
-            stdout.print(f"wrote {out}")
+        for path in (out, plot):
+            if path is not None:
+                stdout.print(f"wrote {path}")
 
     run_command(go, debug)
 

@@ -12,8 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-AUSTEN = SHARED / "data" / "text" / "austen"
+# Test data: the public-domain Austen novels in shared/ beside the checkout (CI has it there), or $COMPRESS_TEST_TEXT.
+AUSTEN = Path(os.environ.get("COMPRESS_TEST_TEXT") or REPO.parent / "shared" / "data" / "text" / "austen")
 
 
 class FakeTokenizer:
@@ -41,7 +41,7 @@ def fake_tokenizer() -> FakeTokenizer:
 @pytest.fixture(scope="session")
 def austen() -> Path:
     if not AUSTEN.is_dir():
-        pytest.fail(f"test data missing: {AUSTEN} (the suite runs with shared/ beside the checkout)")
+        pytest.fail(f"test data missing: {AUSTEN} (shared/ beside the checkout, or set COMPRESS_TEST_TEXT)")
     return AUSTEN
 
 

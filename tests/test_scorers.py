@@ -92,3 +92,13 @@ def test_unknown_scorer_is_a_user_error():
     with pytest.raises(UserError, match="unknown scorer 'nope'"):
         parse_methods("lim,nope")
     assert parse_methods("lim, zd,lim") == ["lim", "zd"]
+
+
+def test_plot_writes_a_png(tmp_path):
+    from evals.plots import plot_importance
+
+    loaded = _toy([rotation(0.3), torch.eye(2), rotation(0.9)])
+    report = score_model(loaded, _windows(16), ["lim", "zd", "ablation"])
+    plot_importance(report, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
