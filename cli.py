@@ -197,6 +197,78 @@ def eval_(
     run_command(go, debug)
 
 
+@app.command()
+def quantize(
+    model: str = MODEL,
+    bits: int = typer.Option(None, "--bits", help="Uniform quantization: one width for every block Linear."),
+    layerwise: bool = typer.Option(False, "--layerwise", help="Mixed precision: one width per block under a budget."),
+    avg_bits: float = typer.Option(None, "--avg-bits", help="Budget in effective bits per weight (e.g. 4.5)."),
+    max_size: int = typer.Option(None, "--max-size", help="Budget in bytes of stored weight matrices."),
+    candidates: str = typer.Option("8,6,5,4,3", "--candidates", help="Bit widths --layerwise may choose from."),
+    group_size: int = typer.Option(32, "--group-size", help="Group length along the input axis; 0 = per channel."),
+    symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="Signed codes, no zero point (default)."),
+    allocator: str = typer.Option("dp", "--allocator", help="dp: exact knapsack on measured KL; rank: the seed "
+                                                            "paper's ordering by --rank-by."),
+    granularity: str = typer.Option("block", "--granularity", help="block | linear: what shares one width."),
+    scores: Path = typer.Option(None, "--scores", help="ImportanceReport JSON for --allocator rank."),
+    rank_by: str = typer.Option("lim", "--rank-by", help="Score that orders layers for --allocator rank."),
+    embeddings: str = typer.Option(None, "--embeddings", help="quantize | keep the embedding (and tied head). "
+                                                              "Default: keep for --bits, quantize for --layerwise."),
+    plan_file: Path = typer.Option(None, "--plan", help="Apply this plan JSON (name / re:regex / _default rules)."),
+    show_plan: bool = typer.Option(False, "--show-plan", help="Print the plan and stop without quantizing."),
+    data: str = DATA,
+    tokens: int = typer.Option(1024, "--tokens", help="Calibration tokens for measuring distortion."),
+    eval_tokens: int = typer.Option(2048, "--eval-tokens", help="Held-out tokens for the before/after metrics."),
+    seq_len: int = SEQ_LEN,
+    seed: int = SEED,
+    out: Path = typer.Option(None, "--out", help="Artifact directory to write (packed safetensors + compress.json)."),
+    json_out: bool = JSON,
+    arch: str = ARCH,
+    trust_pickle: bool = TRUST,
+    debug: bool = DEBUG,
+) -> None:
+    """Quantize weights: uniform (--bits) or layer-wise under a budget (--layerwise --avg-bits B), or by --plan."""
+    from compress.quantize.run import QuantizeRequest, run_quantize
+
+    def go():
+        request = QuantizeRequest(
+            model=model, bits=bits, layerwise=layerwise, avg_bits=avg_bits, max_size=max_size,
+            candidates=candidates, group_size=group_size, symmetric=symmetric, allocator=allocator,
+            granularity=granularity, scores=scores, rank_by=rank_by, embeddings=embeddings, plan_file=plan_file,
+            show_plan=show_plan, data=data, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
+            out=out, arch=arch, trust_pickle=trust_pickle)
+        with progress_bar(not json_out) as p:
+            result = run_quantize(request, progress=p)
+        if json_out:
+            print_json(result)
+            return
+        _print_quantize(result)
+
+    run_command(go, debug)
+
+
+def _print_quantize(result: dict) -> None:
+    units = result["plan"]["meta"].get("units")
+    if units:
+        dist = result.get("distortion", {})
+        stdout.print(table("plan", ["unit", "spec", "measured divergence"],
+                           [[u, spec, dist.get(u, {}).get(spec)] for u, spec in units.items()]))
+    else:
+        by_spec: dict[str, int] = {}
+        for action in result["specs"].values():
+            by_spec[action] = by_spec.get(action, 0) + 1
+        stdout.print(table("plan", ["spec", "modules"], [[k, v] for k, v in by_spec.items()]))
+    m = result.get("metrics")
+    if m:
+        keys = ["ppl", "ppl_ref", "kl_mean", "kl_median", "kl_p99", "top1_agreement", "emb_cosine", "size_bytes",
+                "bpw"]
+        stdout.print(table("after quantization (held-out windows)", ["metric", "value"], [[k, m[k]] for k in keys]))
+    for note in result.get("notes", []):
+        stdout.print(f"note: {note}")
+    if result.get("out"):
+        stdout.print(f"wrote {result['out']} ({result['file_bytes']:,} bytes of weights on disk)")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -80,6 +80,13 @@ def load_gguf(path: Path) -> tuple[nn.Module, Any]:
 def _load_dir(path: Path, spec: str) -> LoadedModel:
     from transformers import AutoConfig
 
+    from compress.artifact import is_artifact, load_artifact
+
+    if is_artifact(path):
+        loaded = load_artifact(path)
+        loaded.spec = spec
+        return loaded
+
     try:
         config = AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, OSError) as exc:

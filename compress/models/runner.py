@@ -23,6 +23,7 @@ from evals.metrics import pool_embedding
 class CachedBatch:
     """Block inputs for one batch of windows: inputs[i] enters block i, inputs[-1] leaves the last block."""
 
+    input_ids: torch.Tensor
     attention_mask: torch.Tensor
     inputs: list[torch.Tensor] = field(default_factory=list)
     call_args: list[tuple[tuple, dict]] = field(default_factory=list)
@@ -43,7 +44,7 @@ class BlockRunner:
                                                   windows.attention_mask[s:s + batch_windows]))
 
     def _capture(self, ids: torch.Tensor, mask: torch.Tensor) -> CachedBatch:
-        batch = CachedBatch(mask)
+        batch = CachedBatch(ids, mask)
         n = len(self.blocks)
         hooks = []
 
@@ -53,7 +54,7 @@ class BlockRunner:
             batch.call_args.append((rest_args, dict(rest_kwargs)))
 
         def post(module, args, kwargs, output):
-            batch.inputs.append(_hidden_of(output).detach())
+            batch.inputs.append(hidden_of(output).detach())
 
         for blk in self.blocks:
             hooks.append(blk.register_forward_pre_hook(pre, with_kwargs=True))
@@ -80,7 +81,7 @@ class BlockRunner:
     def run_block(self, batch: CachedBatch, i: int, hidden: torch.Tensor) -> torch.Tensor:
         """Block i applied to `hidden` with the arguments it had in the recorded forward."""
         rest_args, rest_kwargs = batch.call_args[i]
-        return _hidden_of(self.blocks[i](hidden, *rest_args, **rest_kwargs))
+        return hidden_of(self.blocks[i](hidden, *rest_args, **rest_kwargs))
 
     def run_from(self, batch: CachedBatch, start: int, hidden: torch.Tensor) -> torch.Tensor:
         """Blocks start..N-1 applied to `hidden`; start == N returns `hidden`."""
@@ -114,7 +115,7 @@ def skipped(model: nn.Module, sub: Sublayer) -> Iterator[None]:
 
     def hook(module, args, kwargs, output):
         if sub.skip == "zero":
-            replacement = torch.zeros_like(_hidden_of(output))
+            replacement = torch.zeros_like(hidden_of(output))
         elif sub.skip == "input":
             replacement = _split_hidden(args, kwargs)[0]
         else:  # residual: g(h, x) -> x
@@ -137,7 +138,8 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]
     return rest.pop("hidden_states"), (), rest
 
 
-def _hidden_of(output) -> torch.Tensor:
+def hidden_of(output) -> torch.Tensor:
+    """The hidden-state tensor of a block's output (tensor, tuple or ModelOutput)."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)):

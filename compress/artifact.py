@@ -1,0 +1,96 @@
+"""Artifact directories: packed weights (safetensors) + config + tokenizer + compress.json; saved atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress import __version__
+from compress.atomic import atomic_dir
+from compress.errors import UserError
+
+MANIFEST = "compress.json"
+FORMAT = "compress-packed-v1"
+
+
+def is_artifact(path: Path) -> bool:
+    """True for a directory written by `save_artifact`."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def save_artifact(loaded, specs: dict, out: Path, manifest: dict[str, Any]) -> Path:
+    """Write the (already quantized) model in `loaded` to `out` with its specs and manifest."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    state = {k: v.contiguous() for k, v in loaded.module.state_dict().items()}
+    state = _dedupe(state)
+    with atomic_dir(out) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        loaded.module.config.save_pretrained(tmp)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        body = {"format": FORMAT, "tool_version": __version__, "base": loaded.spec, "family": loaded.family,
+                "kind": loaded.kind, "pooling": loaded.pooling,
+                "modules": {n: s.to_dict() for n, s in specs.items()}, **manifest}
+        (tmp / MANIFEST).write_text(json.dumps(body, indent=2) + "\n")
+    return out
+
+
+def load_artifact(path: Path):
+    """Rebuild the model skeleton from config + specs and load the packed weights into it."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from compress.models.layers import layer_map
+    from compress.models.load import LoadedModel, _load_tokenizer, _model_class
+    from compress.quantize.apply import apply_plan
+    from compress.quantize.spec import QuantSpec
+
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except ValueError as exc:
+        raise UserError(f"{path}/{MANIFEST}: not valid JSON ({exc})") from exc
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{path}: unknown artifact format {manifest.get('format')!r} (expected {FORMAT})")
+    config = AutoConfig.from_pretrained(path)
+    cls = _model_class(config, str(path))
+    from transformers.modeling_utils import no_init_weights
+
+    with no_init_weights():
+        model = cls.from_config(config, dtype=torch.float32)
+    model.eval()
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    lmap = layer_map(model)
+    specs = {n: QuantSpec(**d) for n, d in manifest["modules"].items()}
+    apply_plan(model, lmap, specs, empty=True)
+    state = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("inv_freq")]
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the manifest ({len(missing)} missing, {len(unexpected)} "
+                        f"unexpected tensors, e.g. {(missing + unexpected)[0]})")
+    if hasattr(model, "tie_weights") and not any(n == lmap.embeddings for n in specs):
+        model.tie_weights()
+    loaded = LoadedModel(model, _load_tokenizer(path), manifest.get("kind", "decoder"), config.model_type,
+                         str(path), path, manifest.get("pooling", "mean"))
+    loaded.extra["manifest"] = manifest
+    return loaded
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage: keep the first name of tied tensors (tie_weights restores the rest)."""
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in state.items():
+        key = v.data_ptr()
+        if v.numel() and key in seen:
+            continue
+        seen[key] = k
+        out[k] = v
+    return out

@@ -1,0 +1,70 @@
+"""Allocators: choose one candidate per unit (block, embedding, Linear) under a byte budget.
+
+`solve_dp` is the exact multiple-choice knapsack (distortion assumed additive across units, as measured in
+"Efficient Joint Optimization of Layer-Adaptive Weight Pruning"); `allocate_by_rank` is the seed paper's method.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from compress.errors import UserError
+
+
+def solve_dp(distortion: list[list[float]], sizes: list[list[int]], budget: int, resolution: int = 8192) -> list[int]:
+    """Minimise Σ distortion[u][c_u] s.t. Σ sizes[u][c_u] ≤ budget; returns c_u per unit.
+
+    Sizes are divided into units of ceil(budget / resolution) bytes, rounded up, so the answer always fits the
+    budget; with byte-sized units (small instances) it is the exact optimum.
+    """
+    n = len(distortion)
+    unit = max(1, -(-budget // resolution))
+    w = [[-(-s // unit) for s in row] for row in sizes]
+    cap = budget // unit
+    if sum(min(row) for row in w) > cap:
+        raise UserError(f"budget {budget:,} bytes is below the smallest possible size "
+                        f"({sum(min(r) for r in sizes):,} bytes with every unit at its smallest candidate)")
+    inf = np.inf
+    best = np.full(cap + 1, inf)
+    best[0] = 0.0
+    choice = np.zeros((n, cap + 1), dtype=np.int16)
+    for u in range(n):
+        nxt = np.full(cap + 1, inf)
+        for c, (d, s) in enumerate(zip(distortion[u], w[u], strict=True)):
+            if s > cap:
+                continue
+            cand = np.full(cap + 1, inf)
+            cand[s:] = best[: cap + 1 - s] + d
+            better = cand < nxt
+            nxt[better] = cand[better]
+            choice[u, better] = c
+        best = nxt
+    end = int(np.argmin(best))
+    picks = [0] * n
+    for u in range(n - 1, -1, -1):
+        c = int(choice[u, end])
+        picks[u] = c
+        end -= w[u][c]
+    return picks
+
+
+def allocate_by_rank(order: list[int], sizes: list[list[int]], budget: int) -> list[int]:
+    """The seed's ranking: start every unit at candidate 0 (the largest); lower the least important first.
+
+    `order` lists units from least to most important; `sizes[u]` are in candidate order, largest first. Units
+    move one candidate down at a time, least important first, sweeping again at the next level if needed.
+    """
+    n = len(sizes)
+    picks = [0] * n
+    total = sum(sizes[u][0] for u in range(n))
+    levels = max(len(r) for r in sizes)
+    for _ in range(levels - 1):
+        for u in order:
+            if total <= budget:
+                return picks
+            if picks[u] + 1 < len(sizes[u]):
+                total += sizes[u][picks[u] + 1] - sizes[u][picks[u]]
+                picks[u] += 1
+    if total > budget:
+        raise UserError(f"budget {budget:,} bytes cannot be met even with every unit at its smallest candidate")
+    return picks

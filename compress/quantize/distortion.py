@@ -1,0 +1,96 @@
+"""DistortionTable: per unit (a block's Linears, the embedding, the head) × candidate spec, the measured
+divergence when only that unit is quantized, and the bytes it would take. Allocators read it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from compress.importance.context import ScoringContext
+from compress.models.runner import hidden_of
+from compress.quantize.apply import weight_matrix
+from compress.quantize.rtn import quantize_rtn
+from compress.quantize.spec import QuantSpec
+
+
+@dataclass
+class Unit:
+    """Modules that always share one candidate: a block's Linears, the embedding (with a tied head), the head."""
+
+    name: str
+    modules: list[str]
+    block: int | None = None
+
+
+@dataclass
+class DistortionTable:
+    """distortion[u][c] and sizes[u][c] (bytes) for units × candidates."""
+
+    units: list[Unit]
+    candidates: list[QuantSpec]
+    distortion: list[list[float]]
+    sizes: list[list[int]]
+    measure: str
+    data: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON form."""
+        return {"units": [asdict(u) for u in self.units], "candidates": [c.to_dict() for c in self.candidates],
+                "distortion": self.distortion, "sizes": self.sizes, "measure": self.measure, "data": self.data}
+
+
+def unit_bytes(model: torch.nn.Module, unit: Unit, spec: QuantSpec) -> int:
+    """Stored bytes of all of the unit's matrices under `spec`."""
+    total = 0
+    for name in unit.modules:
+        rows, cols = weight_matrix(model.get_submodule(name)).shape
+        total += spec.stored_bytes(rows, cols)
+    return total
+
+
+@torch.inference_mode()
+def measure_kl(ctx: ScoringContext, units: list[Unit], candidates: list[QuantSpec]) -> DistortionTable:
+    """Quantize one unit at a time to each candidate (RTN, fake-quant in place, then restored) and measure the
+    divergence of the model's output from the reference on the calibration windows."""
+    model, r = ctx.loaded.module, ctx.runner
+    _ = ctx.reference_probs
+    task = ctx.task("distortion", len(units) * len(candidates))
+    table, sizes = [], []
+    for unit in units:
+        row = []
+        for spec in candidates:
+            originals = {n: weight_matrix(model.get_submodule(n)).detach().clone() for n in unit.modules}
+            for n, w in originals.items():
+                if not spec.is_float:
+                    weight_matrix(model.get_submodule(n)).copy_(quantize_rtn(w, spec).dequantize())
+                elif spec.bits == 16:
+                    weight_matrix(model.get_submodule(n)).copy_(w.half().float())
+            vals = []
+            for b, batch in enumerate(r.batches):
+                if unit.block is not None:
+                    last = r.run_from(batch, unit.block, batch.inputs[unit.block])
+                else:
+                    last = _full_last_hidden(ctx, batch)
+                vals.append(ctx.divergence(b, last))
+            row.append(float(torch.cat(vals).mean()))
+            for n, w in originals.items():
+                weight_matrix(model.get_submodule(n)).copy_(w)
+            ctx.advance(task)
+        table.append(row)
+        sizes.append([unit_bytes(model, unit, c) for c in candidates])
+    return DistortionTable(units, candidates, table, sizes, ctx.divergence_name, ctx.windows.describe())
+
+
+def _full_last_hidden(ctx: ScoringContext, batch) -> torch.Tensor:
+    """Embedding changed: rerun the whole stack from the token ids; return the last block's output."""
+    r = ctx.runner
+    base = getattr(r.model, "base_model", r.model)
+    kwargs = {"use_cache": False} if ctx.loaded.kind == "decoder" else {}
+    captured = []
+    handle = r.blocks[len(r.blocks) - 1].register_forward_hook(lambda m, a, out: captured.append(hidden_of(out)))
+    try:
+        base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+    finally:
+        handle.remove()
+    return captured[0]

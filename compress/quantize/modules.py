@@ -1,0 +1,120 @@
+"""Runtime modules holding really packed weights; they dequantize on the fly in forward.
+
+QuantLinear replaces nn.Linear (and GPT-2's Conv1D), QuantEmbedding replaces nn.Embedding, and TiedQuantHead is
+an LM head that shares a QuantEmbedding's codes (tied weights quantized once and kept tied).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.quantize.packing import pack, unpack
+from compress.quantize.rtn import QuantizedWeight, dequantize
+from compress.quantize.spec import QuantSpec
+
+
+class PackedWeight(nn.Module):
+    """Packed codes, fp16 scales and zero points of one [rows, cols] matrix, with its QuantSpec."""
+
+    def __init__(self, rows: int, cols: int, spec: QuantSpec):
+        super().__init__()
+        self.rows, self.cols, self.spec = rows, cols, spec
+        groups = rows * (cols // spec.group_for(cols))
+        self.register_buffer("qweight", torch.zeros(-(-rows * cols * spec.bits // 8), dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(rows, groups // rows, dtype=torch.float16))
+        if spec.symmetric:
+            self.zeros = None
+        elif spec.method == "hqq":
+            self.register_buffer("zeros", torch.zeros(rows, groups // rows, dtype=torch.float16))
+        else:
+            self.register_buffer("zeros", torch.zeros(-(-groups * spec.bits // 8), dtype=torch.uint8))
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedWeight) -> PackedWeight:
+        """Pack a QuantizedWeight."""
+        rows, cols = q.codes.shape
+        m = cls(rows, cols, q.spec)
+        m.qweight = pack(q.codes, q.spec.bits)
+        m.scales = q.scales.contiguous()
+        if q.zeros is not None:
+            m.zeros = q.zeros.contiguous() if q.zeros.dtype == torch.float16 else pack(q.zeros, q.spec.bits)
+        return m
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight."""
+        codes = unpack(self.qweight, self.spec.bits, self.rows * self.cols).reshape(self.rows, self.cols)
+        zeros = self.zeros
+        if zeros is not None and zeros.dtype == torch.uint8:
+            zeros = unpack(zeros, self.spec.bits, self.scales.numel()).reshape(self.scales.shape)
+        return dequantize(codes, self.scales, zeros, self.spec)
+
+    def stored_weight_bytes(self) -> int:
+        """Bytes of codes, scales and zeros."""
+        z = 0 if self.zeros is None else self.zeros.numel() * self.zeros.element_size()
+        return self.qweight.numel() + self.scales.numel() * 2 + z
+
+    def weight_numel(self) -> int:
+        """Parameters this matrix stands for."""
+        return self.rows * self.cols
+
+
+class QuantLinear(nn.Module):
+    """y = x Wᵀ + b with W dequantized from packed codes at every call."""
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.packed = PackedWeight(out_features, in_features, spec)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @property
+    def spec(self) -> QuantSpec:
+        return self.packed.spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.packed.dequantize().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.spec.label()}"
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding lookup from packed codes (rows = tokens, groups along the hidden axis)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.packed = PackedWeight(num_embeddings, embedding_dim, spec)
+
+    @property
+    def spec(self) -> QuantSpec:
+        return self.packed.spec
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized table (for code that reads `.weight`, e.g. tied heads)."""
+        return self.packed.dequantize()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.packed.dequantize(), self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.spec.label()}"
+
+
+class TiedQuantHead(nn.Module):
+    """LM head tied to a QuantEmbedding: same codes, stored once."""
+
+    def __init__(self, embedding: QuantEmbedding, bias: torch.Tensor | None = None):
+        super().__init__()
+        self._embedding = [embedding]  # a list so the codes are not registered (and saved, counted) twice
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._embedding[0].packed.dequantize().to(x.dtype), self.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding[0].weight

@@ -1,0 +1,48 @@
+"""Bit packing of integer codes: any width 1..8, exact round trip, little-endian bit order within the stream."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes (< 2**bits) into a 1-D uint8 tensor of ceil(n * bits / 8) bytes."""
+    _check_bits(bits)
+    flat = codes.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return flat.clone()
+    if 8 % bits == 0:  # 1, 2, 4: whole codes per byte
+        per = 8 // bits
+        pad = (-flat.numel()) % per
+        x = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, per).to(torch.int32)
+        shifts = torch.arange(per, dtype=torch.int32) * bits
+        return (x << shifts).sum(1).to(torch.uint8)
+    bit_idx = torch.arange(bits, dtype=torch.uint8)
+    stream = ((flat.unsqueeze(1) >> bit_idx) & 1).reshape(-1)
+    pad = (-stream.numel()) % 8
+    stream = torch.cat([stream, stream.new_zeros(pad)]).reshape(-1, 8).to(torch.int32)
+    return (stream << torch.arange(8, dtype=torch.int32)).sum(1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack`: the first `n` codes as uint8."""
+    _check_bits(bits)
+    if bits == 8:
+        return packed[:n].clone()
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(per, dtype=torch.uint8) * bits
+        return ((packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
+    stream = ((packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[: n * bits]
+    weights = (1 << torch.arange(bits, dtype=torch.int32))
+    return (stream.reshape(n, bits).to(torch.int32) * weights).sum(1).to(torch.uint8)
+
+
+def packed_bytes(n: int, bits: int) -> int:
+    """Bytes `pack` produces for n codes."""
+    return (n * bits + 7) // 8
+
+
+def _check_bits(bits: int) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"cannot pack {bits}-bit codes: widths 1..8 only")

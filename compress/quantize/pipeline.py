@@ -1,0 +1,153 @@
+"""From a model and a budget to a Plan (uniform, layerwise by DP, or the seed's ranking), and applying it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from compress.data import Windows
+from compress.errors import UserError
+from compress.importance.context import ScoringContext
+from compress.importance.report import ImportanceReport
+from compress.models.layers import LayerMap
+from compress.models.load import LoadedModel
+from compress.plan import Plan
+from compress.quantize.allocate import allocate_by_rank, solve_dp
+from compress.quantize.apply import apply_plan, is_tied, quantizable, weight_matrix
+from compress.quantize.distortion import DistortionTable, Unit, measure_kl
+from compress.quantize.spec import QuantSpec
+from evals.metrics import weight_footprint
+
+ALLOCATORS = ("dp", "rank")
+
+
+@dataclass
+class Budget:
+    """Total stored bytes of all weight matrices (embeddings included, tied once)."""
+
+    bytes: int
+    weight_params: int
+
+    @property
+    def avg_bits(self) -> float:
+        """The same budget in effective bits per weight."""
+        return self.bytes * 8 / self.weight_params
+
+    @classmethod
+    def from_args(cls, model, avg_bits: float | None, max_size: int | None) -> Budget:
+        """--avg-bits B or --max-size BYTES (exactly one)."""
+        params = int(weight_footprint(model)["weight_params"])
+        if (avg_bits is None) == (max_size is None):
+            raise UserError("give exactly one budget: --avg-bits B (e.g. 4.5) or --max-size BYTES")
+        if avg_bits is not None:
+            if avg_bits <= 0:
+                raise UserError(f"--avg-bits {avg_bits}: must be positive")
+            return cls(int(avg_bits * params / 8), params)
+        if max_size <= 0:
+            raise UserError(f"--max-size {max_size}: must be a positive number of bytes")
+        return cls(int(max_size), params)
+
+
+def units_for(model, lmap: LayerMap, granularity: str, embeddings: bool) -> list[Unit]:
+    """Allocation units: per block (all its Linears share a width) or per Linear; plus embedding / head."""
+    units: list[Unit] = []
+    for b in lmap.blocks:
+        if granularity == "block":
+            units.append(Unit(f"block {b.index}", list(b.linears), b.index))
+        elif granularity == "linear":
+            units.extend(Unit(p, [p], b.index) for p in b.linears)
+        else:
+            raise UserError(f"--granularity {granularity}: use block or linear")
+    if embeddings:
+        if lmap.embeddings:
+            units.append(Unit("embedding" + (" + tied head" if is_tied(model, lmap) else ""), [lmap.embeddings]))
+        if lmap.head and not is_tied(model, lmap):
+            units.append(Unit("head", [lmap.head]))
+    return units
+
+
+def fixed_bytes(model, lmap: LayerMap, units: list[Unit]) -> int:
+    """Bytes of weight matrices that no unit covers (left as they are: float)."""
+    covered = {m for u in units for m in u.modules}
+    total = 0
+    for name in quantizable(model, lmap):
+        if name not in covered:
+            w = weight_matrix(model.get_submodule(name))
+            total += w.numel() * w.element_size()
+    return total
+
+
+def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candidates: list[QuantSpec],
+                   budget: Budget, allocator: str = "dp", granularity: str = "block", embeddings: bool = True,
+                   ranking: ImportanceReport | None = None, rank_by: str = "lim",
+                   progress=None) -> tuple[Plan, DistortionTable | None]:
+    """Choose one candidate per unit under the budget: exact DP on measured divergence, or the seed's ranking."""
+    if allocator not in ALLOCATORS:
+        raise UserError(f"--allocator {allocator}: use one of {', '.join(ALLOCATORS)}")
+    model = loaded.module
+    candidates = sorted(candidates, key=lambda c: -c.bits_per_weight(4096))
+    units = units_for(model, lmap, granularity, embeddings)
+    for u in units:
+        for m in u.modules:
+            for c in candidates:
+                c.check_shape(m, weight_matrix(model.get_submodule(m)).shape[1])
+    room = budget.bytes - fixed_bytes(model, lmap, units)
+    t0 = time.perf_counter()
+    table = None
+    if allocator == "dp":
+        ctx = ScoringContext(loaded, lmap, windows, progress)
+        table = measure_kl(ctx, units, candidates)
+        sizes = table.sizes
+        _check_budget(sizes, room, budget)
+        picks = solve_dp(table.distortion, sizes, room)
+    else:
+        from compress.quantize.distortion import unit_bytes
+
+        sizes = [[unit_bytes(model, u, c) for c in candidates] for u in units]
+        _check_budget(sizes, room, budget)
+        order = _rank_order(units, ranking, rank_by)
+        picks = allocate_by_rank(order, sizes, room)
+    rules = {m: candidates[c].to_dict() for u, c in zip(units, picks, strict=True) for m in u.modules}
+    used = sum(sizes[i][c] for i, c in enumerate(picks)) + (budget.bytes - room)
+    meta = {"allocator": allocator, "granularity": granularity, "budget_bytes": budget.bytes,
+            "budget_avg_bits": round(budget.avg_bits, 4), "planned_bytes": used,
+            "planned_avg_bits": round(used * 8 / budget.weight_params, 4),
+            "candidates": [c.label() for c in candidates], "units": {u.name: candidates[c].label()
+                                                                     for u, c in zip(units, picks, strict=True)},
+            "seconds": round(time.perf_counter() - t0, 2)}
+    if allocator == "rank":
+        meta["rank_by"] = rank_by
+    return Plan(rules, meta), table
+
+
+def _check_budget(sizes: list[list[int]], room: int, budget: Budget) -> None:
+    lo, hi = sum(min(r) for r in sizes), sum(max(r) for r in sizes)
+    if room < lo:
+        raise UserError(f"budget {budget.bytes:,} bytes ({budget.avg_bits:.3f} bpw) is below the smallest plan the "
+                        f"candidates allow; raise --avg-bits/--max-size or add a smaller candidate")
+    if room >= hi:
+        raise UserError(f"budget {budget.bytes:,} bytes ({budget.avg_bits:.3f} bpw) fits every unit at the largest "
+                        "candidate: nothing to allocate; lower the budget or use --bits for uniform quantization")
+
+
+def _rank_order(units: list[Unit], report: ImportanceReport | None, method: str) -> list[int]:
+    """Units from least to most important by a block score; non-block units (embedding) are kept last."""
+    if report is None:
+        raise UserError("--allocator rank needs importance scores: pass --scores scores.json from `compress score`")
+    if method not in report.methods:
+        raise UserError(f"--rank-by {method}: the scores file has {', '.join(report.methods)}")
+    most_first = report.ranking(method)
+    position = {b: i for i, b in enumerate(most_first)}
+    block_units = [i for i, u in enumerate(units) if u.block is not None]
+    others = [i for i, u in enumerate(units) if u.block is None]
+    block_units.sort(key=lambda i: -position.get(units[i].block, 0))
+    return block_units + others
+
+
+def quantize(loaded: LoadedModel, lmap: LayerMap, plan: Plan):
+    """Apply `plan` to the model in place; returns (specs, Record)."""
+    t0 = time.perf_counter()
+    specs = plan.resolve(quantizable(loaded.module, lmap))
+    record = apply_plan(loaded.module, lmap, specs)
+    record.seconds = round(time.perf_counter() - t0, 2)
+    return specs, record

@@ -1,0 +1,63 @@
+"""Round-to-nearest group-wise quantization (symmetric and asymmetric) and its exact dequantization.
+
+Symmetric uses llama.cpp's Q4_0 rule generalised to b bits: per group, the scale maps the largest-magnitude
+weight (with its sign) to −2^(b−1), so the full signed range [−2^(b−1), 2^(b−1)−1] is used. Asymmetric maps
+[min, max] onto [0, 2^b − 1] with an integer zero point. Scales are fp16 and codes are computed with the fp16
+scale actually stored, so dequantization reproduces exactly what was evaluated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compress.quantize.spec import QuantSpec
+
+
+@dataclass
+class QuantizedWeight:
+    """Unpacked codes [rows, cols] (uint8), fp16 scales [rows, groups], zeros [rows, groups] (uint8, fp16 or None)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    spec: QuantSpec
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight these codes stand for."""
+        return dequantize(self.codes, self.scales, self.zeros, self.spec)
+
+
+def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest quantization of a [rows, cols] weight along groups of its input axis."""
+    rows, cols = weight.shape
+    g = spec.group_for(cols)
+    w = weight.detach().float().reshape(rows, cols // g, g)
+    if spec.symmetric:
+        half = 2 ** (spec.bits - 1)
+        idx = w.abs().argmax(dim=-1, keepdim=True)
+        scale = (w.gather(-1, idx) / -half).half()
+        s = scale.float()
+        inv = torch.where(s != 0, 1.0 / s, torch.zeros_like(s))
+        q = torch.clamp(torch.floor(w * inv + 0.5), -half, half - 1) + half
+        return QuantizedWeight(q.to(torch.uint8).reshape(rows, cols), scale.squeeze(-1), None, spec)
+    levels = 2**spec.bits - 1
+    lo = w.amin(dim=-1, keepdim=True)
+    hi = w.amax(dim=-1, keepdim=True)
+    scale = ((hi - lo) / levels).half()
+    s = scale.float()
+    inv = torch.where(s != 0, 1.0 / s, torch.zeros_like(s))
+    zero = torch.clamp(torch.floor(-lo * inv + 0.5), 0, levels)
+    q = torch.clamp(torch.floor(w * inv + 0.5) + zero, 0, levels)
+    return QuantizedWeight(q.to(torch.uint8).reshape(rows, cols), scale.squeeze(-1),
+                           zero.squeeze(-1).to(torch.uint8), spec)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """(code − zero) × scale per group; symmetric codes are offset by 2^(b−1)."""
+    rows, cols = codes.shape
+    g = spec.group_for(cols)
+    zero = 2 ** (spec.bits - 1) if zeros is None else zeros.float().unsqueeze(-1)
+    q = codes.reshape(rows, cols // g, g).float() - zero
+    return (q * scales.float().unsqueeze(-1)).reshape(rows, cols)

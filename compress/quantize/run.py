@@ -1,0 +1,150 @@
+"""`compress quantize` as a function: validate the request, build the plan, quantize, evaluate, save."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from compress.errors import UserError
+from compress.quantize.spec import BITS, QuantSpec
+
+
+@dataclass
+class QuantizeRequest:
+    """Everything `compress quantize` was asked to do."""
+
+    model: str
+    bits: int | None = None
+    layerwise: bool = False
+    avg_bits: float | None = None
+    max_size: int | None = None
+    candidates: str = "8,6,5,4,3"
+    group_size: int = 32
+    symmetric: bool = True
+    allocator: str = "dp"
+    granularity: str = "block"
+    scores: Path | None = None
+    rank_by: str = "lim"
+    embeddings: str | None = None
+    plan_file: Path | None = None
+    show_plan: bool = False
+    data: str | None = None
+    tokens: int = 1024
+    eval_tokens: int = 2048
+    seq_len: int | None = None
+    seed: int = 0
+    out: Path | None = None
+    arch: str | None = None
+    trust_pickle: bool = False
+    evaluate: bool = True
+
+
+def parse_candidates(text: str) -> list[int]:
+    """'8,6,4' -> [8, 6, 4], each a supported width."""
+    try:
+        widths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise UserError(f"--candidates {text}: comma-separated bit widths, e.g. 8,6,4,3") from exc
+    bad = [b for b in widths if b not in BITS]
+    if bad or not widths:
+        allowed = ", ".join(map(str, BITS))
+        raise UserError(f"--candidates {text}: unknown bit width {bad[0] if bad else ''}; use {allowed}")
+    return sorted(set(widths), reverse=True)
+
+
+def _validate(req: QuantizeRequest) -> None:
+    modes = sum([req.bits is not None, req.layerwise, req.plan_file is not None])
+    if modes != 1:
+        raise UserError("choose one mode: --bits N (uniform), --layerwise with --avg-bits/--max-size, or --plan FILE")
+    if req.bits is not None:
+        QuantSpec(req.bits, req.group_size, req.symmetric)
+    if req.layerwise:
+        parse_candidates(req.candidates)
+        if (req.avg_bits is None) == (req.max_size is None):
+            raise UserError("--layerwise needs one budget: --avg-bits B (e.g. 4.5) or --max-size BYTES")
+    if req.embeddings not in (None, "keep", "quantize"):
+        raise UserError(f"--embeddings {req.embeddings}: use keep or quantize")
+    if req.data not in (None, "self"):
+        from compress.data import resolve_text_files
+
+        resolve_text_files(req.data)
+    if req.out is not None and Path(req.out).exists() and not Path(req.out).is_dir():
+        raise UserError(f"--out {req.out}: exists and is not a directory")
+
+
+def run_quantize(req: QuantizeRequest, progress=None) -> dict:
+    """Plan, quantize, evaluate against the original on held-out windows, and save the artifact."""
+    from compress.artifact import save_artifact
+    from compress.data import load_windows
+    from compress.importance.report import ImportanceReport
+    from compress.models import layer_map, load_model
+    from compress.plan import Plan
+    from compress.quantize.apply import quantizable
+    from compress.quantize.pipeline import Budget, layerwise_plan, quantize
+    from evals.evaluate import evaluate
+    from evals.metrics import weight_footprint
+
+    _validate(req)
+    plan_from_file = Plan.load(req.plan_file) if req.plan_file else None
+    ranking = ImportanceReport.load(req.scores) if req.scores else None
+    t0 = time.perf_counter()
+    loaded = load_model(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
+    lmap = layer_map(loaded.module)
+    names = quantizable(loaded.module, lmap)
+    block_linears = [p for b in lmap.blocks for p in b.linears]
+    result: dict = {"model": req.model, "notes": []}
+    table = None
+    if plan_from_file is not None:
+        plan = plan_from_file
+        plan.resolve(names)
+    elif req.bits is not None:
+        spec = QuantSpec(req.bits, req.group_size, req.symmetric)
+        targets = block_linears + ([n for n in names if n not in block_linears] if req.embeddings == "quantize" else [])
+        plan = Plan.uniform(spec, targets, mode="uniform")
+    else:
+        budget = Budget.from_args(loaded.module, req.avg_bits, req.max_size)
+        cands = [QuantSpec(b, req.group_size, req.symmetric) for b in parse_candidates(req.candidates)]
+        calib = load_windows(req.data, loaded, split="calibration", tokens=req.tokens, seq_len=req.seq_len,
+                             seed=req.seed)
+        plan, table = layerwise_plan(loaded, lmap, calib, cands, budget, req.allocator, req.granularity,
+                                     embeddings=req.embeddings != "keep", ranking=ranking, rank_by=req.rank_by,
+                                     progress=progress)
+        plan.meta["calibration"] = calib.describe()
+    result["plan"] = plan.to_dict()
+    if table is not None:
+        result["distortion"] = {u.name: {c.label(): d for c, d in zip(table.candidates, row, strict=True)}
+                                for u, row in zip(table.units, table.distortion, strict=True)}
+    if req.show_plan:
+        result["specs"] = {n: s.label() for n, s in plan.resolve(names).items()}
+        return result
+    specs, record = quantize(loaded, lmap, plan)
+    result["specs"] = record.specs
+    result["notes"] += record.notes
+    foot = weight_footprint(loaded.module)
+    result.update(size_bytes=int(foot["size_bytes"]), bpw=round(float(foot["bpw"]), 4))
+    if req.evaluate:
+        reference = load_model(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
+        windows = load_windows(req.data, reference, split="evaluation", tokens=req.eval_tokens, seq_len=req.seq_len,
+                               seed=req.seed)
+        result["metrics"] = evaluate(loaded, reference, windows, progress).to_dict()
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    if req.out is not None:
+        manifest = {"plan": plan.to_dict(), "metrics": result.get("metrics"), "notes": record.notes,
+                    "bpw": result["bpw"], "size_bytes": result["size_bytes"],
+                    "layers": {n: {"spec": s.label(), "bpw": round(s.bits_per_weight(_cols(loaded, n)), 4)}
+                               for n, s in specs.items()}}
+        if table is not None:
+            manifest["distortion"] = table.to_dict()
+        save_artifact(loaded, specs, Path(req.out), manifest)
+        result["out"] = str(req.out)
+        result["file_bytes"] = (Path(req.out) / "model.safetensors").stat().st_size
+    return result
+
+
+def _cols(loaded, name: str) -> int:
+    from compress.quantize.apply import weight_matrix
+
+    m = loaded.module.get_submodule(name)
+    packed = getattr(m, "packed", None)
+    return packed.cols if packed is not None else weight_matrix(m).shape[1]

@@ -1,0 +1,178 @@
+"""Quantizers, packing, plans, allocators and artifacts on tiny models (known answers, brute force)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from tiny_models import build
+from typer.testing import CliRunner
+
+from cli import app
+from compress.artifact import load_artifact, save_artifact
+from compress.errors import UserError
+from compress.models import layer_map
+from compress.plan import Plan
+from compress.quantize.allocate import allocate_by_rank, solve_dp
+from compress.quantize.apply import apply_plan, quantizable
+from compress.quantize.modules import PackedWeight, QuantEmbedding, TiedQuantHead
+from compress.quantize.packing import pack, packed_bytes, unpack
+from compress.quantize.rtn import quantize_rtn
+from compress.quantize.spec import QuantSpec
+from evals.metrics import weight_footprint
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_unpack_round_trips_exactly(bits):
+    g = torch.Generator().manual_seed(bits)
+    for n in (1, 7, 8, 33, 1000):
+        codes = torch.randint(0, 2**bits, (n,), generator=g).to(torch.uint8)
+        packed = pack(codes, bits)
+        assert packed.numel() == packed_bytes(n, bits)
+        assert torch.equal(unpack(packed, bits, n), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_error_is_bounded_by_the_step_and_packs_losslessly(bits, symmetric):
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec(bits, 32, symmetric)
+    q = quantize_rtn(w, spec)
+    assert int(q.codes.max()) < 2**bits
+    step = q.scales.float().abs().repeat_interleave(32, dim=1)
+    err = (q.dequantize() - w).abs()
+    assert (err <= step * 1.001 + 1e-6).all()  # rounding (half a step) plus, at the range ends, the grid offset
+    assert float((err / step).mean()) < 0.3  # uniform rounding error averages a quarter step
+    packed = PackedWeight.from_quantized(q)
+    assert torch.equal(packed.dequantize(), q.dequantize())
+    assert packed.stored_weight_bytes() == spec.stored_bytes(16, 64)
+
+
+def test_symmetric_scale_maps_the_largest_magnitude_weight_to_minus_half_range():
+    w = torch.tensor([[0.5, -2.0, 1.0, 0.25] * 8])
+    q = quantize_rtn(w, QuantSpec(4, 32, True))
+    assert float(q.scales[0, 0]) == pytest.approx(0.25)  # -2.0 / -8
+    assert int(q.codes[0, 1]) == 0 and torch.equal(q.dequantize(), w)
+
+
+def test_bits_per_weight_definitions():
+    assert QuantSpec(4, 32, True).bits_per_weight(576) == 4.5
+    assert QuantSpec(3, 32, True).bits_per_weight(576) == 3.5
+    assert QuantSpec(4, 32, False).bits_per_weight(576) == 4 + 20 / 32
+    assert QuantSpec(8, 0, True).bits_per_weight(576) == 8 + 16 / 576
+    with pytest.raises(UserError, match="unknown bit width 7"):
+        QuantSpec(7)
+    with pytest.raises(UserError, match="does not divide"):
+        QuantSpec(4, 48).check_shape("x", 64)
+
+
+def test_dp_is_the_true_optimum_on_small_random_instances():
+    rng = random.Random(0)
+    for _ in range(60):
+        n, k = rng.randint(1, 5), rng.randint(1, 4)
+        dist = [[rng.random() for _ in range(k)] for _ in range(n)]
+        sizes = [[rng.randint(1, 20) for _ in range(k)] for _ in range(n)]
+        budget = rng.randint(sum(min(r) for r in sizes), sum(max(r) for r in sizes))
+        best = min((c for c in itertools.product(range(k), repeat=n)
+                    if sum(sizes[u][c[u]] for u in range(n)) <= budget),
+                   key=lambda c: sum(dist[u][c[u]] for u in range(n)))
+        picks = solve_dp(dist, sizes, budget, resolution=10**6)
+        assert sum(sizes[u][picks[u]] for u in range(n)) <= budget
+        assert sum(dist[u][picks[u]] for u in range(n)) == pytest.approx(sum(dist[u][best[u]] for u in range(n)))
+    with pytest.raises(UserError, match="below the smallest"):
+        solve_dp([[0.0, 1.0]], [[10, 5]], 4)
+
+
+def test_rank_allocator_lowers_the_least_important_first():
+    sizes = [[8, 4, 3]] * 4
+    assert allocate_by_rank([2, 0, 3, 1], sizes, 26) == [1, 0, 1, 0]
+    assert allocate_by_rank([2, 0, 3, 1], sizes, 15) == [1, 1, 2, 1]  # all one level down (16), then unit 2
+
+
+def test_plan_precedence_and_validation():
+    names = ["a.0.q", "a.0.k", "a.1.q", "emb"]
+    plan = Plan({"a.0.q": {"bits": 8}, "re:a\\.\\d\\.q": {"bits": 3}, "_default": {"bits": 4, "group_size": 64}})
+    specs = plan.resolve(names)
+    assert specs["a.0.q"].bits == 8 and specs["a.1.q"].bits == 3 and specs["emb"] == QuantSpec(4, 64)
+    with pytest.raises(UserError, match="not a quantizable module"):
+        Plan({"nope": {"bits": 4}}).resolve(names)
+    with pytest.raises(UserError, match="matches no quantizable"):
+        Plan({"re:zzz.*": {"bits": 4}}).resolve(names)
+    with pytest.raises(UserError, match="unknown keys"):
+        Plan({"_default": {"bits": 4, "colour": "red"}})
+    with pytest.raises(UserError, match="not a plan"):
+        Plan.from_dict({"a": 1})
+
+
+def _tiny_quantized(include_embeddings: bool = True):
+    loaded = build("llama")
+    model = loaded.module
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    lmap = layer_map(model)
+    names = quantizable(model, lmap)
+    plan = Plan({"re:.*mlp.*": {"bits": 3}, "_default": {"bits": 4}, "model.embed_tokens": {"bits": 8}})
+    specs = plan.resolve(names if include_embeddings else names[:-1])
+    reference = {n: quantize_rtn(model.get_submodule(n).weight, s).dequantize() for n, s in specs.items()}
+    record = apply_plan(model, lmap, specs)
+    return loaded, lmap, specs, reference, record
+
+
+def test_apply_plan_packs_and_keeps_tied_weights_tied():
+    loaded, lmap, specs, reference, record = _tiny_quantized()
+    model = loaded.module
+    assert isinstance(model.model.embed_tokens, QuantEmbedding) and isinstance(model.lm_head, TiedQuantHead)
+    assert any("tied" in n for n in record.notes)
+    for n in specs:
+        torch.testing.assert_close(model.get_submodule(n).packed.dequantize(), reference[n], rtol=0, atol=0)
+    foot = weight_footprint(model)
+    want = sum(s.stored_bytes(*reference[n].shape) for n, s in specs.items())
+    assert foot["weight_bytes"] == want
+    assert foot["weight_params"] == sum(r.numel() for r in reference.values())
+
+
+def test_artifact_reloads_to_the_same_outputs(tmp_path):
+    loaded, lmap, specs, _, _ = _tiny_quantized()
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        before = loaded.module(ids).logits
+    save_artifact(loaded, specs, tmp_path / "art", {"plan": {}})
+    back = load_artifact(tmp_path / "art")
+    with torch.inference_mode():
+        after = back.module(ids).logits
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-5)  # tiny model: eager vs sdpa attention
+    for n in specs:
+        assert torch.equal(back.module.get_submodule(n).packed.dequantize(),
+                           loaded.module.get_submodule(n).packed.dequantize())
+    assert weight_footprint(back.module)["bpw"] == weight_footprint(loaded.module)["bpw"]
+    assert json.loads((tmp_path / "art" / "compress.json").read_text())["modules"].keys() == specs.keys()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--bits", "7"], "unknown bit width 7"),
+    (["--bits", "4", "--group-size", "48"], "does not divide"),
+    (["--layerwise"], "needs one budget"),
+    (["--layerwise", "--avg-bits", "4", "--candidates", "4,9"], "unknown bit width 9"),
+    (["--bits", "4", "--layerwise"], "choose one mode"),
+])
+def test_quantize_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, args, needle):
+    monkeypatch.setattr("compress.models.load_model", lambda *a, **k: _tiny_loaded())
+    result = CliRunner().invoke(app, ["quantize", "tiny", *args, "--data", str(_text(tmp_path)),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def _tiny_loaded():
+    return build("llama")
+
+
+def _text(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("hello world " * 200)
+    return p
