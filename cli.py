@@ -204,7 +204,9 @@ def quantize(
     layerwise: bool = typer.Option(False, "--layerwise", help="Mixed precision: one width per block under a budget."),
     avg_bits: float = typer.Option(None, "--avg-bits", help="Budget in effective bits per weight (e.g. 4.5)."),
     max_size: int = typer.Option(None, "--max-size", help="Budget in bytes of stored weight matrices."),
-    candidates: str = typer.Option("8,6,5,4,3", "--candidates", help="Bit widths --layerwise may choose from."),
+    candidates: str = typer.Option("8,6,5,4,3", "--candidates",
+                                   help="What --layerwise may choose from: bits with optional g<group> and a|s, "
+                                        "e.g. 8g128,6g64,5,4,3a."),
     group_size: int = typer.Option(32, "--group-size", help="Group length along the input axis; 0 = per channel."),
     symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="Signed codes, no zero point (default)."),
     allocator: str = typer.Option("dp", "--allocator", help="dp: exact knapsack on measured KL; rank: the seed "

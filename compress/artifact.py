@@ -71,7 +71,8 @@ def load_artifact(path: Path):
     apply_plan(model, lmap, specs, empty=True)
     state = load_file(str(path / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith("inv_freq")]
+    shared = _shared_with_loaded(model, state)
+    missing = [m for m in missing if not m.endswith("inv_freq") and m not in shared]
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match the manifest ({len(missing)} missing, {len(unexpected)} "
                         f"unexpected tensors, e.g. {(missing + unexpected)[0]})")
@@ -81,6 +82,13 @@ def load_artifact(path: Path):
                          str(path), path, manifest.get("pooling", "mean"))
     loaded.extra["manifest"] = manifest
     return loaded
+
+
+def _shared_with_loaded(model: torch.nn.Module, state: dict) -> set[str]:
+    """Names of tensors tied to a tensor that was loaded (e.g. lm_head.weight tied to the embedding)."""
+    sd = model.state_dict(keep_vars=True)
+    loaded_ptrs = {sd[k].data_ptr() for k in state if k in sd}
+    return {k for k, v in sd.items() if k not in state and v.data_ptr() in loaded_ptrs}
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -105,7 +105,9 @@ def load_windows(
 
 
 def resolve_text_files(spec: str) -> list[Path]:
-    """A text file, every *.txt under a directory, or the files matching a glob; sorted; error if none."""
+    """A text file, every *.txt under a directory, the files matching a glob, or a comma-separated list of those."""
+    if "," in spec:
+        return [f for part in spec.split(",") if part.strip() for f in resolve_text_files(part.strip())]
     if any(ch in spec for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
     else:

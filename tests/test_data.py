@@ -74,3 +74,10 @@ def test_bad_data_is_a_user_error(tmp_path, spec, kind, message):
             "missing.txt": str(tmp_path / "missing.txt")}.get(spec, spec)
     with pytest.raises(UserError, match=message):
         load_windows(spec, _loaded(kind), seq_len=50)
+
+
+def test_comma_separated_specs(corpus):
+    from compress.data import resolve_text_files
+
+    files = resolve_text_files(f"{corpus / 'doc0.txt'},{corpus / 'doc2.txt'}")
+    assert [f.name for f in files] == ["doc0.txt", "doc2.txt"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,17 +41,27 @@ class QuantizeRequest:
     evaluate: bool = True
 
 
-def parse_candidates(text: str) -> list[int]:
-    """'8,6,4' -> [8, 6, 4], each a supported width."""
-    try:
-        widths = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise UserError(f"--candidates {text}: comma-separated bit widths, e.g. 8,6,4,3") from exc
-    bad = [b for b in widths if b not in BITS]
-    if bad or not widths:
-        allowed = ", ".join(map(str, BITS))
-        raise UserError(f"--candidates {text}: unknown bit width {bad[0] if bad else ''}; use {allowed}")
-    return sorted(set(widths), reverse=True)
+CANDIDATE = re.compile(r"^(\d+)(?:g(\d+))?([as])?$")
+
+
+def parse_candidates(text: str, group_size: int = 32, symmetric: bool = True) -> list[QuantSpec]:
+    """'8g128,6,4a' -> specs: bits, optional g<group> (else --group-size), optional a|s (else --symmetric)."""
+    specs = []
+    for token in [t.strip() for t in text.split(",") if t.strip()]:
+        m = CANDIDATE.match(token)
+        if not m:
+            raise UserError(f"--candidates {text}: cannot read '{token}'; write bits with optional group and "
+                            "symmetry, e.g. 8g128,6,5a,4g32s")
+        bits = int(m.group(1))
+        if bits not in BITS:
+            allowed = ", ".join(map(str, BITS))
+            raise UserError(f"--candidates {text}: unknown bit width {bits}; use {allowed}")
+        group = int(m.group(2)) if m.group(2) else group_size
+        sym = symmetric if not m.group(3) else m.group(3) == "s"
+        specs.append(QuantSpec(bits, group, sym))
+    if not specs:
+        raise UserError("--candidates is empty: give bit widths, e.g. 8,6,5,4,3")
+    return list(dict.fromkeys(specs))
 
 
 def _validate(req: QuantizeRequest) -> None:
@@ -60,7 +71,7 @@ def _validate(req: QuantizeRequest) -> None:
     if req.bits is not None:
         QuantSpec(req.bits, req.group_size, req.symmetric)
     if req.layerwise:
-        parse_candidates(req.candidates)
+        parse_candidates(req.candidates, req.group_size, req.symmetric)
         if (req.avg_bits is None) == (req.max_size is None):
             raise UserError("--layerwise needs one budget: --avg-bits B (e.g. 4.5) or --max-size BYTES")
     if req.embeddings not in (None, "keep", "quantize"):
@@ -104,7 +115,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
         plan = Plan.uniform(spec, targets, mode="uniform")
     else:
         budget = Budget.from_args(loaded.module, req.avg_bits, req.max_size)
-        cands = [QuantSpec(b, req.group_size, req.symmetric) for b in parse_candidates(req.candidates)]
+        cands = parse_candidates(req.candidates, req.group_size, req.symmetric)
         calib = load_windows(req.data, loaded, split="calibration", tokens=req.tokens, seq_len=req.seq_len,
                              seed=req.seed)
         plan, table = layerwise_plan(loaded, lmap, calib, cands, budget, req.allocator, req.granularity,
