@@ -209,6 +209,8 @@ def quantize(
                                         "e.g. 8g128,6g64,5,4,3a."),
     group_size: int = typer.Option(32, "--group-size", help="Group length along the input axis; 0 = per channel."),
     symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="Signed codes, no zero point (default)."),
+    method: str = typer.Option("rtn", "--method", help="rtn (round to nearest) | hqq (data-free, --asymmetric) | "
+                                                       "gptq (Hessian from calibration data)."),
     allocator: str = typer.Option("dp", "--allocator", help="dp: exact knapsack on measured KL; rank: the seed "
                                                             "paper's ordering by --rank-by."),
     granularity: str = typer.Option("block", "--granularity", help="block | linear: what shares one width."),
@@ -235,7 +237,7 @@ def quantize(
     def go():
         request = QuantizeRequest(
             model=model, bits=bits, layerwise=layerwise, avg_bits=avg_bits, max_size=max_size,
-            candidates=candidates, group_size=group_size, symmetric=symmetric, allocator=allocator,
+            candidates=candidates, group_size=group_size, symmetric=symmetric, method=method, allocator=allocator,
             granularity=granularity, scores=scores, rank_by=rank_by, embeddings=embeddings, plan_file=plan_file,
             show_plan=show_plan, data=data, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
             out=out, arch=arch, trust_pickle=trust_pickle)

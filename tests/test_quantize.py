@@ -176,3 +176,56 @@ def _text(tmp_path):
     p = tmp_path / "t.txt"
     p.write_text("hello world " * 200)
     return p
+
+
+def test_gptq_with_white_inputs_is_round_to_nearest_and_beats_it_on_correlated_inputs():
+    from compress.quantize.gptq import gptq_quantize
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 64, generator=g)
+    spec = QuantSpec(3, 32, True)
+    white = gptq_quantize(w, torch.eye(64), spec)
+    assert torch.equal(white.codes, quantize_rtn(w, spec).codes)
+    mix = torch.randn(64, 64, generator=g)
+    x = torch.randn(2048, 64, generator=g) @ mix  # strongly correlated input features
+    h = 2 * x.T @ x / len(x)
+    gq = gptq_quantize(w, h, spec)
+    out_err = lambda q: float(((x @ (q.dequantize() - w).T) ** 2).mean())  # noqa: E731
+    assert out_err(gq) < 0.7 * out_err(quantize_rtn(w, spec))
+
+
+def test_hqq_zero_point_reduces_the_error_of_min_max_rounding():
+    from compress.quantize.hqq import hqq_quantize
+
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    w[0, 0] = 8.0  # an outlier stretches one group's range
+    spec = QuantSpec(3, 32, False, "hqq")
+    h = hqq_quantize(w, spec)
+    assert h.zeros.dtype == torch.float16
+    assert float((h.dequantize() - w).abs().mean()) < float((quantize_rtn(w, QuantSpec(3, 32, False)).dequantize()
+                                                             - w).abs().mean())
+    packed = PackedWeight.from_quantized(h)
+    assert torch.equal(packed.dequantize(), h.dequantize())
+    assert packed.stored_weight_bytes() == spec.stored_bytes(64, 128)
+    with pytest.raises(UserError, match="asymmetric"):
+        hqq_quantize(w, QuantSpec(3, 32, True, "hqq"))
+
+
+def test_gptq_pass_quantizes_every_block_in_sequence():
+    from compress.data import Windows
+    from compress.quantize.modules import QuantLinear
+    from compress.quantize.pipeline import quantize
+
+    loaded = build("llama")
+    lmap = layer_map(loaded.module)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    w = Windows(ids, torch.ones_like(ids), "calibration", "test", 0)
+    linears = [p for b in lmap.blocks for p in b.linears]
+    with torch.inference_mode():
+        before = loaded.module(ids).logits
+    specs, record = quantize(loaded, lmap, Plan.uniform(QuantSpec(4, 32, True, "gptq"), linears), w)
+    assert all(isinstance(loaded.module.get_submodule(p), QuantLinear) for p in linears)
+    assert set(record.specs.values()) == {"q4g32s-gptq"}
+    with torch.inference_mode():
+        after = loaded.module(ids).logits
+    assert 0 < float((after - before).abs().mean()) < 0.1 * float(before.abs().mean())

@@ -144,10 +144,52 @@ def _rank_order(units: list[Unit], report: ImportanceReport | None, method: str)
     return block_units + others
 
 
-def quantize(loaded: LoadedModel, lmap: LayerMap, plan: Plan):
-    """Apply `plan` to the model in place; returns (specs, Record)."""
+def quantize(loaded: LoadedModel, lmap: LayerMap, plan: Plan, windows: Windows | None = None, progress=None):
+    """Apply `plan` to the model in place (GPTQ layers use `windows` for their Hessians); returns (specs, Record)."""
     t0 = time.perf_counter()
     specs = plan.resolve(quantizable(loaded.module, lmap))
-    record = apply_plan(loaded.module, lmap, specs)
+    quantized = {}
+    if any(s.method == "hqq" and not s.is_float for s in specs.values()):
+        from compress.quantize.hqq import hqq_quantize
+
+        for n, s in specs.items():
+            if s.method == "hqq" and not s.is_float:
+                quantized[n] = hqq_quantize(weight_matrix(loaded.module.get_submodule(n)), s)
+    if any(s.method == "gptq" and not s.is_float for s in specs.values()):
+        if windows is None:
+            raise UserError("gptq needs calibration data: pass --data")
+        quantized.update(gptq_pass(loaded, lmap, specs, windows, progress))
+    record = apply_plan(loaded.module, lmap, specs, quantized)
     record.seconds = round(time.perf_counter() - t0, 2)
     return specs, record
+
+
+def gptq_pass(loaded: LoadedModel, lmap: LayerMap, specs: dict[str, QuantSpec], windows: Windows,
+              progress=None) -> dict:
+    """GPTQ block by block; each block sees the outputs of the already-quantized blocks before it."""
+    import torch
+
+    from compress.models.runner import BlockRunner
+    from compress.quantize.gptq import HessianCollector, gptq_quantize
+
+    model = loaded.module
+    runner = BlockRunner(loaded, lmap, windows)
+    hidden = [b.inputs[0] for b in runner.batches]
+    out = {}
+    task = progress.add_task("gptq", total=len(lmap.blocks)) if progress is not None else None
+    with torch.inference_mode():
+        for blk in lmap.blocks:
+            targets = [p for p in blk.linears if p in specs and specs[p].method == "gptq" and not specs[p].is_float]
+            collectors = {p: HessianCollector(model.get_submodule(p), weight_matrix(model.get_submodule(p)).shape[1])
+                          for p in targets}
+            for b, batch in enumerate(runner.batches):
+                runner.run_block(batch, blk.index, hidden[b])
+            for p in targets:
+                w = weight_matrix(model.get_submodule(p))
+                q = gptq_quantize(w, collectors[p].result(), specs[p])
+                out[p] = q
+                w.copy_(q.dequantize())
+            hidden = [runner.run_block(batch, blk.index, hidden[b]) for b, batch in enumerate(runner.batches)]
+            if progress is not None:
+                progress.advance(task)
+    return out

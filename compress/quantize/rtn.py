@@ -29,29 +29,37 @@ class QuantizedWeight:
         return dequantize(self.codes, self.scales, self.zeros, self.spec)
 
 
+def group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (fp16) and integer zero point (float tensor, None if symmetric) of groups along the last axis."""
+    if spec.symmetric:
+        half = 2 ** (spec.bits - 1)
+        idx = w.abs().argmax(dim=-1, keepdim=True)
+        return (w.gather(-1, idx) / -half).half(), None
+    levels = 2**spec.bits - 1
+    lo, hi = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+    scale = ((hi - lo) / levels).half()
+    zero = torch.clamp(torch.floor(-lo * _inverse(scale) + 0.5), 0, levels)
+    return scale, zero
+
+
+def codes_for(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes (as float) of `w` on the grid of (scale, zero); symmetric codes are offset by 2^(b−1)."""
+    inv = _inverse(scale)
+    if zero is None:
+        half = 2 ** (spec.bits - 1)
+        return torch.clamp(torch.floor(w * inv + 0.5), -half, half - 1) + half
+    return torch.clamp(torch.floor(w * inv + 0.5) + zero, 0, 2**spec.bits - 1)
+
+
 def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Round-to-nearest quantization of a [rows, cols] weight along groups of its input axis."""
     rows, cols = weight.shape
     g = spec.group_for(cols)
     w = weight.detach().float().reshape(rows, cols // g, g)
-    if spec.symmetric:
-        half = 2 ** (spec.bits - 1)
-        idx = w.abs().argmax(dim=-1, keepdim=True)
-        scale = (w.gather(-1, idx) / -half).half()
-        s = scale.float()
-        inv = torch.where(s != 0, 1.0 / s, torch.zeros_like(s))
-        q = torch.clamp(torch.floor(w * inv + 0.5), -half, half - 1) + half
-        return QuantizedWeight(q.to(torch.uint8).reshape(rows, cols), scale.squeeze(-1), None, spec)
-    levels = 2**spec.bits - 1
-    lo = w.amin(dim=-1, keepdim=True)
-    hi = w.amax(dim=-1, keepdim=True)
-    scale = ((hi - lo) / levels).half()
-    s = scale.float()
-    inv = torch.where(s != 0, 1.0 / s, torch.zeros_like(s))
-    zero = torch.clamp(torch.floor(-lo * inv + 0.5), 0, levels)
-    q = torch.clamp(torch.floor(w * inv + 0.5) + zero, 0, levels)
-    return QuantizedWeight(q.to(torch.uint8).reshape(rows, cols), scale.squeeze(-1),
-                           zero.squeeze(-1).to(torch.uint8), spec)
+    scale, zero = group_params(w, spec)
+    q = codes_for(w, scale, zero, spec)
+    zeros = None if zero is None else zero.squeeze(-1).to(torch.uint8)
+    return QuantizedWeight(q.to(torch.uint8).reshape(rows, cols), scale.squeeze(-1), zeros, spec)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
@@ -61,3 +69,8 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     zero = 2 ** (spec.bits - 1) if zeros is None else zeros.float().unsqueeze(-1)
     q = codes.reshape(rows, cols // g, g).float() - zero
     return (q * scales.float().unsqueeze(-1)).reshape(rows, cols)
+
+
+def _inverse(scale: torch.Tensor) -> torch.Tensor:
+    s = scale.float()
+    return torch.where(s != 0, 1.0 / s, torch.zeros_like(s))

@@ -23,6 +23,7 @@ class QuantizeRequest:
     candidates: str = "8,6,5,4,3"
     group_size: int = 32
     symmetric: bool = True
+    method: str = "rtn"
     allocator: str = "dp"
     granularity: str = "block"
     scores: Path | None = None
@@ -44,7 +45,7 @@ class QuantizeRequest:
 CANDIDATE = re.compile(r"^(\d+)(?:g(\d+))?([as])?$")
 
 
-def parse_candidates(text: str, group_size: int = 32, symmetric: bool = True) -> list[QuantSpec]:
+def parse_candidates(text: str, group_size: int = 32, symmetric: bool = True, method: str = "rtn") -> list[QuantSpec]:
     """'8g128,6,4a' -> specs: bits, optional g<group> (else --group-size), optional a|s (else --symmetric)."""
     specs = []
     for token in [t.strip() for t in text.split(",") if t.strip()]:
@@ -58,7 +59,7 @@ def parse_candidates(text: str, group_size: int = 32, symmetric: bool = True) ->
             raise UserError(f"--candidates {text}: unknown bit width {bits}; use {allowed}")
         group = int(m.group(2)) if m.group(2) else group_size
         sym = symmetric if not m.group(3) else m.group(3) == "s"
-        specs.append(QuantSpec(bits, group, sym))
+        specs.append(QuantSpec(bits, group, sym, method))
     if not specs:
         raise UserError("--candidates is empty: give bit widths, e.g. 8,6,5,4,3")
     return list(dict.fromkeys(specs))
@@ -69,9 +70,11 @@ def _validate(req: QuantizeRequest) -> None:
     if modes != 1:
         raise UserError("choose one mode: --bits N (uniform), --layerwise with --avg-bits/--max-size, or --plan FILE")
     if req.bits is not None:
-        QuantSpec(req.bits, req.group_size, req.symmetric)
+        QuantSpec(req.bits, req.group_size, req.symmetric, req.method)
+    if req.method == "hqq" and req.symmetric:
+        raise UserError("--method hqq optimises a zero point: add --asymmetric")
     if req.layerwise:
-        parse_candidates(req.candidates, req.group_size, req.symmetric)
+        parse_candidates(req.candidates, req.group_size, req.symmetric, req.method)
         if (req.avg_bits is None) == (req.max_size is None):
             raise UserError("--layerwise needs one budget: --avg-bits B (e.g. 4.5) or --max-size BYTES")
     if req.embeddings not in (None, "keep", "quantize"):
@@ -105,17 +108,17 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     names = quantizable(loaded.module, lmap)
     block_linears = [p for b in lmap.blocks for p in b.linears]
     result: dict = {"model": req.model, "notes": []}
-    table = None
+    table = calib = None
     if plan_from_file is not None:
         plan = plan_from_file
         plan.resolve(names)
     elif req.bits is not None:
-        spec = QuantSpec(req.bits, req.group_size, req.symmetric)
+        spec = QuantSpec(req.bits, req.group_size, req.symmetric, req.method)
         targets = block_linears + ([n for n in names if n not in block_linears] if req.embeddings == "quantize" else [])
         plan = Plan.uniform(spec, targets, mode="uniform")
     else:
         budget = Budget.from_args(loaded.module, req.avg_bits, req.max_size)
-        cands = parse_candidates(req.candidates, req.group_size, req.symmetric)
+        cands = parse_candidates(req.candidates, req.group_size, req.symmetric, req.method)
         calib = load_windows(req.data, loaded, split="calibration", tokens=req.tokens, seq_len=req.seq_len,
                              seed=req.seed)
         plan, table = layerwise_plan(loaded, lmap, calib, cands, budget, req.allocator, req.granularity,
@@ -129,7 +132,11 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     if req.show_plan:
         result["specs"] = {n: s.label() for n, s in plan.resolve(names).items()}
         return result
-    specs, record = quantize(loaded, lmap, plan)
+    needs_calib = any(s.method == "gptq" for s in plan.resolve(names).values())
+    if needs_calib and calib is None:
+        calib = load_windows(req.data, loaded, split="calibration", tokens=req.tokens, seq_len=req.seq_len,
+                             seed=req.seed)
+    specs, record = quantize(loaded, lmap, plan, calib, progress)
     result["specs"] = record.specs
     result["notes"] += record.notes
     foot = weight_footprint(loaded.module)

@@ -1,0 +1,74 @@
+"""GPTQ (Frantar et al. 2022): quantize columns one by one, spreading each column's error over the columns not
+yet quantized through the inverse Hessian H = 2XᵀX of the layer's calibration inputs.
+
+Blocks are processed in order, each fed with the outputs of the already-quantized blocks before it, so memory
+holds one block's Hessians at a time. Group scales are fixed when a group's first column is reached (static
+groups, no act-order), so the codes fit the same packed format and exporters as round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compress.quantize.rtn import QuantizedWeight, codes_for, group_params
+from compress.quantize.spec import QuantSpec
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, block: int = 128,
+                  damp: float = 0.01) -> QuantizedWeight:
+    """GPTQ of a [rows, cols] weight with Hessian [cols, cols]; returns codes, scales, zeros like RTN."""
+    rows, cols = weight.shape
+    g = spec.group_for(cols)
+    block = g if g > block or block % g else block
+    W = weight.detach().double().clone()
+    H = hessian.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    scales = torch.zeros(rows, cols // g, dtype=torch.float16)
+    zeros = None if spec.symmetric else torch.zeros(rows, cols // g, dtype=torch.uint8)
+    scale = zero = None
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:
+                scale, zero = group_params(W1[:, i:i + g].float(), spec)
+                scales[:, col // g] = scale.squeeze(-1)
+                if zeros is not None:
+                    zeros[:, col // g] = zero.squeeze(-1).to(torch.uint8)
+            w = W1[:, i:i + 1].float()
+            q = codes_for(w, scale, zero, spec)
+            codes[:, col] = q.squeeze(-1).to(torch.uint8)
+            offset = 2 ** (spec.bits - 1) if zero is None else zero
+            deq = ((q - offset) * scale.float()).double()
+            err = (W1[:, i:i + 1] - deq) / Hinv1[i, i]
+            W1[:, i:] -= err @ Hinv1[i:i + 1, i:]
+            Err1[:, i:i + 1] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return QuantizedWeight(codes, scales, zeros, spec)
+
+
+class HessianCollector:
+    """Accumulates XᵀX of a Linear's inputs over calibration batches (forward pre-hook)."""
+
+    def __init__(self, module: torch.nn.Module, cols: int):
+        self.H = torch.zeros(cols, cols, dtype=torch.float64)
+        self.n = 0
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        self.H += 2.0 * x.T @ x
+        self.n += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        """The mean Hessian 2XᵀX / n."""
+        self.handle.remove()
+        return self.H / max(self.n, 1)
