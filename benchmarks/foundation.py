@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 AUSTEN = REPO.parent / "shared" / "data" / "text" / "austen"
 BIN = Path(sys.executable).parent / "compress"
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def run_timed(args: list[str], repeats: int) -> dict:
@@ -69,6 +70,7 @@ def main() -> None:
         rows.append((name, "compress " + " ".join(args).replace(data, "../shared/data/text/austen"), r, rep))
         print(f"{name}: {r['wall_s']:.1f}s, {r['rss_mib']:.0f} MiB, methods {rep['timings_s']}", flush=True)
 
+    from markdown import replace_section
     from test_real_models import q4_0_round_trip
 
     from compress.data import load_windows
@@ -87,10 +89,9 @@ def main() -> None:
     self_eval = evaluate(ref, ref, w)
 
     lines = [
-        "# Benchmarks", "",
         f"Written by `python benchmarks/foundation.py --repeats {a.repeats}` on {time.strftime('%Y-%m-%d')}.",
         f"Machine: {machine()}.", "",
-        "## Importance scoring (issue 2)", "",
+        "### Importance scoring", "",
         "2,048 calibration tokens (4 windows of 512 for SmolLM2, 8 of 256 for MiniLM) from the six Austen novels, "
         "seed 0. Wall time is the whole command in a fresh process (load, tokenize, score, write), median of the "
         "runs listed; peak RSS is the maximum resident set size of the process. Per-method seconds come from the "
@@ -103,7 +104,7 @@ def main() -> None:
         lines.append(f"| {name} | `{cmd}` | {len(r['walls'])} | {r['wall_s']:.1f} | {r['rss_mib']:.0f} | {per} |")
     lines += [
         "", "Targets: lim+zd under 60 s; ablation (30 blocks + 60 sublayers) under 5 minutes at 2,048 tokens.", "",
-        "## Eval checked against a known answer (ANCHORS protocol)", "",
+        "### Eval checked against a known answer (ANCHORS protocol)", "",
         "SmolLM2, persuasion.txt tokenized whole (BOS first), first 6 windows of 512 tokens, KL(reference ‖ "
         "candidate) over the full vocabulary at all 3,072 positions. Candidate: every block Linear weight replaced "
         "by its llama.cpp-Q4_0 round trip (signed 4-bit, group 32, fp16 scale = max-magnitude weight / −8); "
@@ -116,7 +117,7 @@ def main() -> None:
         f"{self_eval.top1_agreement:.3f} | {self_eval.ppl:.2f} | {self_eval.ppl_ref:.2f} |",
         "", f"Q4_0 KL / anchor = {q4.kl_mean / 0.318:.3f} (target within ±20%).", "",
     ]
-    Path(a.out).write_text("\n".join(lines))
+    replace_section(Path(a.out), "Foundation: scoring and evaluation (issue 2)", "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -1,0 +1,140 @@
+"""Layer-wise quantization figures (issue 3), written to benchmarks/results/quantize-<model>.md and printed.
+
+One run measures the distortion table once (RTN, every unit × candidate, on calibration windows from the Austen
+novels except persuasion.txt), then builds and evaluates, on the same evaluation windows:
+uniform RTN baselines, layer-wise DP plans, and the seed's rank allocation by LIM and by ZD, at 3.5 and 4.5
+effective bpw and (for SmolLM2) at the ≤105 MB size of llama.cpp's Q4_K_M; then RTN vs HQQ vs GPTQ at 4 bits.
+
+    python benchmarks/quantize_layerwise.py --model smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+AUSTEN = REPO.parent / "shared" / "data" / "text" / "austen"
+CALIB = ",".join(str(p) for p in sorted(AUSTEN.glob("*.txt")) if p.name != "persuasion.txt")
+MENU = "8g64,6g64,6g32,5g64,5g32,4g64,4g32,3g64,3g32,2g32"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib-tokens", type=int, default=1024)
+    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--max-size", type=int, default=105_000_000)
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+
+    from compress.data import load_windows
+    from compress.importance import score_model
+    from compress.importance.context import ScoringContext
+    from compress.models import layer_map, load_model
+    from compress.plan import Plan
+    from compress.quantize.allocate import allocate_by_rank, solve_dp
+    from compress.quantize.apply import quantizable
+    from compress.quantize.distortion import measure_kl
+    from compress.quantize.pipeline import Budget, _rank_order, fixed_bytes, quantize, units_for
+    from compress.quantize.run import parse_candidates
+    from compress.quantize.spec import QuantSpec
+    from evals.evaluate import evaluate
+
+    torch.set_num_threads(2)
+    ref = load_model(a.model)
+    lmap = layer_map(ref.module)
+    calib = load_windows(CALIB, ref, split="calibration", tokens=a.calib_tokens)
+    heldout = load_windows(CALIB, ref, split="evaluation", tokens=a.eval_tokens)
+    anchors = load_windows(str(AUSTEN / "persuasion.txt"), ref, split="all", tokens=3072, seq_len=512,
+                           sequential=True)
+    cands = parse_candidates(MENU)
+    units = units_for(ref.module, lmap, "block", embeddings=True)
+    t0 = time.perf_counter()
+    table = measure_kl(ScoringContext(ref, lmap, calib), units, cands)
+    t_measure = time.perf_counter() - t0
+    scores = score_model(ref, calib, ["lim", "zd"], lmap)
+    rows: list[dict] = []
+
+    def run(label: str, plan: Plan, windows_sets=(("anchors", anchors), ("heldout", heldout)), calib_w=None) -> dict:
+        cand = load_model(a.model)
+        clmap = layer_map(cand.module)
+        t = time.perf_counter()
+        quantize(cand, clmap, plan, calib_w)
+        secs = time.perf_counter() - t
+        row = {"label": label, "quantize_s": round(secs, 1)}
+        for name, w in windows_sets:
+            r = evaluate(cand, ref, w)
+            row[name] = {"kl_mean": r.kl_mean, "kl_p99": r.kl_p99, "top1": r.top1_agreement, "ppl": r.ppl,
+                         "ppl_ref": r.ppl_ref}
+            row["size_bytes"], row["bpw"] = r.size_bytes, r.bpw
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        return row
+
+    def plan_from(picks, label) -> Plan:
+        rules = {m: cands[c].to_dict() for u, c in zip(units, picks, strict=True) for m in u.modules}
+        return Plan(rules, {"label": label})
+
+    names = quantizable(ref.module, lmap)
+    budgets = [("4.5 bpw", Budget(int(4.5 * Budget.from_args(ref.module, 4.5, None).weight_params / 8),
+                                  Budget.from_args(ref.module, 4.5, None).weight_params)),
+               ("3.5 bpw", Budget(int(3.5 * Budget.from_args(ref.module, 3.5, None).weight_params / 8),
+                                  Budget.from_args(ref.module, 3.5, None).weight_params))]
+    if a.max_size:
+        budgets.insert(0, (f"{a.max_size / 1e6:.0f} MB", Budget.from_args(ref.module, None, a.max_size)))
+    fixed = fixed_bytes(ref.module, lmap, units)
+    for label, budget in budgets:
+        room = budget.bytes - fixed
+        predicted = {}
+        picks = solve_dp(table.distortion, table.sizes, room)
+        predicted["dp"] = sum(table.distortion[u][c] for u, c in enumerate(picks))
+        run(f"{label} layerwise dp", plan_from(picks, "dp"))
+        for method in ("lim", "zd"):
+            order = _rank_order(units, scores, method)
+            rp = allocate_by_rank(order, table.sizes, room)
+            run(f"{label} rank by {method}", plan_from(rp, f"rank-{method}"))
+        if label.endswith("bpw"):
+            bits = 4 if label.startswith("4.5") else 3
+            run(f"{label} uniform q{bits}g32s (all matrices)", Plan.uniform(QuantSpec(bits, 32, True), names))
+    linears = [p for b in lmap.blocks for p in b.linears]
+    for method, spec in (("rtn", QuantSpec(4, 32, True)), ("hqq", QuantSpec(4, 32, False, "hqq")),
+                         ("rtn-asym", QuantSpec(4, 32, False)), ("gptq", QuantSpec(4, 32, True, "gptq"))):
+        run(f"blocks q4g32 {method} (embedding fp32)", Plan.uniform(spec, linears), (("anchors", anchors),),
+            calib_w=calib)
+
+    lines = [f"Written by `python benchmarks/quantize_layerwise.py --model {a.model}` on {time.strftime('%Y-%m-%d')} "
+             f"({platform.processor() or platform.machine()}, torch {torch.__version__}, 2 threads).",
+             f"Calibration: {calib.num_tokens} tokens from the Austen novels except persuasion.txt (sha256 "
+             f"{calib.data_hash[:12]}); distortion table {len(units)} units × {len(cands)} candidates ({MENU}) "
+             f"measured in {t_measure:.0f} s. Evaluation: `anchors` = ANCHORS.md protocol (persuasion.txt, first 6 "
+             f"× 512 tokens); `heldout` = {heldout.num_tokens} tokens of evaluation windows from the other novels "
+             "(disjoint from calibration). KL = mean per-token KL(original ‖ quantized).", "",
+             "| plan | weight bytes | bpw | KL anchors | p99 | top-1 | ppl (ref) | KL heldout | top-1 heldout | "
+             "quantize s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        an, ho = r["anchors"], r.get("heldout")
+        lines.append(f"| {r['label']} | {r['size_bytes']:,} | {r['bpw']:.3f} | {an['kl_mean']:.4f} | "
+                     f"{an['kl_p99']:.3f} | {an['top1']:.3f} | {an['ppl']:.2f} ({an['ppl_ref']:.2f}) | "
+                     f"{ho['kl_mean'] if ho else float('nan'):.4f} | {ho['top1'] if ho else float('nan'):.3f} | "
+                     f"{r['quantize_s']} |")
+    text = "\n".join(lines) + "\n"
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from markdown import replace_section
+
+    replace_section(a.out or REPO / "BENCHMARKS.md", f"Layer-wise quantization: {a.model} (issue 3)", text)
+    raw = REPO / "benchmarks" / "results" / f"quantize-{a.model.replace('/', '_')}.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps({"rows": rows, "table": table.to_dict()}, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
