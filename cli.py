@@ -88,8 +88,11 @@ def inspect(model: str = MODEL, json_out: bool = JSON, arch: str = ARCH, trust_p
 def score(
     model: str = MODEL,
     data: str = DATA,
-    methods: str = typer.Option("lim,zd,ablation", "--methods", help="Comma-separated scorers: lim (alias bi), zd, "
-                                                                     "ablation."),
+    methods: str = typer.Option("lim,zd,ablation", "--methods",
+                                help="Comma-separated scorers: lim (alias bi), zd, ablation, sensitivity (ΔKL with one "
+                                     "block at 3 bits), hessian (tr ΔW H ΔWᵀ), fisher (Σ g² ΔW²)."),
+    check: bool = typer.Option(False, "--check", help="Also measure sensitivity and report each cheap score's "
+                                                      "Spearman correlation with it: does the score predict damage?"),
     tokens: int = TOKENS,
     seq_len: int = SEQ_LEN,
     seed: int = SEED,
@@ -102,15 +105,23 @@ def score(
 ) -> None:
     """Score every block and sublayer by importance (LIM, ZD, ablation) on calibration windows."""
     from compress.data import load_windows, resolve_text_files
-    from compress.importance import SCORERS, parse_methods, score_model
+    from compress.importance import ALIASES, SCORERS, parse_methods, score_model
     from compress.models import load_model
 
     def go():
         names = parse_methods(methods)
+        if check:
+            names = [*names, *[m for m in ("hessian", "fisher", "sensitivity") if m not in names]]
         if data not in (None, "self"):
             resolve_text_files(data)
         loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
-        needs_data = any(SCORERS[{"bi": "lim"}.get(m, m)].needs_data for m in names)
+        if loaded.kind != "decoder" and "fisher" in names:
+            if not check:
+                from compress.errors import UserError
+
+                raise UserError(f"--methods fisher: {model} is an encoder; fisher needs a language-model loss")
+            names.remove("fisher")
+        needs_data = any(SCORERS[ALIASES.get(m, m)].needs_data for m in names)
         windows = None
         if needs_data:
             with stderr.status("preparing data"):
@@ -144,6 +155,10 @@ def _print_scores(report) -> None:
                            [[s["block"], s["name"], s["params"], *[s["scores"][k] for k in m]]
                             for s in report.sublayers]))
     stdout.print("direction: " + "; ".join(f"{k}: {v}" for k, v in report.direction.items()))
+    if report.checks:
+        rows = [[m, c["spearman"], c["p_value"]] for m, c in report.checks.items() if isinstance(c, dict)]
+        stdout.print(table(f"--check: rank correlation with {report.checks['against']}",
+                           ["method", "spearman", "p_value"], rows))
     stdout.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings_s.items()))
 
 

@@ -109,3 +109,33 @@ def test_minilm_scores_with_encoder_divergence(minilm, austen):
 def test_minilm_self_data_is_refused():
     result = CliRunner().invoke(app, ["score", "minilm-l6", "--data", "self"])
     assert result.exit_code == 2 and "cannot generate" in result.stderr
+
+
+def test_uniform_rtn_matches_the_anchor_and_the_artifact_reloads_exactly(smollm2, austen, tmp_path):
+    """Our q4g32 symmetric RTN of the blocks (embedding float) is the Q4_0 scheme: KL within ±20% of 0.318."""
+    from compress.artifact import save_artifact
+    from compress.plan import Plan
+    from compress.quantize.pipeline import quantize
+    from compress.quantize.spec import QuantSpec
+
+    persuasion = str(austen / "persuasion.txt")
+    windows = load_windows(persuasion, smollm2, split="all", tokens=3072, seq_len=512, sequential=True)
+    cand = load_model("smollm2-135m")
+    lmap = layer_map(cand.module)
+    linears = [p for b in lmap.blocks for p in b.linears]
+    specs, _ = quantize(cand, lmap, Plan.uniform(QuantSpec(4, 32, True), linears))
+    ids = windows.input_ids[:1, :128]
+    with torch.inference_mode():
+        in_memory = cand.module(ids).logits
+    save_artifact(cand, specs, tmp_path / "q4", {"plan": {}})
+    back = load_model(str(tmp_path / "q4"))
+    with torch.inference_mode():
+        assert torch.equal(back.module(ids).logits, in_memory)
+    report = evaluate(back, smollm2, windows)
+    assert report.kl_mean == pytest.approx(ANCHOR_Q4_0_KL, rel=0.20), report
+    on_disk = (tmp_path / "q4" / "model.safetensors").stat().st_size
+    assert abs(on_disk - report.size_bytes) / report.size_bytes < 0.03
+    linear_params = sum(smollm2.module.get_submodule(p).weight.numel() for p in linears)
+    embed_params = smollm2.module.get_submodule(lmap.embeddings).weight.numel()
+    assert report.bpw == pytest.approx((4.5 * linear_params + 32 * embed_params) / (linear_params + embed_params),
+                                       abs=1e-3)

@@ -102,3 +102,41 @@ def test_plot_writes_a_png(tmp_path):
     plot_importance(report, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
+
+
+def test_quantization_aware_scores_and_the_rank_check():
+    loaded = build("llama")
+    ids = torch.randint(4, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    w = Windows(ids, torch.ones_like(ids), "calibration", "test", 0)
+    flags = [p.requires_grad for p in loaded.module.parameters()]
+    report = score_model(loaded, w, ["lim", "zd", "hessian", "fisher", "sensitivity"])
+    for m in ("hessian", "fisher", "sensitivity"):
+        assert all(v > 0 for v in report.block_scores(m)), m
+    assert set(report.checks) == {"against", "lim", "zd", "hessian", "fisher"}
+    assert all(-1.0 <= c["spearman"] <= 1.0 for k, c in report.checks.items() if k != "against")
+    assert all(p.grad is None for p in loaded.module.parameters())
+    assert [p.requires_grad for p in loaded.module.parameters()] == flags
+
+
+def test_hessian_proxy_is_the_output_error_of_the_quantized_linear():
+    from compress.importance.sensitivity import CHECK_SPEC
+    from compress.models.layers import layer_map
+    from compress.quantize.rtn import quantize_rtn
+
+    loaded = build("llama")
+    lmap = layer_map(loaded.module)
+    ids = torch.randint(4, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    w = Windows(ids, torch.ones_like(ids), "calibration", "test", 0)
+    report = score_model(loaded, w, ["hessian"], lmap)
+    path = lmap.blocks[1].linears[0]
+    module = loaded.module.get_submodule(path)
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.inference_mode():
+        loaded.module(ids)
+    handle.remove()
+    x = seen[0].double()
+    dw = (quantize_rtn(module.weight, CHECK_SPEC).dequantize() - module.weight.detach()).double()
+    direct = float(((x @ dw.T) ** 2).sum() / len(x))
+    got = next(item["scores"]["hessian"] for item in report.linears if item["path"] == path)
+    assert got == pytest.approx(direct, rel=1e-6)

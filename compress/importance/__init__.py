@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from compress import __version__
 from compress.data import Windows
 from compress.errors import UserError
-from compress.importance import ablation, lim, zd
+from compress.importance import ablation, lim, sensitivity, zd
 from compress.importance.context import ScoringContext
 from compress.importance.report import ImportanceReport, Scores
 from compress.models.layers import LayerMap, layer_map
@@ -29,7 +29,11 @@ SCORERS: dict[str, Scorer] = {
     "lim": Scorer(lim.score, lim.DIRECTION, True),
     "zd": Scorer(zd.score, zd.DIRECTION, False),
     "ablation": Scorer(ablation.score, ablation.DIRECTION, True),
+    "sensitivity": Scorer(sensitivity.score_sensitivity, sensitivity.DIRECTION, True),
+    "hessian": Scorer(sensitivity.score_hessian, sensitivity.DIRECTION, True),
+    "fisher": Scorer(sensitivity.score_fisher, sensitivity.DIRECTION, True),
 }
+CHEAP = ("lim", "zd", "ablation", "hessian", "fisher")  # what `--check` compares with measured sensitivity
 ALIASES = {"bi": "lim"}  # ShortGPT's Block Influence is the same quantity as LIM
 
 
@@ -73,7 +77,26 @@ def score_model(
         t0 = time.perf_counter()
         results[m] = scorer.fn(ctx)
         timings[m] = round(time.perf_counter() - t0, 3)
-    return _assemble(loaded, lmap, windows, ctx, methods, results, timings)
+    report = _assemble(loaded, lmap, windows, ctx, methods, results, timings)
+    if "sensitivity" in methods:
+        report.checks = rank_check(report)
+    return report
+
+
+def rank_check(report: ImportanceReport) -> dict:
+    """Spearman rank correlation of each cheap score with the measured per-block ΔKL at 3 bits (`sensitivity`)."""
+    from scipy.stats import spearmanr
+
+    target = report.block_scores("sensitivity")
+    out = {"against": "sensitivity: measured divergence with one block RTN-quantized to 3 bits, group 32"}
+    for m in report.methods:
+        if m == "sensitivity" or ALIASES.get(m, m) not in CHEAP:
+            continue
+        values = report.block_scores(m)
+        sign = 1.0 if report.direction[m].startswith("higher") else -1.0
+        rho, p = spearmanr([sign * v for v in values], target)
+        out[m] = {"spearman": round(float(rho), 4), "p_value": float(p)}
+    return out
 
 
 def _assemble(loaded, lmap, windows, ctx, methods, results, timings) -> ImportanceReport:

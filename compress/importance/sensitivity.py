@@ -1,0 +1,106 @@
+"""Quantization-aware importance: measured damage when one block is quantized, and two cheap predictors of it.
+
+- `sensitivity`: ΔKL (encoders: 1 − cos of pooled embeddings) when only that block's Linears are RTN-quantized to
+  3 bits, group 32, symmetric — the quantity the cheap scores are checked against (`compress score --check`).
+- `hessian`: Σ over the block's Linears of tr(ΔW H ΔWᵀ), H = XᵀX / n of the Linear's calibration inputs, ΔW the
+  same 3-bit quantization error: the output error GPTQ minimises, from one calibration pass.
+- `fisher`: Σ over the block's Linears of Σ g² ΔW², g the gradient of the calibration NLL (decoders) — the
+  diagonal-Fisher estimate of the KL the same quantization causes (KL ≈ ½ ΔWᵀ F ΔW).
+All three: higher = more important (more damage when quantized).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compress.importance.context import ScoringContext
+from compress.importance.report import Scores
+from compress.quantize.apply import weight_matrix
+from compress.quantize.rtn import quantize_rtn
+from compress.quantize.spec import QuantSpec
+
+DIRECTION = "higher = more important"
+CHECK_SPEC = QuantSpec(3, 32, True)
+
+
+def _error(w: torch.Tensor) -> torch.Tensor:
+    spec = CHECK_SPEC if w.shape[1] % 32 == 0 else QuantSpec(3, 0, True)
+    return quantize_rtn(w, spec).dequantize() - w.detach().float()
+
+
+def score_sensitivity(ctx: ScoringContext) -> Scores:
+    """Measured divergence with only block i quantized to 3 bits (RTN, group 32)."""
+    from compress.quantize.distortion import Unit, measure_kl
+
+    units = [Unit(f"block {b.index}", list(b.linears), b.index) for b in ctx.lmap.blocks]
+    spec = CHECK_SPEC if all(weight_matrix(ctx.loaded.module.get_submodule(p)).shape[1] % 32 == 0
+                             for b in ctx.lmap.blocks for p in b.linears) else QuantSpec(3, 0, True)
+    table = measure_kl(ctx, units, [spec])
+    return Scores(blocks={u.block: row[0] for u, row in zip(table.units, table.distortion, strict=True)})
+
+
+@torch.inference_mode()
+def score_hessian(ctx: ScoringContext) -> Scores:
+    """tr(ΔW H ΔWᵀ) per Linear with H from the block's recorded inputs; summed per block and sublayer."""
+    from compress.quantize.gptq import HessianCollector
+
+    model, r = ctx.loaded.module, ctx.runner
+    out = Scores()
+    task = ctx.task("hessian", len(ctx.lmap.blocks))
+    for blk in ctx.lmap.blocks:
+        collectors = {p: HessianCollector(model.get_submodule(p), weight_matrix(model.get_submodule(p)).shape[1])
+                      for p in blk.linears}
+        for batch in r.batches:
+            r.run_block(batch, blk.index, batch.inputs[blk.index])
+        for p, c in collectors.items():
+            H = c.result() / 2.0
+            dw = _error(weight_matrix(model.get_submodule(p))).double()
+            out.linears[p] = float(((dw @ H) * dw).sum())
+        _roll_up(out, blk)
+        ctx.advance(task)
+    return out
+
+
+def score_fisher(ctx: ScoringContext) -> Scores:
+    """Σ g² ΔW² per Linear, g = gradient of the next-token NLL on the calibration windows."""
+    model = ctx.loaded.module
+    if ctx.loaded.kind != "decoder":
+        raise ValueError("fisher needs a language-model loss: decoders only")
+    names = [p for b in ctx.lmap.blocks for p in b.linears]
+    params = {p: weight_matrix(model.get_submodule(p)) for p in names}
+    raw = {p: model.get_submodule(p).weight for p in names}
+    flags = {p: w.requires_grad for p, w in raw.items()}
+    sq = {p: torch.zeros_like(raw[p]) for p in names}
+    task = ctx.task("fisher", len(ctx.windows.input_ids))
+    try:
+        for p in names:
+            raw[p].requires_grad_(True)
+        with torch.enable_grad():
+            for ids, mask in zip(ctx.windows.input_ids, ctx.windows.attention_mask, strict=True):
+                model.zero_grad(set_to_none=True)
+                loss = model(input_ids=ids[None], attention_mask=mask[None], labels=ids[None], use_cache=False).loss
+                loss.backward()
+                for p in names:
+                    sq[p] += raw[p].grad.detach() ** 2
+                ctx.advance(task)
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, f in flags.items():
+            raw[p].requires_grad_(f)
+    out = Scores()
+    n = len(ctx.windows.input_ids)
+    for p in names:
+        g2 = sq[p] / n
+        g2 = g2.t() if type(model.get_submodule(p)).__name__ == "Conv1D" else g2
+        out.linears[p] = float((g2 * _error(params[p]) ** 2).sum())
+    for blk in ctx.lmap.blocks:
+        _roll_up(out, blk)
+    return out
+
+
+def _roll_up(out: Scores, blk) -> None:
+    out.blocks[blk.index] = sum(out.linears[p] for p in blk.linears)
+    for name, sub in blk.sublayers.items():
+        members = [p for p in blk.linears if any(p == s or p.startswith(s + ".") for s in sub.paths)]
+        if members:
+            out.sublayers[(blk.index, name)] = sum(out.linears[p] for p in members)
