@@ -241,6 +241,7 @@ def quantize(
     seq_len: int = SEQ_LEN,
     seed: int = SEED,
     out: Path = typer.Option(None, "--out", help="Artifact directory to write (packed safetensors + compress.json)."),
+    plot: Path = typer.Option(None, "--plot", help="PNG of the bits chosen per unit beside their measured damage."),
     json_out: bool = JSON,
     arch: str = ARCH,
     trust_pickle: bool = TRUST,
@@ -258,6 +259,10 @@ def quantize(
             out=out, arch=arch, trust_pickle=trust_pickle)
         with progress_bar(not json_out) as p:
             result = run_quantize(request, progress=p)
+        if plot is not None:
+            from evals.plots import plot_bits
+
+            plot_bits(result, plot)
         if json_out:
             print_json(result)
             return
@@ -286,6 +291,39 @@ def _print_quantize(result: dict) -> None:
         stdout.print(f"note: {note}")
     if result.get("out"):
         stdout.print(f"wrote {result['out']} ({result['file_bytes']:,} bytes of weights on disk)")
+
+
+@app.command("load")
+def load_(path: Path = typer.Argument(..., help="Artifact directory written by `compress quantize --out`."),
+          json_out: bool = JSON, debug: bool = DEBUG) -> None:
+    """Load an artifact back into torch (packed Linears dequantize on the fly) and summarise it."""
+    from compress.artifact import is_artifact
+    from compress.errors import UserError
+    from compress.models import load_model
+    from evals.metrics import weight_footprint
+
+    def go():
+        if not is_artifact(path):
+            raise UserError(f"{path} is not a compress artifact (no compress.json); write one with "
+                            "`compress quantize --out DIR`")
+        loaded = load_model(str(path))
+        manifest = loaded.extra["manifest"]
+        foot = weight_footprint(loaded.module)
+        by_spec: dict[str, int] = {}
+        for layer in manifest.get("layers", {}).values():
+            by_spec[layer["spec"]] = by_spec.get(layer["spec"], 0) + 1
+        summary = {"path": str(path), "base": manifest.get("base"), "family": loaded.family,
+                   "size_bytes": int(foot["size_bytes"]), "bpw": round(float(foot["bpw"]), 4),
+                   "file_bytes": (path / "model.safetensors").stat().st_size, "layers_by_spec": by_spec,
+                   "metrics": manifest.get("metrics")}
+        if json_out:
+            print_json(summary)
+            return
+        stdout.print(table(f"{path}: {summary['family']} from {summary['base']}", ["field", "value"],
+                           [[k, summary[k]] for k in ("size_bytes", "file_bytes", "bpw")]
+                           + [[f"layers {k}", v] for k, v in by_spec.items()]))
+
+    run_command(go, debug)
 
 
 def main() -> None:

@@ -40,3 +40,54 @@ def plot_importance(report: ImportanceReport, path: Path) -> None:
         fig.savefig(tmp.name, dpi=110)
     plt.close(fig)
     Path(tmp.name).replace(path)
+
+
+def plot_bits(result: dict, path: Path) -> None:
+    """Bits per weight chosen for each unit (bars) beside its measured divergence at each width (lines, log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    units = result["plan"]["meta"].get("units") or {}
+    dist = result.get("distortion") or {}
+    if not units:
+        return
+    names = list(units)
+    bpw = [_label_bpw(units[n]) for n in names]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(names) + 2), 3.6))
+    ax.bar(range(len(names)), bpw, color="#4c72b0", label="chosen bits/weight")
+    ax.set_ylabel("bits per weight")
+    ax.set_xticks(range(len(names)), [n.replace("block ", "") if n.startswith("block") else "emb" for n in names],
+                  fontsize=7)
+    ax.set_xlabel("unit (block index, emb = embedding)")
+    if dist:
+        ax2 = ax.twinx()
+        labels = list(next(iter(dist.values())))
+        for lab in labels:
+            ax2.plot(range(len(names)), [dist[n].get(lab) for n in names], lw=0.8, marker=".", ms=3, label=lab)
+        ax2.set_yscale("log")
+        ax2.set_ylabel("divergence if only this unit is quantized")
+        ax2.legend(fontsize=6, loc="upper right", ncol=2)
+    ax.set_title(f"{result['model']}: bits per unit ({result['plan']['meta'].get('allocator', '')})", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as tmp:
+        fig.savefig(tmp.name, dpi=110)
+    plt.close(fig)
+    Path(tmp.name).replace(path)
+
+
+def _label_bpw(label: str) -> float:
+    """Bits per weight of a spec label such as 'q4g32s' (fp16/fp32 as 16/32), for a wide matrix."""
+    from compress.quantize.spec import QuantSpec
+
+    if label.startswith("fp"):
+        return float(label[2:])
+    import re
+
+    m = re.match(r"q(\d+)g(\d+|ch)([as])(?:-(\w+))?", label)
+    bits, group, sym, method = int(m.group(1)), m.group(2), m.group(3) == "s", m.group(4) or "rtn"
+    return QuantSpec(bits, 0 if group == "ch" else int(group), sym, method).bits_per_weight(4096 if group == "ch"
+                                                                                               else int(group) * 64)

@@ -158,9 +158,22 @@ def test_artifact_reloads_to_the_same_outputs(tmp_path):
     (["--layerwise"], "needs one budget"),
     (["--layerwise", "--avg-bits", "4", "--candidates", "4,9"], "unknown bit width 9"),
     (["--bits", "4", "--layerwise"], "choose one mode"),
+    (["--layerwise", "--avg-bits", "1.0", "--candidates", "4,3"], "below the smallest plan"),
+    (["--layerwise", "--avg-bits", "20", "--candidates", "4,3"], "nothing to allocate"),
+    (["--layerwise", "--avg-bits", "4", "--allocator", "rank"], "pass --scores"),
+    (["--plan", "PLAN_MISSING_MODULE"], "not a quantizable module"),
+    (["--plan", "PLAN_BAD_SCHEMA"], "not a plan"),
+    (["--plan", "PLAN_NOT_JSON"], "not valid JSON"),
 ])
 def test_quantize_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, args, needle):
     monkeypatch.setattr("compress.models.load_model", lambda *a, **k: _tiny_loaded())
+    plans = {"PLAN_MISSING_MODULE": {"rules": {"model.layers.99.mlp.up_proj": {"bits": 4}}},
+             "PLAN_BAD_SCHEMA": {"layers": [4, 4]}, "PLAN_NOT_JSON": None}
+    for i, a in enumerate(args):
+        if a in plans:
+            path = tmp_path / f"{a}.json"
+            path.write_text("{not json" if plans[a] is None else json.dumps(plans[a]))
+            args = [*args[:i], str(path), *args[i + 1:]]
     result = CliRunner().invoke(app, ["quantize", "tiny", *args, "--data", str(_text(tmp_path)),
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output

@@ -85,28 +85,15 @@ def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candid
     if allocator not in ALLOCATORS:
         raise UserError(f"--allocator {allocator}: use one of {', '.join(ALLOCATORS)}")
     model = loaded.module
-    candidates = sorted(candidates, key=lambda c: -c.bits_per_weight(4096))
-    units = units_for(model, lmap, granularity, embeddings)
-    for u in units:
-        for m in u.modules:
-            for c in candidates:
-                c.check_shape(m, weight_matrix(model.get_submodule(m)).shape[1])
-    room = budget.bytes - fixed_bytes(model, lmap, units)
+    candidates, units, sizes, room = plan_inputs(model, lmap, candidates, budget, granularity, embeddings)
     t0 = time.perf_counter()
     table = None
     if allocator == "dp":
         ctx = ScoringContext(loaded, lmap, windows, progress)
         table = measure_kl(ctx, units, candidates)
-        sizes = table.sizes
-        _check_budget(sizes, room, budget)
         picks = solve_dp(table.distortion, sizes, room)
     else:
-        from compress.quantize.distortion import unit_bytes
-
-        sizes = [[unit_bytes(model, u, c) for c in candidates] for u in units]
-        _check_budget(sizes, room, budget)
-        order = _rank_order(units, ranking, rank_by)
-        picks = allocate_by_rank(order, sizes, room)
+        picks = allocate_by_rank(_rank_order(units, ranking, rank_by), sizes, room)
     rules = {m: candidates[c].to_dict() for u, c in zip(units, picks, strict=True) for m in u.modules}
     used = sum(sizes[i][c] for i, c in enumerate(picks)) + (budget.bytes - room)
     meta = {"allocator": allocator, "granularity": granularity, "budget_bytes": budget.bytes,
@@ -118,6 +105,24 @@ def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candid
     if allocator == "rank":
         meta["rank_by"] = rank_by
     return Plan(rules, meta), table
+
+
+def plan_inputs(model, lmap: LayerMap, candidates: list[QuantSpec], budget: Budget, granularity: str = "block",
+                embeddings: bool = True) -> tuple[list[QuantSpec], list[Unit], list[list[int]], int]:
+    """Candidates (largest first), units, their sizes per candidate and the bytes left for them; validates shapes
+    and the budget before anything is measured."""
+    from compress.quantize.distortion import unit_bytes
+
+    candidates = sorted(candidates, key=lambda c: -c.bits_per_weight(4096))
+    units = units_for(model, lmap, granularity, embeddings)
+    for u in units:
+        for m in u.modules:
+            for c in candidates:
+                c.check_shape(m, weight_matrix(model.get_submodule(m)).shape[1])
+    sizes = [[unit_bytes(model, u, c) for c in candidates] for u in units]
+    room = budget.bytes - fixed_bytes(model, lmap, units)
+    _check_budget(sizes, room, budget)
+    return candidates, units, sizes, room
 
 
 def _check_budget(sizes: list[list[int]], room: int, budget: Budget) -> None:

@@ -77,6 +77,12 @@ def _validate(req: QuantizeRequest) -> None:
         parse_candidates(req.candidates, req.group_size, req.symmetric, req.method)
         if (req.avg_bits is None) == (req.max_size is None):
             raise UserError("--layerwise needs one budget: --avg-bits B (e.g. 4.5) or --max-size BYTES")
+    if req.allocator not in ("dp", "rank"):
+        raise UserError(f"--allocator {req.allocator}: use dp or rank")
+    if req.layerwise and req.allocator == "rank" and req.scores is None:
+        raise UserError("--allocator rank orders blocks by a score: pass --scores scores.json from `compress score`")
+    if req.granularity not in ("block", "linear"):
+        raise UserError(f"--granularity {req.granularity}: use block or linear")
     if req.embeddings not in (None, "keep", "quantize"):
         raise UserError(f"--embeddings {req.embeddings}: use keep or quantize")
     if req.data not in (None, "self"):
@@ -95,7 +101,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     from compress.models import layer_map, load_model
     from compress.plan import Plan
     from compress.quantize.apply import quantizable
-    from compress.quantize.pipeline import Budget, layerwise_plan, quantize
+    from compress.quantize.pipeline import Budget, layerwise_plan, plan_inputs, quantize
     from evals.evaluate import evaluate
     from evals.metrics import weight_footprint
 
@@ -119,6 +125,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     else:
         budget = Budget.from_args(loaded.module, req.avg_bits, req.max_size)
         cands = parse_candidates(req.candidates, req.group_size, req.symmetric, req.method)
+        plan_inputs(loaded.module, lmap, cands, budget, req.granularity, req.embeddings != "keep")
         calib = load_windows(req.data, loaded, split="calibration", tokens=req.tokens, seq_len=req.seq_len,
                              seed=req.seed)
         plan, table = layerwise_plan(loaded, lmap, calib, cands, budget, req.allocator, req.granularity,
