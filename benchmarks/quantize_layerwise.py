@@ -38,7 +38,7 @@ def main() -> None:
     from compress.importance.context import ScoringContext
     from compress.models import layer_map, load_model
     from compress.plan import Plan
-    from compress.quantize.allocate import allocate_by_rank, solve_dp
+    from compress.quantize.allocate import allocate_by_rank, solve_dp  # noqa: I001
     from compress.quantize.apply import quantizable
     from compress.quantize.distortion import measure_kl
     from compress.quantize.pipeline import Budget, _rank_order, fixed_bytes, quantize, units_for
@@ -89,19 +89,29 @@ def main() -> None:
     if a.max_size:
         budgets.insert(0, (f"{a.max_size / 1e6:.0f} MB", Budget.from_args(ref.module, None, a.max_size)))
     fixed = fixed_bytes(ref.module, lmap, units)
+    g64 = [i for i, c in enumerate(cands) if c.group_size == 64]
     for label, budget in budgets:
         room = budget.bytes - fixed
-        predicted = {}
         picks = solve_dp(table.distortion, table.sizes, room)
-        predicted["dp"] = sum(table.distortion[u][c] for u, c in enumerate(picks))
-        run(f"{label} layerwise dp", plan_from(picks, "dp"))
+        dp_plan = plan_from(picks, "dp")
+        run(f"{label} layerwise dp, RTN", dp_plan)
+        gptq_rules = {m: {**act, "method": "gptq"} for m, act in dp_plan.rules.items()}
+        run(f"{label} layerwise dp, GPTQ", Plan(gptq_rules, {"label": "dp-gptq"}), calib_w=calib)
+        # The seed's ranking uses two widths around the budget: the g64 widths just above and just below it.
+        bpw = {i: cands[i].bits_per_weight(4096) for i in g64}
+        hi = min((i for i in g64 if bpw[i] > budget.avg_bits), key=lambda i: bpw[i])
+        lo = max((i for i in g64 if bpw[i] < budget.avg_bits), key=lambda i: bpw[i])
+        two = [[table.sizes[u][hi], table.sizes[u][lo]] for u in range(len(units))]
+        two_d = [[table.distortion[u][hi], table.distortion[u][lo]] for u in range(len(units))]
+        pair = f"{cands[hi].label()}/{cands[lo].label()}"
+        dp2 = solve_dp(two_d, two, room)
+        run(f"{label} layerwise dp, RTN, two widths {pair}", plan_from([(hi, lo)[c] for c in dp2], "dp2"))
         for method in ("lim", "zd"):
-            order = _rank_order(units, scores, method)
-            rp = allocate_by_rank(order, table.sizes, room)
-            run(f"{label} rank by {method}", plan_from(rp, f"rank-{method}"))
+            rp = allocate_by_rank(_rank_order(units, scores, method), two, room)
+            run(f"{label} rank by {method}, RTN, two widths {pair}", plan_from([(hi, lo)[c] for c in rp], method))
         if label.endswith("bpw"):
             bits = 4 if label.startswith("4.5") else 3
-            run(f"{label} uniform q{bits}g32s (all matrices)", Plan.uniform(QuantSpec(bits, 32, True), names))
+            run(f"{label} uniform q{bits}g32s RTN (all matrices)", Plan.uniform(QuantSpec(bits, 32, True), names))
     linears = [p for b in lmap.blocks for p in b.linears]
     for method, spec in (("rtn", QuantSpec(4, 32, True)), ("hqq", QuantSpec(4, 32, False, "hqq")),
                          ("rtn-asym", QuantSpec(4, 32, False)), ("gptq", QuantSpec(4, 32, True, "gptq"))):

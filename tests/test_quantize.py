@@ -242,3 +242,22 @@ def test_gptq_pass_quantizes_every_block_in_sequence():
     with torch.inference_mode():
         after = loaded.module(ids).logits
     assert 0 < float((after - before).abs().mean()) < 0.1 * float(before.abs().mean())
+
+
+def test_gptq_quantizes_a_tied_head_from_the_final_hidden_states():
+    from compress.data import Windows
+    from compress.quantize.pipeline import quantize
+
+    loaded = build("llama")
+    model = loaded.module
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    lmap = layer_map(model)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    w = Windows(ids, torch.ones_like(ids), "calibration", "test", 0)
+    emb = model.model.embed_tokens.weight.detach().clone()
+    specs, record = quantize(loaded, lmap, Plan({"_default": {"bits": 4, "method": "gptq"}}), w)
+    assert isinstance(model.lm_head, TiedQuantHead)
+    codes = model.model.embed_tokens.packed.dequantize()
+    assert not torch.equal(codes, quantize_rtn(emb, QuantSpec(4, 32, True)).dequantize())  # GPTQ moved codes
+    assert float((codes - emb).abs().mean()) < 0.2 * float(emb.abs().mean())

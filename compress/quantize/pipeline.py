@@ -197,4 +197,21 @@ def gptq_pass(loaded: LoadedModel, lmap: LayerMap, specs: dict[str, QuantSpec], 
             hidden = [runner.run_block(batch, blk.index, hidden[b]) for b, batch in enumerate(runner.batches)]
             if progress is not None:
                 progress.advance(task)
+        head_name = _gptq_head_target(model, lmap, specs)
+        if head_name is not None:
+            # The LM head (or the embedding tied to it) sees the final normed hidden states of the quantized stack.
+            x = torch.cat([runner.final_hidden(h).reshape(-1, h.shape[-1]) for h in hidden]).double()
+            w = weight_matrix(model.get_submodule(head_name))
+            out[head_name] = gptq_quantize(w, 2.0 * x.T @ x / len(x), specs[head_name])
     return out
+
+
+def _gptq_head_target(model, lmap: LayerMap, specs: dict[str, QuantSpec]) -> str | None:
+    """The module whose weight is the LM head's, if its spec asks for GPTQ: the head, or the embedding tied to it."""
+    for name in (lmap.head, lmap.embeddings):
+        spec = specs.get(name) if name else None
+        if spec is not None and spec.method == "gptq" and not spec.is_float:
+            if name == lmap.embeddings and not is_tied(model, lmap):
+                return None  # an untied embedding is a lookup table: no Hessian, RTN
+            return name
+    return None
