@@ -100,7 +100,7 @@ def score_fisher(ctx: ScoringContext) -> Scores:
 
 def _roll_up(out: Scores, blk) -> None:
     out.blocks[blk.index] = sum(out.linears[p] for p in blk.linears)
-    for name, sub in blk.sublayers.items():
-        members = [p for p in blk.linears if any(p == s or p.startswith(s + ".") for s in sub.paths)]
+    for name in blk.sublayers:
+        members = blk.linears_of(name)
         if members:
             out.sublayers[(blk.index, name)] = sum(out.linears[p] for p in members)

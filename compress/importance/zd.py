@@ -36,8 +36,8 @@ def score(ctx: ScoringContext) -> Scores:
             out.linears[path] = zscore_fraction(w)
             sizes[path] = w.numel()
         out.blocks[blk.index] = _weighted(out.linears, sizes, blk.linears)
-        for name, sub in blk.sublayers.items():
-            members = [p for p in blk.linears if any(p == s or p.startswith(s + ".") for s in sub.paths)]
+        for name in blk.sublayers:
+            members = blk.linears_of(name)
             if members:
                 out.sublayers[(blk.index, name)] = _weighted(out.linears, sizes, members)
         ctx.advance(task)

@@ -80,6 +80,11 @@ class Block:
     norms: list[str]
     params: int
 
+    def linears_of(self, sublayer: str) -> list[str]:
+        """The block's Linear modules that belong to one sublayer (e.g. q/k/v/o for "attn")."""
+        paths = self.sublayers[sublayer].paths
+        return [p for p in self.linears if any(p == s or p.startswith(s + ".") for s in paths)]
+
 
 @dataclass
 class LayerMap:
