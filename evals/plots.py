@@ -33,13 +33,7 @@ def plot_importance(report: ImportanceReport, path: Path) -> None:
         ax.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("block")
     fig.suptitle(f"{report.model}: importance per block ({report.divergence})", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp.name, dpi=110)
-    plt.close(fig)
-    Path(tmp.name).replace(path)
+    _save_png(fig, path)
 
 
 def plot_bits(result: dict, path: Path) -> None:
@@ -70,13 +64,7 @@ def plot_bits(result: dict, path: Path) -> None:
         ax2.set_ylabel("divergence if only this unit is quantized")
         ax2.legend(fontsize=6, loc="upper right", ncol=2)
     ax.set_title(f"{result['model']}: bits per unit ({result['plan']['meta'].get('allocator', '')})", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp.name, dpi=110)
-    plt.close(fig)
-    Path(tmp.name).replace(path)
+    _save_png(fig, path)
 
 
 def _label_bpw(label: str) -> float:
@@ -91,3 +79,16 @@ def _label_bpw(label: str) -> float:
     bits, group, sym, method = int(m.group(1)), m.group(2), m.group(3) == "s", m.group(4) or "rtn"
     return QuantSpec(bits, 0 if group == "ch" else int(group), sym, method).bits_per_weight(4096 if group == "ch"
                                                                                                else int(group) * 64)
+
+
+def _save_png(fig, path: Path) -> None:
+    """Write the figure to a temporary sibling and rename it into place; close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as tmp:
+        fig.savefig(tmp.name, dpi=110)
+    plt.close(fig)
+    Path(tmp.name).replace(path)
