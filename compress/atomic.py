@@ -21,6 +21,8 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     try:
         yield tmp
         tmp.chmod(0o755)
+        for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -37,6 +39,7 @@ def write_text(target: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -91,4 +91,5 @@ def _save_png(fig, path: Path) -> None:
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as tmp:
         fig.savefig(tmp.name, dpi=110)
     plt.close(fig)
+    Path(tmp.name).chmod(0o644)
     Path(tmp.name).replace(path)
