@@ -1,0 +1,50 @@
+"""Wall time and peak RSS of the `make demo` quantization (model already cached), written to BENCHMARKS.md.
+
+    python benchmarks/demo_time.py [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+ARGS = ["quantize", "smollm2-135m", "--layerwise", "--avg-bits", "4.5", "--candidates", "6,5,4,3", "--tokens", "512",
+        "--eval-tokens", "1024"]
+
+
+def main() -> None:
+    from markdown import replace_section
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    exe = str(Path(sys.executable).parent / "compress")
+    walls, rss = [], []
+    for _ in range(a.repeats):
+        out = Path(tempfile.mkdtemp()) / "demo"
+        t0 = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", exe, *ARGS, "--out", str(out), "--json"],
+                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        walls.append(time.perf_counter() - t0)
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-2000:])
+        rss.append(int(proc.stderr.strip().splitlines()[-1]) / 1024)
+    body = (f"Written by `python benchmarks/demo_time.py --repeats {a.repeats}` on {time.strftime('%Y-%m-%d')}.\n\n"
+            f"Command: `compress {' '.join(ARGS)} --out DIR` (SmolLM2 already in the cache; data sampled from the "
+            "model itself).\n\n| runs | wall median (s) | all runs (s) | peak RSS max (MiB) |\n|---|---|---|---|\n"
+            f"| {a.repeats} | {statistics.median(walls):.1f} | {', '.join(f'{w:.1f}' for w in walls)} | "
+            f"{max(rss):.0f} |\n\nTargets (issue 3): ≤ 60 s, ≤ 4 GB RSS.")
+    replace_section(REPO / "BENCHMARKS.md", "Demo quantization time (issue 3)", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
