@@ -71,7 +71,10 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "plan") -> Plan:
-        """Validate and build; UserError naming the problem otherwise."""
+        """Validate and build; UserError naming the problem otherwise. Also reads the `plan` inside the JSON that
+        `compress quantize --show-plan --json` prints, or inside an artifact's compress.json."""
+        if isinstance(d, dict) and "rules" not in d and isinstance(d.get("plan"), dict):
+            d = d["plan"]
         if not isinstance(d, dict) or not isinstance(d.get("rules"), dict):
             raise UserError(f"{source}: not a plan; expected {{\"rules\": {{name | \"re:regex\" | \"_default\": "
                             "{\"bits\": 4, \"group_size\": 32}}}}")

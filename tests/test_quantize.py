@@ -105,6 +105,8 @@ def test_plan_precedence_and_validation():
         Plan({"_default": {"bits": 4, "colour": "red"}})
     with pytest.raises(UserError, match="not a plan"):
         Plan.from_dict({"a": 1})
+    shown = {"model": "m", "plan": {"rules": {"_default": {"bits": 4}}, "meta": {}}}  # `--show-plan --json` output
+    assert Plan.from_dict(shown).spec_for("anything") == QuantSpec(4)
 
 
 def _tiny_quantized(include_embeddings: bool = True):
