@@ -139,11 +139,23 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from markdown import replace_section
 
-    replace_section(a.out or REPO / "BENCHMARKS.md", f"Layer-wise quantization: {a.model} (issue 3)", text)
+    name = Path(a.model).name if Path(a.model).exists() else a.model
+    train_log = Path(a.model) / "train_log.json"
+    if train_log.is_file():
+        t = json.loads(train_log.read_text())
+        text = (f"Float decoder trained by `python benchmarks/train_tiny_lm.py {' '.join(_train_args(t))}`: "
+                f"{t['params']:,} parameters, {t['train_tokens']:,} training tokens, {t['epochs']} epochs, final "
+                f"train loss {t['log'][-1]['loss']} after {t['log'][-1]['seconds']:.0f} s.\n\n") + text
+    replace_section(a.out or REPO / "BENCHMARKS.md", f"Layer-wise quantization: {name} (issue 3)", text)
     raw = REPO / "benchmarks" / "results" / f"quantize-{a.model.replace('/', '_')}.json"
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps({"rows": rows, "table": table.to_dict()}, indent=1))
     print(text)
+
+
+def _train_args(log: dict) -> list[str]:
+    keep = ("steps", "hidden", "layers", "batch", "seq_len", "vocab", "seed")
+    return [f"--{k.replace('_', '-')} {log['args'][k]}" for k in keep if k in log["args"]]
 
 
 if __name__ == "__main__":

@@ -67,14 +67,13 @@ def units_for(model, lmap: LayerMap, granularity: str, embeddings: bool) -> list
 
 
 def fixed_bytes(model, lmap: LayerMap, units: list[Unit]) -> int:
-    """Bytes of weight matrices that no unit covers (left as they are: float)."""
-    covered = {m for u in units for m in u.modules}
-    total = 0
-    for name in quantizable(model, lmap):
-        if name not in covered:
-            w = weight_matrix(model.get_submodule(name))
-            total += w.numel() * w.element_size()
-    return total
+    """Stored bytes of weight matrices that no unit covers (left as they are), as bpw counts them: every
+    ≥2-D weight, e.g. BERT's position embeddings, not only the quantizable modules."""
+    covered = 0
+    for name in {m for u in units for m in u.modules}:
+        w = weight_matrix(model.get_submodule(name))
+        covered += w.numel() * w.element_size()
+    return int(weight_footprint(model)["weight_bytes"]) - covered
 
 
 def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candidates: list[QuantSpec],
