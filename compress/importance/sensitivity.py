@@ -23,18 +23,24 @@ DIRECTION = "higher = more important"
 CHECK_SPEC = QuantSpec(3, 32, True)
 
 
+def _check_spec(cols: int) -> QuantSpec:
+    """3-bit symmetric RTN in groups of 32, or per channel where 32 does not divide the input width."""
+    return CHECK_SPEC if cols % 32 == 0 else QuantSpec(3, 0, True)
+
+
 def _error(w: torch.Tensor) -> torch.Tensor:
-    spec = CHECK_SPEC if w.shape[1] % 32 == 0 else QuantSpec(3, 0, True)
-    return quantize_rtn(w, spec).dequantize() - w.detach().float()
+    return quantize_rtn(w, _check_spec(w.shape[1])).dequantize() - w.detach().float()
 
 
 def score_sensitivity(ctx: ScoringContext) -> Scores:
     """Measured divergence with only block i quantized to 3 bits (RTN, group 32)."""
-    from compress.quantize.distortion import Unit, measure_kl
+    from compress.quantize.distortion import measure_kl
+    from compress.quantize.pipeline import units_for
 
-    units = [Unit(f"block {b.index}", list(b.linears), b.index) for b in ctx.lmap.blocks]
-    spec = CHECK_SPEC if all(weight_matrix(ctx.loaded.module.get_submodule(p)).shape[1] % 32 == 0
-                             for b in ctx.lmap.blocks for p in b.linears) else QuantSpec(3, 0, True)
+    model = ctx.loaded.module
+    units = units_for(model, ctx.lmap, "block", embeddings=False)
+    specs = {_check_spec(weight_matrix(model.get_submodule(m)).shape[1]) for u in units for m in u.modules}
+    spec = CHECK_SPEC if specs == {CHECK_SPEC} else QuantSpec(3, 0, True)  # one spec for all blocks
     table = measure_kl(ctx, units, [spec])
     return Scores(blocks={u.block: row[0] for u, row in zip(table.units, table.distortion, strict=True)})
 

@@ -78,13 +78,17 @@ def fixed_bytes(model, lmap: LayerMap, units: list[Unit]) -> int:
 
 def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candidates: list[QuantSpec],
                    budget: Budget, allocator: str = "dp", granularity: str = "block", embeddings: bool = True,
-                   ranking: ImportanceReport | None = None, rank_by: str = "lim",
-                   progress=None) -> tuple[Plan, DistortionTable | None]:
-    """Choose one candidate per unit under the budget: exact DP on measured divergence, or the seed's ranking."""
+                   ranking: ImportanceReport | None = None, rank_by: str = "lim", progress=None,
+                   inputs: tuple | None = None) -> tuple[Plan, DistortionTable | None]:
+    """Choose one candidate per unit under the budget: exact DP on measured divergence, or the seed's ranking.
+
+    `inputs` is what `plan_inputs` returned for the same arguments, when the caller validated the budget already.
+    """
     if allocator not in ALLOCATORS:
         raise UserError(f"--allocator {allocator}: use one of {', '.join(ALLOCATORS)}")
     model = loaded.module
-    candidates, units, sizes, room = plan_inputs(model, lmap, candidates, budget, granularity, embeddings)
+    inputs = inputs or plan_inputs(model, lmap, candidates, budget, granularity, embeddings)
+    candidates, units, sizes, room = inputs
     t0 = time.perf_counter()
     table = None
     if allocator == "dp":

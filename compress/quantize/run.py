@@ -125,12 +125,12 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     else:
         budget = Budget.from_args(loaded.module, req.avg_bits, req.max_size)
         cands = parse_candidates(req.candidates, req.group_size, req.symmetric, req.method)
-        plan_inputs(loaded.module, lmap, cands, budget, req.granularity, req.embeddings != "keep")
+        inputs = plan_inputs(loaded.module, lmap, cands, budget, req.granularity, req.embeddings != "keep")
         calib = load_windows(req.data, loaded, split="calibration", tokens=req.tokens, seq_len=req.seq_len,
                              seed=req.seed)
         plan, table = layerwise_plan(loaded, lmap, calib, cands, budget, req.allocator, req.granularity,
                                      embeddings=req.embeddings != "keep", ranking=ranking, rank_by=req.rank_by,
-                                     progress=progress)
+                                     progress=progress, inputs=inputs)
         plan.meta["calibration"] = calib.describe()
     result["plan"] = plan.to_dict()
     if table is not None:
