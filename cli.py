@@ -219,9 +219,14 @@ def quantize(
     layerwise: bool = typer.Option(False, "--layerwise", help="Mixed precision: one width per block under a budget."),
     avg_bits: float = typer.Option(None, "--avg-bits", help="Budget in effective bits per weight (e.g. 4.5)."),
     max_size: int = typer.Option(None, "--max-size", help="Budget in bytes of stored weight matrices."),
-    candidates: str = typer.Option("8,6,5,4,3", "--candidates",
+    candidates: str = typer.Option(None, "--candidates",
                                    help="What --layerwise may choose from: bits with optional g<group> and a|s, "
-                                        "e.g. 8g128,6g64,5,4,3a."),
+                                        "e.g. 8g128,6g64,5,4,3a. Default by --target: torch 8,6,5,4,3; ort 8,4,2; "
+                                        "trt 8g0,4; gguf 8,5,4."),
+    target: str = typer.Option("torch", "--target",
+                               help="Runtime the artifact must run on exactly, without requantizing: torch (any) | "
+                                    "ort (2/4/8-bit, power-of-two groups; embeddings 4/8) | trt (symmetric; INT8 per "
+                                    "channel, INT4 block-wise; embeddings float) | gguf (Q4_0, Q5_0, Q8_0)."),
     group_size: int = typer.Option(32, "--group-size", help="Group length along the input axis; 0 = per channel."),
     symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="Signed codes, no zero point (default)."),
     method: str = typer.Option("rtn", "--method", help="rtn (round to nearest) | hqq (data-free, --asymmetric) | "
@@ -253,7 +258,8 @@ def quantize(
     def go():
         request = QuantizeRequest(
             model=model, bits=bits, layerwise=layerwise, avg_bits=avg_bits, max_size=max_size,
-            candidates=candidates, group_size=group_size, symmetric=symmetric, method=method, allocator=allocator,
+            candidates=candidates, target=target, group_size=group_size, symmetric=symmetric, method=method,
+            allocator=allocator,
             granularity=granularity, scores=scores, rank_by=rank_by, embeddings=embeddings, plan_file=plan_file,
             show_plan=show_plan, data=data, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
             out=out, arch=arch, trust_pickle=trust_pickle)

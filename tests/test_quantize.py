@@ -166,6 +166,10 @@ def test_artifact_reloads_to_the_same_outputs(tmp_path):
     (["--plan", "PLAN_MISSING_MODULE"], "not a quantizable module"),
     (["--plan", "PLAN_BAD_SCHEMA"], "not a plan"),
     (["--plan", "PLAN_NOT_JSON"], "not valid JSON"),
+    (["--layerwise", "--avg-bits", "4", "--candidates", "8g0,4a", "--target", "trt"], "needs symmetric"),
+    (["--layerwise", "--avg-bits", "4", "--candidates", "8,3", "--target", "ort"], "2/4/8-bit"),
+    (["--bits", "4", "--group-size", "0", "--target", "ort"], "power-of-two group"),
+    (["--bits", "4", "--target", "tflite"], "use one of torch, ort, trt, gguf"),
 ])
 def test_quantize_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, args, needle):
     monkeypatch.setattr("compress.models.load_model", lambda *a, **k: _tiny_loaded())

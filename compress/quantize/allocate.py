@@ -12,7 +12,8 @@ from compress.errors import UserError
 
 
 def solve_dp(distortion: list[list[float]], sizes: list[list[int]], budget: int, resolution: int = 8192) -> list[int]:
-    """Minimise Σ distortion[u][c_u] s.t. Σ sizes[u][c_u] ≤ budget; returns c_u per unit.
+    """Minimise Σ distortion[u][c_u] s.t. Σ sizes[u][c_u] ≤ budget; returns c_u per unit (an infinite
+    distortion marks a candidate the unit may not take).
 
     Sizes are divided into units of ceil(budget / resolution) bytes, rounded up, so the answer always fits the
     budget; with byte-sized units (small instances) it is the exact optimum.
@@ -21,7 +22,8 @@ def solve_dp(distortion: list[list[float]], sizes: list[list[int]], budget: int,
     unit = max(1, -(-budget // resolution))
     w = [[-(-s // unit) for s in row] for row in sizes]
     cap = budget // unit
-    if sum(min(row) for row in w) > cap:
+    finite = [[s for s, d in zip(ws, ds, strict=True) if d != np.inf] for ws, ds in zip(w, distortion, strict=True)]
+    if sum(min(row) for row in finite) > cap:
         raise UserError(f"budget {budget:,} bytes is below the smallest possible size "
                         f"({sum(min(r) for r in sizes):,} bytes with every unit at its smallest candidate)")
     inf = np.inf
@@ -31,7 +33,7 @@ def solve_dp(distortion: list[list[float]], sizes: list[list[int]], budget: int,
     for u in range(n):
         nxt = np.full(cap + 1, inf)
         for c, (d, s) in enumerate(zip(distortion[u], w[u], strict=True)):
-            if s > cap:
+            if s > cap or d == inf:
                 continue
             cand = np.full(cap + 1, inf)
             cand[s:] = best[: cap + 1 - s] + d
@@ -48,23 +50,26 @@ def solve_dp(distortion: list[list[float]], sizes: list[list[int]], budget: int,
     return picks
 
 
-def allocate_by_rank(order: list[int], sizes: list[list[int]], budget: int) -> list[int]:
-    """The seed's ranking: start every unit at candidate 0 (the largest); lower the least important first.
+def allocate_by_rank(order: list[int], sizes: list[list[int]], budget: int,
+                     allowed: list[list[bool]] | None = None) -> list[int]:
+    """The seed's ranking: start every unit at its largest candidate; lower the least important first.
 
     `order` lists units from least to most important; `sizes[u]` are in candidate order, largest first. Units
-    move one candidate down at a time, least important first, sweeping again at the next level if needed.
+    move one (allowed) candidate down at a time, least important first, sweeping again at the next level if needed.
     """
     n = len(sizes)
-    picks = [0] * n
-    total = sum(sizes[u][0] for u in range(n))
-    levels = max(len(r) for r in sizes)
+    options = [[c for c in range(len(sizes[u])) if allowed is None or allowed[u][c]] for u in range(n)]
+    level = [0] * n
+    total = sum(sizes[u][options[u][0]] for u in range(n))
+    levels = max(len(r) for r in options)
     for _ in range(levels - 1):
         for u in order:
             if total <= budget:
-                return picks
-            if picks[u] + 1 < len(sizes[u]):
-                total += sizes[u][picks[u] + 1] - sizes[u][picks[u]]
-                picks[u] += 1
+                return [options[v][level[v]] for v in range(n)]
+            if level[u] + 1 < len(options[u]):
+                total += sizes[u][options[u][level[u] + 1]] - sizes[u][options[u][level[u]]]
+                level[u] += 1
+    picks = [options[v][level[v]] for v in range(n)]
     if total > budget:
         raise UserError(f"budget {budget:,} bytes cannot be met even with every unit at its smallest candidate")
     return picks

@@ -35,9 +35,10 @@ class DistortionTable:
     data: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        """JSON form."""
+        """JSON form (a candidate the unit may not take has distortion null)."""
+        rows = [[None if d == float("inf") else d for d in row] for row in self.distortion]
         return {"units": [asdict(u) for u in self.units], "candidates": [c.to_dict() for c in self.candidates],
-                "distortion": self.distortion, "sizes": self.sizes, "measure": self.measure, "data": self.data}
+                "distortion": rows, "sizes": self.sizes, "measure": self.measure, "data": self.data}
 
 
 def unit_bytes(model: torch.nn.Module, unit: Unit, spec: QuantSpec) -> int:
@@ -50,16 +51,22 @@ def unit_bytes(model: torch.nn.Module, unit: Unit, spec: QuantSpec) -> int:
 
 
 @torch.inference_mode()
-def measure_kl(ctx: ScoringContext, units: list[Unit], candidates: list[QuantSpec]) -> DistortionTable:
+def measure_kl(ctx: ScoringContext, units: list[Unit], candidates: list[QuantSpec],
+               allowed: list[list[bool]] | None = None) -> DistortionTable:
     """Quantize one unit at a time to each candidate (RTN, fake-quant in place, then restored) and measure the
-    divergence of the model's output from the reference on the calibration windows."""
+    divergence of the model's output from the reference on the calibration windows. Candidates a unit may not
+    take (`allowed[u][c]` false, e.g. for the deployment target) get an infinite distortion, unmeasured."""
     model, r = ctx.loaded.module, ctx.runner
     _ = ctx.reference_probs
-    task = ctx.task("distortion", len(units) * len(candidates))
+    todo = sum(sum(a) for a in allowed) if allowed else len(units) * len(candidates)
+    task = ctx.task("distortion", todo)
     table, sizes = [], []
-    for unit in units:
+    for u, unit in enumerate(units):
         row = []
-        for spec in candidates:
+        for c, spec in enumerate(candidates):
+            if allowed is not None and not allowed[u][c]:
+                row.append(float("inf"))
+                continue
             originals = {n: weight_matrix(model.get_submodule(n)).detach().clone() for n in unit.modules}
             for n, w in originals.items():
                 if not spec.is_float:

@@ -79,7 +79,7 @@ def fixed_bytes(model, lmap: LayerMap, units: list[Unit]) -> int:
 def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candidates: list[QuantSpec],
                    budget: Budget, allocator: str = "dp", granularity: str = "block", embeddings: bool = True,
                    ranking: ImportanceReport | None = None, rank_by: str = "lim", progress=None,
-                   inputs: tuple | None = None) -> tuple[Plan, DistortionTable | None]:
+                   inputs: tuple | None = None, target: str = "torch") -> tuple[Plan, DistortionTable | None]:
     """Choose one candidate per unit under the budget: exact DP on measured divergence, or the seed's ranking.
 
     `inputs` is what `plan_inputs` returned for the same arguments, when the caller validated the budget already.
@@ -87,22 +87,22 @@ def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candid
     if allocator not in ALLOCATORS:
         raise UserError(f"--allocator {allocator}: use one of {', '.join(ALLOCATORS)}")
     model = loaded.module
-    inputs = inputs or plan_inputs(model, lmap, candidates, budget, granularity, embeddings)
-    candidates, units, sizes, room = inputs
+    inputs = inputs or plan_inputs(model, lmap, candidates, budget, granularity, embeddings, target)
+    candidates, units, sizes, room, allowed = inputs
     t0 = time.perf_counter()
     table = None
     if allocator == "dp":
         ctx = ScoringContext(loaded, lmap, windows, progress)
-        table = measure_kl(ctx, units, candidates)
+        table = measure_kl(ctx, units, candidates, allowed)
         picks = solve_dp(table.distortion, sizes, room)
     else:
-        picks = allocate_by_rank(_rank_order(units, ranking, rank_by), sizes, room)
+        picks = allocate_by_rank(_rank_order(units, ranking, rank_by), sizes, room, allowed)
     rules = {m: candidates[c].to_dict() for u, c in zip(units, picks, strict=True) for m in u.modules}
     used = sum(sizes[i][c] for i, c in enumerate(picks)) + (budget.bytes - room)
     meta = {"allocator": allocator, "granularity": granularity, "budget_bytes": budget.bytes,
             "budget_avg_bits": round(budget.avg_bits, 4), "planned_bytes": used,
             "planned_avg_bits": round(used * 8 / budget.weight_params, 4),
-            "candidates": [c.label() for c in candidates], "units": {u.name: candidates[c].label()
+            "candidates": [c.label() for c in candidates], "target": target, "units": {u.name: candidates[c].label()
                                                                      for u, c in zip(units, picks, strict=True)},
             "seconds": round(time.perf_counter() - t0, 2)}
     if allocator == "rank":
@@ -111,25 +111,32 @@ def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candid
 
 
 def plan_inputs(model, lmap: LayerMap, candidates: list[QuantSpec], budget: Budget, granularity: str = "block",
-                embeddings: bool = True) -> tuple[list[QuantSpec], list[Unit], list[list[int]], int]:
-    """Candidates (largest first), units, their sizes per candidate and the bytes left for them; validates shapes
-    and the budget before anything is measured."""
+                embeddings: bool = True, target: str = "torch"):
+    """Candidates (largest first), units, their sizes per candidate, the bytes left for them, and which
+    candidates each unit may take on `target`; validates shapes and the budget before anything is measured."""
     from compress.quantize.distortion import unit_bytes
+    from compress.quantize.targets import EMBEDDING, LINEAR, check_candidates, problem
 
+    check_candidates(candidates, target)
     candidates = sorted(candidates, key=lambda c: -c.bits_per_weight(4096))
     units = units_for(model, lmap, granularity, embeddings)
     for u in units:
         for m in u.modules:
             for c in candidates:
                 c.check_shape(m, weight_matrix(model.get_submodule(m)).shape[1])
+    allowed = [[problem(c, target, LINEAR if u.block is not None or u.name == "head" else EMBEDDING) is None
+                for c in candidates] for u in units]
+    keep = [i for i, a in enumerate(allowed) if any(a)]  # a unit the target can't quantize stays as it is
+    units, allowed = [units[i] for i in keep], [allowed[i] for i in keep]
     sizes = [[unit_bytes(model, u, c) for c in candidates] for u in units]
     room = budget.bytes - fixed_bytes(model, lmap, units)
-    _check_budget(sizes, room, budget)
-    return candidates, units, sizes, room
+    _check_budget(sizes, room, budget, allowed)
+    return candidates, units, sizes, room, allowed
 
 
-def _check_budget(sizes: list[list[int]], room: int, budget: Budget) -> None:
-    lo, hi = sum(min(r) for r in sizes), sum(max(r) for r in sizes)
+def _check_budget(sizes: list[list[int]], room: int, budget: Budget, allowed: list[list[bool]]) -> None:
+    ok = [[s for s, a in zip(row, mask, strict=True) if a] for row, mask in zip(sizes, allowed, strict=True)]
+    lo, hi = sum(min(r) for r in ok), sum(max(r) for r in ok)
     if room < lo:
         raise UserError(f"budget {budget.bytes:,} bytes ({budget.avg_bits:.3f} bpw) is below the smallest plan the "
                         f"candidates allow; raise --avg-bits/--max-size or add a smaller candidate")

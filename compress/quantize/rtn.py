@@ -1,7 +1,9 @@
 """Round-to-nearest group-wise quantization (symmetric and asymmetric) and its exact dequantization.
 
 Symmetric uses llama.cpp's Q4_0 rule generalised to b bits: per group, the scale maps the largest-magnitude
-weight (with its sign) to −2^(b−1), so the full signed range [−2^(b−1), 2^(b−1)−1] is used. Asymmetric maps
+weight (with its sign) to −2^(b−1), so the full signed range [−2^(b−1), 2^(b−1)−1] is used — except at 8 bits,
+which use the narrow range [−127, 127] (scale = absmax / 127) that TensorRT INT8 and GGUF Q8_0 require; at 8 bits
+the lost level costs nothing measurable. Asymmetric maps
 [min, max] onto [0, 2^b − 1] with an integer zero point. Scales are fp16 and codes are computed with the fp16
 scale actually stored, so dequantization reproduces exactly what was evaluated.
 """
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from compress.quantize.spec import QuantSpec
+
+NARROW_8 = 127  # symmetric 8-bit codes span [-127, 127]
 
 
 @dataclass
@@ -32,6 +36,8 @@ class QuantizedWeight:
 def group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (fp16) and integer zero point (float tensor, None if symmetric) of groups along the last axis."""
     if spec.symmetric:
+        if spec.bits == 8:
+            return (w.abs().amax(dim=-1, keepdim=True) / NARROW_8).half(), None
         half = 2 ** (spec.bits - 1)
         idx = w.abs().argmax(dim=-1, keepdim=True)
         return (w.gather(-1, idx) / -half).half(), None
@@ -47,7 +53,8 @@ def codes_for(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, s
     inv = _inverse(scale)
     if zero is None:
         half = 2 ** (spec.bits - 1)
-        return torch.clamp(torch.floor(w * inv + 0.5), -half, half - 1) + half
+        lo, hi = (-NARROW_8, NARROW_8) if spec.bits == 8 else (-half, half - 1)
+        return torch.clamp(torch.floor(w * inv + 0.5), lo, hi) + half
     return torch.clamp(torch.floor(w * inv + 0.5) + zero, 0, 2**spec.bits - 1)
 
 

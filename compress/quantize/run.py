@@ -20,7 +20,8 @@ class QuantizeRequest:
     layerwise: bool = False
     avg_bits: float | None = None
     max_size: int | None = None
-    candidates: str = "8,6,5,4,3"
+    candidates: str | None = None  # None: the target's default menu
+    target: str = "torch"
     group_size: int = 32
     symmetric: bool = True
     method: str = "rtn"
@@ -65,16 +66,33 @@ def parse_candidates(text: str, group_size: int = 32, symmetric: bool = True, me
     return list(dict.fromkeys(specs))
 
 
+def candidates_for(req: QuantizeRequest) -> list[QuantSpec]:
+    """The candidate menu: --candidates, or the --target's default; each checked against the target."""
+    from compress.quantize.targets import DEFAULT_CANDIDATES, check_candidates, check_target
+
+    text = req.candidates or DEFAULT_CANDIDATES[check_target(req.target)]
+    cands = parse_candidates(text, req.group_size, req.symmetric, req.method)
+    check_candidates(cands, req.target)
+    return cands
+
+
 def _validate(req: QuantizeRequest) -> None:
+    from compress.quantize.targets import EMBEDDING, LINEAR, check_target, problem
+
+    check_target(req.target)
     modes = sum([req.bits is not None, req.layerwise, req.plan_file is not None])
     if modes != 1:
         raise UserError("choose one mode: --bits N (uniform), --layerwise with --avg-bits/--max-size, or --plan FILE")
     if req.bits is not None:
-        QuantSpec(req.bits, req.group_size, req.symmetric, req.method)
+        spec = QuantSpec(req.bits, req.group_size, req.symmetric, req.method)
+        roles = [LINEAR] + ([EMBEDDING] if req.embeddings == "quantize" else [])
+        for why in filter(None, (problem(spec, req.target, r) for r in roles)):
+            raise UserError(f"--bits {req.bits} --group-size {req.group_size} ({spec.label()}) cannot run on "
+                            f"--target {req.target}: {why}")
     if req.method == "hqq" and req.symmetric:
         raise UserError("--method hqq optimises a zero point: add --asymmetric")
     if req.layerwise:
-        parse_candidates(req.candidates, req.group_size, req.symmetric, req.method)
+        candidates_for(req)
         if (req.avg_bits is None) == (req.max_size is None):
             raise UserError("--layerwise needs one budget: --avg-bits B (e.g. 4.5) or --max-size BYTES")
     if req.allocator not in ("dp", "rank"):
@@ -102,6 +120,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     from compress.plan import Plan
     from compress.quantize.apply import quantizable
     from compress.quantize.pipeline import Budget, layerwise_plan, plan_inputs, quantize
+    from compress.quantize.targets import check_specs
     from evals.evaluate import evaluate
     from evals.metrics import weight_footprint
 
@@ -124,14 +143,17 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
         plan = Plan.uniform(spec, targets, mode="uniform")
     else:
         budget = Budget.from_args(loaded.module, req.avg_bits, req.max_size)
-        cands = parse_candidates(req.candidates, req.group_size, req.symmetric, req.method)
-        inputs = plan_inputs(loaded.module, lmap, cands, budget, req.granularity, req.embeddings != "keep")
+        cands = candidates_for(req)
+        embeddings = req.embeddings == "quantize" or (req.embeddings is None and req.target != "trt")
+        inputs = plan_inputs(loaded.module, lmap, cands, budget, req.granularity, embeddings, req.target)
         calib = load_windows(req.data, loaded, split="calibration", tokens=req.tokens, seq_len=req.seq_len,
                              seed=req.seed)
         plan, table = layerwise_plan(loaded, lmap, calib, cands, budget, req.allocator, req.granularity,
-                                     embeddings=req.embeddings != "keep", ranking=ranking, rank_by=req.rank_by,
-                                     progress=progress, inputs=inputs)
+                                     embeddings=embeddings, ranking=ranking, rank_by=req.rank_by,
+                                     progress=progress, inputs=inputs, target=req.target)
         plan.meta["calibration"] = calib.describe()
+    check_specs(plan.resolve(names), req.target, {lmap.embeddings} if lmap.embeddings else set())
+    plan.meta["target"] = req.target
     result["plan"] = plan.to_dict()
     if table is not None:
         result["distortion"] = {u.name: {c.label(): d for c, d in zip(table.candidates, row, strict=True)}

@@ -1,0 +1,73 @@
+"""Deployment targets: which quantization specs each runtime executes exactly, so a plan made with `--target`
+exports without requantizing.
+
+- torch: anything the packed format stores (2–8 bits, any group, symmetric or not, any method).
+- ort: ONNX Runtime CPU — MatMulNBits runs 2/4/8-bit codes with power-of-two blocks ≥ 16 (no per-channel);
+  GatherBlockQuantized keeps an embedding at 4 or 8 bits.
+- trt: TensorRT explicit quantization — symmetric only (zero point 0); INT8 per output channel in [-127, 127];
+  INT4 block-wise weight-only DequantizeLinear. Embeddings stay float (no quantized Gather).
+- gguf: tensor types the `gguf` package writes from our codes exactly — Q4_0, Q5_0 (symmetric, blocks of 32)
+  and Q8_0 (symmetric narrow range, blocks of 32).
+"""
+
+from __future__ import annotations
+
+from compress.errors import UserError
+from compress.quantize.spec import QuantSpec
+
+TARGETS = ("torch", "ort", "trt", "gguf")
+DEFAULT_CANDIDATES = {"torch": "8,6,5,4,3", "ort": "8,4,2", "trt": "8g0,4", "gguf": "8,5,4"}
+EMBEDDING = "embedding"
+LINEAR = "linear"
+
+
+def check_target(target: str) -> str:
+    """The target name, or UserError naming the choices."""
+    if target not in TARGETS:
+        raise UserError(f"--target {target}: use one of {', '.join(TARGETS)}")
+    return target
+
+
+def problem(spec: QuantSpec, target: str, role: str = LINEAR) -> str | None:
+    """Why `target` cannot run `spec` for a module of `role` ('linear' or 'embedding'), or None when it can."""
+    if spec.is_float or target == "torch":
+        return None
+    g = spec.group_size
+    if target == "ort":
+        allowed = (4, 8) if role == EMBEDDING else (2, 4, 8)
+        if spec.bits not in allowed:
+            return f"ONNX Runtime runs {'/'.join(map(str, allowed))}-bit {role}s only"
+        if g < 16 or g & (g - 1):
+            return "ONNX Runtime needs a power-of-two group ≥ 16 (not per channel)"
+        return None
+    if target == "trt":
+        if role == EMBEDDING:
+            return "TensorRT keeps embeddings float (use --embeddings keep)"
+        if not spec.symmetric:
+            return "TensorRT needs symmetric quantization (zero point 0)"
+        if spec.bits == 8:
+            return None if g == 0 else "TensorRT runs INT8 weights per output channel only (write 8g0)"
+        if spec.bits == 4:
+            return None if g >= 16 and not g & (g - 1) else "TensorRT INT4 needs a power-of-two block ≥ 16"
+        return "TensorRT runs INT8 (per channel) and INT4 (block-wise) weights only"
+    if target == "gguf":
+        if spec.bits not in (4, 5, 8) or not spec.symmetric or g != 32:
+            return "GGUF types written from our codes are Q4_0, Q5_0, Q8_0: symmetric 4, 5 or 8 bits, group 32"
+        return None
+    raise UserError(f"--target {target}: use one of {', '.join(TARGETS)}")
+
+
+def check_candidates(candidates: list[QuantSpec], target: str) -> None:
+    """UserError naming the first candidate `target` cannot run as a Linear."""
+    for c in candidates:
+        why = problem(c, target, LINEAR)
+        if why:
+            raise UserError(f"candidate {c.label()} cannot run on --target {target}: {why}")
+
+
+def check_specs(specs: dict[str, QuantSpec], target: str, embeddings: set[str]) -> None:
+    """UserError naming the first module whose spec `target` cannot run (plans from --plan or --bits)."""
+    for name, spec in specs.items():
+        why = problem(spec, target, EMBEDDING if name in embeddings else LINEAR)
+        if why:
+            raise UserError(f"{name}: {spec.label()} cannot run on --target {target}: {why}")
