@@ -267,3 +267,22 @@ def test_gptq_quantizes_a_tied_head_from_the_final_hidden_states():
     codes = model.model.embed_tokens.packed.dequantize()
     assert not torch.equal(codes, quantize_rtn(emb, QuantSpec(4, 32, True)).dequantize())  # GPTQ moved codes
     assert float((codes - emb).abs().mean()) < 0.2 * float(emb.abs().mean())
+
+
+def test_fast_measure_keeps_the_anchor_column_and_scales_the_rest_by_error_energy():
+    from compress.data import load_windows
+    from compress.importance.context import ScoringContext
+    from compress.quantize.distortion import measure_kl
+    from compress.quantize.pipeline import units_for
+
+    loaded = _tiny_loaded()
+    lmap = layer_map(loaded.module)
+    windows = load_windows("self", loaded, split="calibration", tokens=64, seq_len=16)
+    units = units_for(loaded.module, lmap, "block", embeddings=True)
+    cands = [QuantSpec(8, 32), QuantSpec(4, 32), QuantSpec(2, 32)]
+    full = measure_kl(ScoringContext(loaded, lmap, windows), units, cands)
+    fast = measure_kl(ScoringContext(loaded, lmap, windows), units, cands, anchor=1)
+    for f, g in zip(full.distortion, fast.distortion, strict=True):
+        assert g[1] == pytest.approx(f[1], rel=1e-6)
+        assert g[0] < g[1] < g[2]  # more bits, less error energy
+    assert "scaled" in fast.measure and fast.sizes == full.sizes

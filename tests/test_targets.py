@@ -24,7 +24,8 @@ from compress.quantize.targets import EMBEDDING, LINEAR, problem
     ("ort", QuantSpec(8, 32), EMBEDDING, True),
     ("trt", QuantSpec(8, 0), LINEAR, True),
     ("trt", QuantSpec(8, 32), LINEAR, False),
-    ("trt", QuantSpec(4, 64), LINEAR, True),
+    ("trt", QuantSpec(4, 64, positive_scale=True), LINEAR, True),
+    ("trt", QuantSpec(4, 64), LINEAR, False),
     ("trt", QuantSpec(4, 64, False), LINEAR, False),
     ("trt", QuantSpec(4, 32), EMBEDDING, False),
     ("gguf", QuantSpec(5, 32), LINEAR, True),
@@ -43,6 +44,24 @@ def test_symmetric_8_bit_uses_the_narrow_range_trt_and_q8_0_need():
     assert signed.min() >= -127 and signed.max() <= 127
     assert (signed.abs().reshape(16, 2, 32).amax(-1) == 127).all()  # the largest magnitude lands on ±127
     torch.testing.assert_close(q.dequantize(), w, atol=float(q.scales.float().max()) / 2 + 1e-6, rtol=0)
+
+
+def test_positive_scale_codes_use_the_range_and_every_scale_is_positive():
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    q = quantize_rtn(w, QuantSpec(4, 32, positive_scale=True))
+    assert (q.scales.float() > 0).all()
+    signed = q.codes.int() - 8
+    assert signed.min() >= -8 and signed.max() <= 7
+    step = q.scales.float().repeat_interleave(32, dim=1)
+    assert ((q.dequantize() - w).abs() <= step / 2 + 1e-6).all()
+    assert QuantSpec(4, 32, positive_scale=True).label() == "q4g32p"
+
+
+def test_trt_turns_symmetric_candidates_into_positive_scale_ones():
+    from compress.quantize.run import candidates_for
+
+    labels = [c.label() for c in candidates_for(QuantizeRequest(model="x", target="trt"))]
+    assert labels == ["q8gchs", "q4g32p"]
 
 
 def test_allocators_never_pick_a_masked_candidate():

@@ -52,41 +52,73 @@ def unit_bytes(model: torch.nn.Module, unit: Unit, spec: QuantSpec) -> int:
 
 @torch.inference_mode()
 def measure_kl(ctx: ScoringContext, units: list[Unit], candidates: list[QuantSpec],
-               allowed: list[list[bool]] | None = None) -> DistortionTable:
+               allowed: list[list[bool]] | None = None, anchor: int | None = None) -> DistortionTable:
     """Quantize one unit at a time to each candidate (RTN, fake-quant in place, then restored) and measure the
     divergence of the model's output from the reference on the calibration windows. Candidates a unit may not
-    take (`allowed[u][c]` false, e.g. for the deployment target) get an infinite distortion, unmeasured."""
-    model, r = ctx.loaded.module, ctx.runner
+    take (`allowed[u][c]` false, e.g. for the deployment target) get an infinite distortion, unmeasured.
+
+    With `anchor` (a candidate index), only that candidate is measured per unit; the others are scaled from it by
+    the ratio of the unit's weight quantization error energy Σ‖Q(W) − W‖² (divergence ∝ error energy for small
+    errors): one measurement per unit instead of one per candidate.
+    """
+    model = ctx.loaded.module
     _ = ctx.reference_probs
-    todo = sum(sum(a) for a in allowed) if allowed else len(units) * len(candidates)
+    allowed = allowed or [[True] * len(candidates) for _ in units]
+    todo = len(units) if anchor is not None else sum(sum(a) for a in allowed)
     task = ctx.task("distortion", todo)
-    table, sizes = [], []
+    table = []
     for u, unit in enumerate(units):
-        row = []
-        for c, spec in enumerate(candidates):
-            if allowed is not None and not allowed[u][c]:
-                row.append(float("inf"))
-                continue
-            originals = {n: weight_matrix(model.get_submodule(n)).detach().clone() for n in unit.modules}
-            for n, w in originals.items():
-                if not spec.is_float:
-                    weight_matrix(model.get_submodule(n)).copy_(quantize_rtn(w, spec).dequantize())
-                elif spec.bits == 16:
-                    weight_matrix(model.get_submodule(n)).copy_(w.half().float())
-            vals = []
-            for b, batch in enumerate(r.batches):
-                if unit.block is not None:
-                    last = r.run_from(batch, unit.block, batch.inputs[unit.block])
-                else:
-                    last = _full_last_hidden(ctx, batch)
-                vals.append(ctx.divergence(b, last))
-            row.append(float(torch.cat(vals).mean()))
-            for n, w in originals.items():
-                weight_matrix(model.get_submodule(n)).copy_(w)
-            ctx.advance(task)
+        options = [c for c in range(len(candidates)) if allowed[u][c]]
+        if anchor is None:
+            measured = {c: _measure_one(ctx, unit, candidates[c], task) for c in options}
+            row = [measured.get(c, float("inf")) for c in range(len(candidates))]
+        else:
+            a = min(options, key=lambda c: abs(c - anchor))
+            d = _measure_one(ctx, unit, candidates[a], task)
+            energy = {c: _error_energy(model, unit, candidates[c]) for c in options}
+            row = [d * energy[c] / energy[a] if c in energy and energy[a] > 0 else (d if c in energy else float("inf"))
+                   for c in range(len(candidates))]
         table.append(row)
-        sizes.append([unit_bytes(model, unit, c) for c in candidates])
-    return DistortionTable(units, candidates, table, sizes, ctx.divergence_name, ctx.windows.describe())
+    sizes = [[unit_bytes(model, unit, c) for c in candidates] for unit in units]
+    measure = ctx.divergence_name + ("" if anchor is None else f" (measured at {candidates[anchor].label()}, "
+                                                               "scaled by weight error energy)")
+    return DistortionTable(units, candidates, table, sizes, measure, ctx.windows.describe())
+
+
+def _measure_one(ctx: ScoringContext, unit: Unit, spec: QuantSpec, task) -> float:
+    """Divergence from the reference with only `unit` quantized to `spec` (weights restored afterwards)."""
+    model, r = ctx.loaded.module, ctx.runner
+    originals = {n: weight_matrix(model.get_submodule(n)).detach().clone() for n in unit.modules}
+    try:
+        for n, w in originals.items():
+            weight_matrix(model.get_submodule(n)).copy_(_fake_quant(w, spec))
+        vals = []
+        for b, batch in enumerate(r.batches):
+            if unit.block is not None:
+                last = r.run_from(batch, unit.block, batch.inputs[unit.block])
+            else:
+                last = _full_last_hidden(ctx, batch)
+            vals.append(ctx.divergence(b, last))
+    finally:
+        for n, w in originals.items():
+            weight_matrix(model.get_submodule(n)).copy_(w)
+    ctx.advance(task)
+    return float(torch.cat(vals).mean())
+
+
+def _fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    if spec.is_float:
+        return w.half().float() if spec.bits == 16 else w
+    return quantize_rtn(w, spec).dequantize()
+
+
+def _error_energy(model: torch.nn.Module, unit: Unit, spec: QuantSpec) -> float:
+    """Σ‖Q(W) − W‖² over the unit's matrices under `spec`."""
+    total = 0.0
+    for n in unit.modules:
+        w = weight_matrix(model.get_submodule(n)).detach().float()
+        total += float(((_fake_quant(w, spec) - w) ** 2).sum())
+    return total
 
 
 def _full_last_hidden(ctx: ScoringContext, batch) -> torch.Tensor:

@@ -19,6 +19,7 @@ from compress.quantize.spec import QuantSpec
 from evals.metrics import weight_footprint
 
 ALLOCATORS = ("dp", "rank")
+MEASURES = ("full", "fast")
 
 
 @dataclass
@@ -79,13 +80,17 @@ def fixed_bytes(model, lmap: LayerMap, units: list[Unit]) -> int:
 def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candidates: list[QuantSpec],
                    budget: Budget, allocator: str = "dp", granularity: str = "block", embeddings: bool = True,
                    ranking: ImportanceReport | None = None, rank_by: str = "lim", progress=None,
-                   inputs: tuple | None = None, target: str = "torch") -> tuple[Plan, DistortionTable | None]:
+                   inputs: tuple | None = None, target: str = "torch",
+                   measure: str = "full") -> tuple[Plan, DistortionTable | None]:
     """Choose one candidate per unit under the budget: exact DP on measured divergence, or the seed's ranking.
 
     `inputs` is what `plan_inputs` returned for the same arguments, when the caller validated the budget already.
+    `measure` 'full' measures every unit × candidate; 'fast' one candidate per unit (see measure_kl's anchor).
     """
     if allocator not in ALLOCATORS:
         raise UserError(f"--allocator {allocator}: use one of {', '.join(ALLOCATORS)}")
+    if measure not in MEASURES:
+        raise UserError(f"--measure {measure}: use one of {', '.join(MEASURES)}")
     model = loaded.module
     inputs = inputs or plan_inputs(model, lmap, candidates, budget, granularity, embeddings, target)
     candidates, units, sizes, room, allowed = inputs
@@ -93,13 +98,15 @@ def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candid
     table = None
     if allocator == "dp":
         ctx = ScoringContext(loaded, lmap, windows, progress)
-        table = measure_kl(ctx, units, candidates, allowed)
+        anchor = anchor_candidate(candidates, budget) if measure == "fast" else None
+        table = measure_kl(ctx, units, candidates, allowed, anchor)
         picks = solve_dp(table.distortion, sizes, room)
     else:
         picks = allocate_by_rank(_rank_order(units, ranking, rank_by), sizes, room, allowed)
     rules = {m: candidates[c].to_dict() for u, c in zip(units, picks, strict=True) for m in u.modules}
     used = sum(sizes[i][c] for i, c in enumerate(picks)) + (budget.bytes - room)
-    meta = {"allocator": allocator, "granularity": granularity, "budget_bytes": budget.bytes,
+    meta = {"allocator": allocator, "granularity": granularity, "measure": measure if allocator == "dp" else None,
+            "budget_bytes": budget.bytes,
             "budget_avg_bits": round(budget.avg_bits, 4), "planned_bytes": used,
             "planned_avg_bits": round(used * 8 / budget.weight_params, 4),
             "candidates": [c.label() for c in candidates], "target": target, "units": {u.name: candidates[c].label()
@@ -108,6 +115,12 @@ def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candid
     if allocator == "rank":
         meta["rank_by"] = rank_by
     return Plan(rules, meta), table
+
+
+def anchor_candidate(candidates: list[QuantSpec], budget: Budget) -> int:
+    """The candidate where the budget's decisions are made: the largest one at or below the average bits."""
+    below = [i for i, c in enumerate(candidates) if c.bits_per_weight(4096) <= budget.avg_bits]
+    return below[0] if below else len(candidates) - 1
 
 
 def plan_inputs(model, lmap: LayerMap, candidates: list[QuantSpec], budget: Budget, granularity: str = "block",

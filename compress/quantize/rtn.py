@@ -1,7 +1,8 @@
 """Round-to-nearest group-wise quantization (symmetric and asymmetric) and its exact dequantization.
 
 Symmetric uses llama.cpp's Q4_0 rule generalised to b bits: per group, the scale maps the largest-magnitude
-weight (with its sign) to −2^(b−1), so the full signed range [−2^(b−1), 2^(b−1)−1] is used — except at 8 bits,
+weight (with its sign) to −2^(b−1), so the full signed range [−2^(b−1), 2^(b−1)−1] is used (`positive_scale`:
+the smallest positive scale that keeps both signs in range, for TensorRT) — except at 8 bits,
 which use the narrow range [−127, 127] (scale = absmax / 127) that TensorRT INT8 and GGUF Q8_0 require; at 8 bits
 the lost level costs nothing measurable. Asymmetric maps
 [min, max] onto [0, 2^b − 1] with an integer zero point. Scales are fp16 and codes are computed with the fp16
@@ -39,6 +40,9 @@ def group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
         if spec.bits == 8:
             return (w.abs().amax(dim=-1, keepdim=True) / NARROW_8).half(), None
         half = 2 ** (spec.bits - 1)
+        if spec.positive_scale:  # the widest side sets the step: positives reach half − 1, negatives −half
+            pos, neg = w.amax(dim=-1, keepdim=True).clamp_min(0), (-w).amax(dim=-1, keepdim=True).clamp_min(0)
+            return torch.maximum(pos / (half - 1), neg / half).half(), None
         idx = w.abs().argmax(dim=-1, keepdim=True)
         return (w.gather(-1, idx) / -half).half(), None
     levels = 2**spec.bits - 1

@@ -26,6 +26,7 @@ class QuantizeRequest:
     symmetric: bool = True
     method: str = "rtn"
     allocator: str = "dp"
+    measure: str = "full"
     granularity: str = "block"
     scores: Path | None = None
     rank_by: str = "lim"
@@ -43,11 +44,12 @@ class QuantizeRequest:
     evaluate: bool = True
 
 
-CANDIDATE = re.compile(r"^(\d+)(?:g(\d+))?([as])?$")
+CANDIDATE = re.compile(r"^(\d+)(?:g(\d+))?([asp])?$")
 
 
 def parse_candidates(text: str, group_size: int = 32, symmetric: bool = True, method: str = "rtn") -> list[QuantSpec]:
-    """'8g128,6,4a' -> specs: bits, optional g<group> (else --group-size), optional a|s (else --symmetric)."""
+    """'8g128,6,4a' -> specs: bits, optional g<group> (else --group-size), optional a|s|p (else --symmetric);
+    p = symmetric with positive scales (TensorRT's rule)."""
     specs = []
     for token in [t.strip() for t in text.split(",") if t.strip()]:
         m = CANDIDATE.match(token)
@@ -59,8 +61,8 @@ def parse_candidates(text: str, group_size: int = 32, symmetric: bool = True, me
             allowed = ", ".join(map(str, BITS))
             raise UserError(f"--candidates {text}: unknown bit width {bits}; use {allowed}")
         group = int(m.group(2)) if m.group(2) else group_size
-        sym = symmetric if not m.group(3) else m.group(3) == "s"
-        specs.append(QuantSpec(bits, group, sym, method))
+        sym = symmetric if not m.group(3) else m.group(3) in "sp"
+        specs.append(QuantSpec(bits, group, sym, method, positive_scale=m.group(3) == "p"))
     if not specs:
         raise UserError("--candidates is empty: give bit widths, e.g. 8,6,5,4,3")
     return list(dict.fromkeys(specs))
@@ -68,12 +70,20 @@ def parse_candidates(text: str, group_size: int = 32, symmetric: bool = True, me
 
 def candidates_for(req: QuantizeRequest) -> list[QuantSpec]:
     """The candidate menu: --candidates, or the --target's default; each checked against the target."""
-    from compress.quantize.targets import DEFAULT_CANDIDATES, check_candidates, check_target
+    from compress.quantize.targets import DEFAULT_CANDIDATES, adapt, check_candidates, check_target
 
     text = req.candidates or DEFAULT_CANDIDATES[check_target(req.target)]
-    cands = parse_candidates(text, req.group_size, req.symmetric, req.method)
+    cands = list(dict.fromkeys(adapt(c, req.target) for c in parse_candidates(text, req.group_size, req.symmetric,
+                                                                            req.method)))
     check_candidates(cands, req.target)
     return cands
+
+
+def uniform_spec(req: QuantizeRequest) -> QuantSpec:
+    """The one spec of `--bits` mode, as the target needs it."""
+    from compress.quantize.targets import adapt
+
+    return adapt(QuantSpec(req.bits, req.group_size, req.symmetric, req.method), req.target)
 
 
 def _validate(req: QuantizeRequest) -> None:
@@ -84,7 +94,7 @@ def _validate(req: QuantizeRequest) -> None:
     if modes != 1:
         raise UserError("choose one mode: --bits N (uniform), --layerwise with --avg-bits/--max-size, or --plan FILE")
     if req.bits is not None:
-        spec = QuantSpec(req.bits, req.group_size, req.symmetric, req.method)
+        spec = uniform_spec(req)
         roles = [LINEAR] + ([EMBEDDING] if req.embeddings == "quantize" else [])
         for why in filter(None, (problem(spec, req.target, r) for r in roles)):
             raise UserError(f"--bits {req.bits} --group-size {req.group_size} ({spec.label()}) cannot run on "
@@ -99,6 +109,8 @@ def _validate(req: QuantizeRequest) -> None:
         raise UserError(f"--allocator {req.allocator}: use dp or rank")
     if req.layerwise and req.allocator == "rank" and req.scores is None:
         raise UserError("--allocator rank orders blocks by a score: pass --scores scores.json from `compress score`")
+    if req.measure not in ("full", "fast"):
+        raise UserError(f"--measure {req.measure}: use full or fast")
     if req.granularity not in ("block", "linear"):
         raise UserError(f"--granularity {req.granularity}: use block or linear")
     if req.embeddings not in (None, "keep", "quantize"):
@@ -138,7 +150,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
         plan = plan_from_file
         plan.resolve(names)
     elif req.bits is not None:
-        spec = QuantSpec(req.bits, req.group_size, req.symmetric, req.method)
+        spec = uniform_spec(req)
         targets = block_linears + ([n for n in names if n not in block_linears] if req.embeddings == "quantize" else [])
         plan = Plan.uniform(spec, targets, mode="uniform")
     else:
@@ -150,7 +162,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
                              seed=req.seed)
         plan, table = layerwise_plan(loaded, lmap, calib, cands, budget, req.allocator, req.granularity,
                                      embeddings=embeddings, ranking=ranking, rank_by=req.rank_by,
-                                     progress=progress, inputs=inputs, target=req.target)
+                                     progress=progress, inputs=inputs, target=req.target, measure=req.measure)
         plan.meta["calibration"] = calib.describe()
     check_specs(plan.resolve(names), req.target, {lmap.embeddings} if lmap.embeddings else set())
     plan.meta["target"] = req.target

@@ -14,12 +14,17 @@ SCALE_BITS = 16  # scales (and float zeros) are stored as fp16
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """Weight-only quantization of one matrix: bits, group along the input axis (0 = whole row), symmetry, method."""
+    """Weight-only quantization of one matrix: bits, group along the input axis (0 = whole row), symmetry, method.
+
+    `positive_scale` (symmetric only) keeps every scale > 0, as TensorRT requires, instead of llama.cpp Q4_0's
+    signed scale that maps the largest-magnitude weight to −2^(b−1) whatever its sign.
+    """
 
     bits: int
     group_size: int = 32
     symmetric: bool = True
     method: str = "rtn"
+    positive_scale: bool = False
 
     def __post_init__(self):
         if self.bits not in BITS + FLOAT_BITS:
@@ -27,6 +32,8 @@ class QuantSpec:
                             "keep a layer in float)")
         if self.group_size < 0:
             raise UserError(f"group size {self.group_size}: use a positive group (32, 64, 128) or 0 for per channel")
+        if self.positive_scale and not self.symmetric:
+            raise UserError("positive_scale applies to symmetric quantization only")
         if self.method not in METHODS:
             raise UserError(f"unknown quantization method '{self.method}': use one of {', '.join(METHODS)}")
 
@@ -74,4 +81,5 @@ class QuantSpec:
         if self.is_float:
             return f"fp{self.bits}"
         g = "ch" if self.group_size == 0 else str(self.group_size)
-        return f"q{self.bits}g{g}{'s' if self.symmetric else 'a'}{'' if self.method == 'rtn' else '-' + self.method}"
+        sym = ("p" if self.positive_scale else "s") if self.symmetric else "a"
+        return f"q{self.bits}g{g}{sym}{'' if self.method == 'rtn' else '-' + self.method}"

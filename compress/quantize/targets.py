@@ -4,13 +4,15 @@ exports without requantizing.
 - torch: anything the packed format stores (2–8 bits, any group, symmetric or not, any method).
 - ort: ONNX Runtime CPU — MatMulNBits runs 2/4/8-bit codes with power-of-two blocks ≥ 16 (no per-channel);
   GatherBlockQuantized keeps an embedding at 4 or 8 bits.
-- trt: TensorRT explicit quantization — symmetric only (zero point 0); INT8 per output channel in [-127, 127];
-  INT4 block-wise weight-only DequantizeLinear. Embeddings stay float (no quantized Gather).
+- trt: TensorRT explicit quantization — symmetric only (zero point 0) with positive scales; INT8 per output
+  channel in [-127, 127]; INT4 block-wise weight-only DequantizeLinear. Embeddings stay float (no quantized Gather).
 - gguf: tensor types the `gguf` package writes from our codes exactly — Q4_0, Q5_0 (symmetric, blocks of 32)
   and Q8_0 (symmetric narrow range, blocks of 32).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from compress.errors import UserError
 from compress.quantize.spec import QuantSpec
@@ -48,6 +50,8 @@ def problem(spec: QuantSpec, target: str, role: str = LINEAR) -> str | None:
         if spec.bits == 8:
             return None if g == 0 else "TensorRT runs INT8 weights per output channel only (write 8g0)"
         if spec.bits == 4:
+            if not spec.positive_scale:
+                return "TensorRT rejects negative scales: use positive-scale symmetric codes (4p)"
             return None if g >= 16 and not g & (g - 1) else "TensorRT INT4 needs a power-of-two block ≥ 16"
         return "TensorRT runs INT8 (per channel) and INT4 (block-wise) weights only"
     if target == "gguf":
@@ -55,6 +59,14 @@ def problem(spec: QuantSpec, target: str, role: str = LINEAR) -> str | None:
             return "GGUF types written from our codes are Q4_0, Q5_0, Q8_0: symmetric 4, 5 or 8 bits, group 32"
         return None
     raise UserError(f"--target {target}: use one of {', '.join(TARGETS)}")
+
+
+def adapt(spec: QuantSpec, target: str) -> QuantSpec:
+    """The spec as `target` needs it where that is only a choice of rule: TensorRT's symmetric codes use positive
+    scales (llama.cpp Q4_0's signed scale cannot be expressed there)."""
+    if target == "trt" and spec.symmetric and not spec.is_float and spec.bits != 8 and not spec.positive_scale:
+        return replace(spec, positive_scale=True)
+    return spec
 
 
 def check_candidates(candidates: list[QuantSpec], target: str) -> None:
