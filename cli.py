@@ -303,6 +303,33 @@ def _print_quantize(result: dict) -> None:
         stdout.print(f"wrote {result['out']} ({result['file_bytes']:,} bytes of weights on disk)")
 
 
+@app.command("check-trt")
+def check_trt_(onnx_file: Path = typer.Argument(..., help="ONNX model (a file, or an export directory with one "
+                                                          "model.onnx)."),
+               lint: bool = typer.Option(None, "--lint/--no-lint",
+                                         help="Also run polygraphy's lint (default: when the trt-tools extra is "
+                                              "installed)."),
+               json_out: bool = JSON, debug: bool = DEBUG) -> None:
+    """Check a graph against TensorRT's explicit-quantization rules and op support; exit 1 on any violation."""
+    from exporters.trt_rules import ROW_HEADER, check_trt
+
+    def go():
+        path = onnx_file / "model.onnx" if onnx_file.is_dir() else onnx_file
+        report = check_trt(path, lint=lint)
+        if json_out:
+            print_json(report.to_dict())
+        else:
+            stdout.print(table(f"TensorRT {report.trt_version} rules: {path} (opset {report.opset})",
+                               ROW_HEADER, report.rows()))
+            verdict = "PASS" if report.passed else "FAIL"
+            stdout.print(f"{verdict}: {len(report.errors)} errors, {len(report.warnings)} warnings; lint: "
+                         f"{report.lint}")
+        return report.passed
+
+    if not run_command(go, debug):
+        raise typer.Exit(1)
+
+
 @app.command("load")
 def load_(path: Path = typer.Argument(..., help="Artifact directory written by `compress quantize --out`."),
           json_out: bool = JSON, debug: bool = DEBUG) -> None:

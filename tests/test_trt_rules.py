@@ -344,3 +344,21 @@ def test_lint_skips_gracefully(monkeypatch, tmp_path):
     onnx.save(int4_block_model(), str(path))
     report = check_trt(path, lint=True)
     assert report.lint.startswith("skipped: model is") and report.passed
+
+
+def test_check_trt_cli_exits_1_on_a_nonzero_zero_point_and_0_on_the_clean_graph(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    good, bad = tmp_path / "good.onnx", tmp_path / "bad.onnx"
+    onnx.save(int8_channel_model(), str(good))
+    onnx.save(int8_channel_model(zp_value=3), str(bad))
+    ok = CliRunner().invoke(app, ["check-trt", str(good), "--no-lint"])
+    assert ok.exit_code == 0, ok.output
+    assert "PASS" in ok.stdout
+    fail = CliRunner().invoke(app, ["check-trt", str(bad), "--no-lint", "--json"])
+    assert fail.exit_code == 1
+    assert any(v["rule"] == "zero-point" for v in json.loads(fail.stdout)["violations"])
+    missing = CliRunner().invoke(app, ["check-trt", str(tmp_path / "none.onnx")])
+    assert missing.exit_code == 2 and len(missing.stderr.strip().splitlines()) == 1
