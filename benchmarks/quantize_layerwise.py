@@ -40,7 +40,7 @@ def main() -> None:
     from compress.plan import Plan
     from compress.quantize.allocate import allocate_by_rank, solve_dp  # noqa: I001
     from compress.quantize.apply import quantizable
-    from compress.quantize.distortion import measure_kl
+    from compress.quantize.distortion import error_energy, measure_kl
     from compress.quantize.pipeline import Budget, _rank_order, fixed_bytes, quantize, units_for
     from compress.quantize.run import parse_candidates
     from compress.quantize.spec import QuantSpec
@@ -89,12 +89,20 @@ def main() -> None:
     if a.max_size:
         budgets.insert(0, (f"{a.max_size / 1e6:.0f} MB", Budget.from_args(ref.module, None, a.max_size)))
     fixed = fixed_bytes(ref.module, lmap, units)
+    energy = [[error_energy(ref.module, u, c) for c in cands] for u in units]
     g64 = [i for i, c in enumerate(cands) if c.group_size == 64]
     for label, budget in budgets:
         room = budget.bytes - fixed
         picks = solve_dp(table.distortion, table.sizes, room)
         dp_plan = plan_from(picks, "dp")
         run(f"{label} layerwise dp, RTN", dp_plan)
+        # --measure fast: only the candidate at/below the budget is measured; the rest scaled by error energy.
+        a_idx = max((i for i in range(len(cands)) if cands[i].bits_per_weight(4096) <= budget.avg_bits),
+                    key=lambda i: cands[i].bits_per_weight(4096))
+        fast = [[row[a_idx] * energy[u][c] / energy[u][a_idx] for c in range(len(cands))]
+                for u, row in enumerate(table.distortion)]
+        run(f"{label} layerwise dp, RTN, --measure fast (at {cands[a_idx].label()})",
+            plan_from(solve_dp(fast, table.sizes, room), "dp-fast"))
         gptq_rules = {m: {**act, "method": "gptq"} for m, act in dp_plan.rules.items()}
         run(f"{label} layerwise dp, GPTQ", Plan(gptq_rules, {"label": "dp-gptq"}), calib_w=calib)
         # The seed's ranking uses two widths around the budget: the g64 widths just above and just below it.

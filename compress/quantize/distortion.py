@@ -75,7 +75,7 @@ def measure_kl(ctx: ScoringContext, units: list[Unit], candidates: list[QuantSpe
         else:
             a = min(options, key=lambda c: abs(c - anchor))
             d = _measure_one(ctx, unit, candidates[a], task)
-            energy = {c: _error_energy(model, unit, candidates[c]) for c in options}
+            energy = {c: error_energy(model, unit, candidates[c]) for c in options}
             row = [d * energy[c] / energy[a] if c in energy and energy[a] > 0 else (d if c in energy else float("inf"))
                    for c in range(len(candidates))]
         table.append(row)
@@ -112,7 +112,7 @@ def _fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return quantize_rtn(w, spec).dequantize()
 
 
-def _error_energy(model: torch.nn.Module, unit: Unit, spec: QuantSpec) -> float:
+def error_energy(model: torch.nn.Module, unit: Unit, spec: QuantSpec) -> float:
     """Σ‖Q(W) − W‖² over the unit's matrices under `spec`."""
     total = 0.0
     for n in unit.modules:
