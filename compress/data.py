@@ -69,6 +69,9 @@ def load_windows(
         raise UserError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
     if tokens <= 0:
         raise UserError(f"--tokens {tokens}: must be a positive number of tokens")
+    if loaded.kind not in ("decoder", "encoder"):
+        raise UserError(f"{loaded.spec} is a {loaded.kind} model: text windows need a language model (this verb "
+                        "does not support image models yet)")
     seq_len = seq_len or default_seq_len(loaded)
     n_windows = max(1, tokens // seq_len)
     if spec is None:

