@@ -303,6 +303,101 @@ def _print_quantize(result: dict) -> None:
         stdout.print(f"wrote {result['out']} ({result['file_bytes']:,} bytes of weights on disk)")
 
 
+@app.command("export")
+def export_(
+    model: str = typer.Argument(..., help="Zoo name, HF dir, or an artifact directory from `compress quantize`."),
+    onnx_out: Path = typer.Option(..., "--onnx", help="Output directory (model.onnx, config, tokenizer, "
+                                                      "validation.json, README.md); complete or absent."),
+    fmt: str = typer.Option("fp32", "--format", help="fp32 | fp16 | int4 (ORT MatMulNBits with the artifact's own "
+                                                     "codes; make it with --target ort) | qdq (TensorRT-style "
+                                                     "DequantizeLinear; make it with --target trt)."),
+    opset: int = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's; qdq raises it to 21)."),
+    do_validate: bool = typer.Option(True, "--validate/--no-validate",
+                                     help="Run the graph in ONNX Runtime against torch; exit 1 when it fails."),
+    requantize: bool = typer.Option(False, "--requantize", help="qdq: requantize layers TensorRT cannot run "
+                                                                "exactly (asymmetric, negative scales) instead of "
+                                                                "refusing; then validated against the original only."),
+    max_kl: float = typer.Option(None, "--max-kl", help="Quantized formats: fail when KL vs the original float "
+                                                        "model exceeds this."),
+    min_top1: float = typer.Option(None, "--min-top1", help="Quantized formats: fail when top-1 agreement with the "
+                                                            "original is below this."),
+    data: str = DATA,
+    tokens: int = typer.Option(512, "--tokens", help="Held-out tokens for validation."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Validation window length."),
+    seed: int = SEED,
+    json_out: bool = JSON,
+    arch: str = ARCH,
+    trust_pickle: bool = TRUST,
+    debug: bool = DEBUG,
+) -> None:
+    """Export to ONNX and validate against the original; a failed validation exits 1 (it never just warns)."""
+    from exporters.run import ExportRequest, run_export
+
+    def go():
+        req = ExportRequest(model=model, out=onnx_out, fmt=fmt, opset=opset, validate=do_validate, data=data,
+                            tokens=tokens, seq_len=seq_len, seed=seed, requantize=requantize, max_kl=max_kl,
+                            min_top1=min_top1, arch=arch, trust_pickle=trust_pickle)
+        with progress_bar(not json_out) as p:
+            result = run_export(req, progress=p)
+        if json_out:
+            print_json(result)
+        else:
+            _print_validation(result.get("validation") or {})
+            verdict = {True: "validated", False: "VALIDATION FAILED", None: "not validated"}[result["passed"]]
+            stdout.print(f"wrote {result['out']} ({result['size_bytes']:,} bytes, export {result['export_seconds']} s"
+                         f", validation {result.get('validation_seconds', '-')} s): {verdict}")
+        return result["passed"] is not False
+
+    if not run_command(go, debug):
+        raise typer.Exit(1)
+
+
+@app.command("validate")
+def validate_(
+    onnx_dir: Path = typer.Argument(..., help="Export directory (or .onnx file) to check."),
+    reference: str = typer.Option(..., "--reference", help="Model the graph must reproduce (zoo name, HF dir or "
+                                                           "artifact directory)."),
+    loose: bool = typer.Option(False, "--quantized", help="The graph is quantized: judge by KL/top-1 only."),
+    max_kl: float = typer.Option(None, "--max-kl", help="Fail when mean KL(reference ‖ graph) exceeds this."),
+    min_top1: float = typer.Option(None, "--min-top1", help="Fail when top-1 agreement is below this."),
+    data: str = DATA,
+    tokens: int = typer.Option(512, "--tokens", help="Held-out tokens."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Window length."),
+    seed: int = SEED,
+    json_out: bool = JSON,
+    debug: bool = DEBUG,
+) -> None:
+    """Run an ONNX graph in ONNX Runtime against a torch reference on held-out inputs; exit 1 when a check fails."""
+    from exporters.run import validation_inputs
+    from exporters.validate import validate
+
+    def go():
+        from compress.artifact import is_artifact, load_artifact
+        from compress.models import load_model
+
+        ref = load_artifact(Path(reference)) if is_artifact(Path(reference)) else load_model(reference)
+        kwargs = {"fmt": "fp32", "elementwise": False} if loose else {}
+        inputs = validation_inputs(ref, data, tokens, seq_len, seed)
+        report = validate(onnx_dir, ref, inputs, kl_max=max_kl, top1_min=min_top1, **kwargs)
+        if json_out:
+            print_json(report.to_dict())
+        else:
+            _print_validation({f"vs {reference}": report.to_dict()})
+            stdout.print(("PASS" if report.passed else "FAIL") + f" ({report.seconds:.1f} s)")
+        return report.passed
+
+    if not run_command(go, debug):
+        raise typer.Exit(1)
+
+
+def _print_validation(reports: dict) -> None:
+    for ref, rep in reports.items():
+        rows = [[c["name"], c["max_abs"], c.get("atol"), c["cosine"], c.get("kl_mean"), c.get("top1"),
+                 "pass" if c["passed"] else "FAIL: " + ", ".join(c["failures"])] for c in rep["checks"]]
+        stdout.print(table(f"validation {ref}", ["check", "max abs", "tolerance", "cosine", "KL mean", "top-1",
+                                                 "result"], rows))
+
+
 @app.command("check-trt")
 def check_trt_(onnx_file: Path = typer.Argument(..., help="ONNX model (a file, or an export directory with one "
                                                           "model.onnx)."),

@@ -16,6 +16,8 @@ from compress.errors import UserError
 
 T = TypeVar("T")
 stderr = Console(stderr=True)
+LEFT = {"path", "name", "sublayer", "description", "kind", "check", "result", "rule", "node", "op", "message",
+        "severity", "unit", "spec", "metric", "reference", "plan", "order"}
 stdout = Console()
 
 
@@ -60,7 +62,7 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     """A rich table with right-aligned numbers."""
     t = Table(title=title, title_justify="left")
     for c in columns:
-        t.add_column(c, justify="left" if c in ("path", "name", "sublayer", "description", "kind") else "right")
+        t.add_column(c, justify="left" if c in LEFT else "right")
     for r in rows:
         t.add_row(*[fmt(v) for v in r])
     return t

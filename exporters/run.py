@@ -1,0 +1,193 @@
+"""`compress export` as a function: load a model or artifact, write the graph, validate it, summarise — atomically.
+
+Float formats (fp32, fp16) are validated against the model they came from. Quantized formats (int4: ONNX Runtime
+MatMulNBits / GatherBlockQuantized; qdq: TensorRT-style DequantizeLinear) carry the artifact's own codes and are
+validated twice: against the artifact's torch model (must match to kernel rounding) and against the original
+float model (KL and top-1, reported, gated only by the user's --max-kl / --min-top1).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from compress.errors import UserError
+
+FORMATS = ("fp32", "fp16", "int4", "qdq")
+QUANTIZED = ("int4", "qdq")
+SUMMARY = "README.md"
+VALIDATION = "validation.json"
+
+
+@dataclass
+class ExportRequest:
+    """Everything `compress export` was asked to do."""
+
+    model: str
+    out: Path
+    fmt: str = "fp32"
+    opset: int | None = None
+    validate: bool = True
+    data: str | None = None
+    tokens: int = 512
+    seq_len: int | None = 256
+    seed: int = 0
+    requantize: bool = False
+    max_kl: float | None = None
+    min_top1: float | None = None
+    arch: str | None = None
+    trust_pickle: bool = False
+
+
+def _check(req: ExportRequest) -> None:
+    from compress.artifact import is_artifact
+
+    if req.fmt not in FORMATS:
+        raise UserError(f"--format {req.fmt}: use one of {', '.join(FORMATS)}")
+    if req.fmt in QUANTIZED and not is_artifact(Path(req.model)):
+        hint = "--target ort" if req.fmt == "int4" else "--target trt"
+        raise UserError(f"--format {req.fmt} exports a quantized artifact's own codes: pass a directory written by "
+                        f"`compress quantize ... {hint} --out DIR` (got {req.model})")
+    if req.opset is not None and not 14 <= req.opset <= 23:
+        raise UserError(f"--opset {req.opset}: use an opset from 14 to 23")
+    if Path(req.out).exists() and not Path(req.out).is_dir():
+        raise UserError(f"--onnx {req.out}: exists and is not a directory")
+    if req.data not in (None, "self"):
+        from compress.data import resolve_text_files
+
+        resolve_text_files(req.data)
+
+
+def run_export(req: ExportRequest, progress=None) -> dict:
+    """Export, validate and write OUT (complete or absent); returns the summary (also in OUT/README.md)."""
+    from compress.artifact import is_artifact, load_artifact
+    from compress.atomic import atomic_dir
+    from compress.models import load_model
+
+    _check(req)
+    artifact = is_artifact(Path(req.model))
+    loaded = load_artifact(Path(req.model)) if artifact else load_model(req.model, arch=req.arch,
+                                                                           trust_pickle=req.trust_pickle)
+    result: dict = {"model": req.model, "format": req.fmt, "out": str(req.out)}
+    with atomic_dir(Path(req.out)) as tmp:
+        t0 = time.perf_counter()
+        result["export"] = _export(loaded, tmp, req)
+        result["export_seconds"] = round(time.perf_counter() - t0, 2)
+        if req.validate:
+            t1 = time.perf_counter()
+            result["validation"] = _validate(loaded, tmp, req, artifact, progress)
+            result["validation_seconds"] = round(time.perf_counter() - t1, 2)
+            result["passed"] = all(v["passed"] for v in result["validation"].values())
+        else:
+            result["passed"] = None
+        result["size_bytes"] = sum(f.stat().st_size for f in tmp.glob("model.onnx*"))
+        (tmp / VALIDATION).write_text(json.dumps(result, indent=2) + "\n")
+        (tmp / SUMMARY).write_text(summary_markdown(result))
+    return result
+
+
+def _export(loaded, tmp: Path, req: ExportRequest) -> dict:
+    """Write OUT/model.onnx (+ config/tokenizer); quantized formats rewrite the float graph of the dequantized
+    artifact with its own codes."""
+    from exporters.onnx import export_float
+
+    if req.fmt not in QUANTIZED:
+        return export_float(loaded, tmp, req.fmt, req.opset).to_dict()
+    from exporters.ort_quant import dequantized_copy
+
+    staging = tmp / ".float"
+    res = export_float(dequantized_copy(loaded), staging, "fp32", req.opset)
+    if req.fmt == "int4":
+        from exporters.ort_quant import to_matmulnbits
+
+        record = to_matmulnbits(res.onnx_path, loaded, tmp / "model.onnx")
+    else:
+        from exporters.qdq import to_qdq
+
+        record = to_qdq(res.onnx_path, loaded, tmp / "model.onnx", requantize=req.requantize)
+    for f in staging.iterdir():  # config, tokenizer: everything but the float graph
+        if not f.name.startswith("model.onnx") and f.name != "export.json":
+            shutil.move(str(f), tmp / f.name)
+    shutil.rmtree(staging)
+    meta = {**res.to_dict(), "fmt": req.fmt, "opset": record.opset or res.opset, "rewrite": record.to_dict()}
+    (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _validate(loaded, tmp: Path, req: ExportRequest, artifact: bool, progress) -> dict:
+    """One report per reference: the model itself (float formats) or the artifact and the original (quantized)."""
+    from exporters.validate import validate
+
+    inputs = validation_inputs(loaded, req.data, req.tokens, req.seq_len, req.seed)
+    graph = tmp / "model.onnx"
+    if req.fmt not in QUANTIZED:
+        reports = {"vs source" + (" (dequantized artifact)" if artifact else ""): validate(graph, loaded, inputs,
+                                                                                           fmt=req.fmt)}
+    else:
+        from compress.models import load_model
+
+        own = validate(graph, loaded, inputs, fmt=req.fmt)
+        base = loaded.extra.get("manifest", {}).get("base")
+        reports = {"vs artifact (kernel rounding)": own}
+        if base:
+            original = load_model(base)
+            reports["vs original float"] = validate(
+                graph, original, inputs, fmt="fp32", elementwise=False,
+                kl_max=req.max_kl if req.max_kl is not None else float("inf"),
+                top1_min=req.min_top1 if req.min_top1 is not None else 0.0)
+    return {k: _finite(v.to_dict()) for k, v in reports.items()}
+
+
+def _finite(obj):
+    """JSON has no infinity: an unbounded threshold is written as null."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return None if isinstance(obj, float) and obj in (float("inf"), float("-inf")) else obj
+
+
+def validation_inputs(loaded, data: str | None, tokens: int = 512, seq_len: int | None = 256, seed: int = 0):
+    """Held-out windows for language models (evaluation split); seeded random images for image models."""
+    if loaded.kind == "cnn":
+        from exporters.validate import random_images
+
+        return random_images(4, seed=seed)
+    from compress.data import load_windows
+
+    return load_windows(data, loaded, split="evaluation", tokens=tokens, seq_len=seq_len, seed=seed)
+
+
+def summary_markdown(result: dict) -> str:
+    """A model-card-like summary: what was exported, how it was validated, the numbers."""
+    exp = result["export"]
+    lines = [f"# {Path(str(result['model'])).name} — ONNX ({result['format']})", "",
+             f"Exported by `compress export` from `{result['model']}` in {result['export_seconds']} s: task "
+             f"`{exp.get('task')}`, opset {exp.get('opset')}, {result['size_bytes']:,} bytes of graph.", ""]
+    rw = exp.get("rewrite")
+    if rw:
+        lines += [f"Quantized layers carry the artifact's own codes ({rw['kind']}): {len(rw['layers'])} layers, "
+                  f"bits {rw['bits']}; weight bytes {rw['weight_bytes_before']:,} → {rw['weight_bytes_after']:,}."]
+        lines += [f"- {n}" for n in rw.get("notes", [])] + [""]
+    if result.get("validation") is None:
+        lines.append("Not validated (--no-validate).")
+        return "\n".join(lines) + "\n"
+    verdict = "PASSED" if result["passed"] else "FAILED"
+    lines += [f"Validation {verdict} in {result['validation_seconds']} s (ONNX Runtime CPU vs torch):", "",
+              "| reference | check | max abs diff | tolerance | cosine | KL mean | top-1 | pass |",
+              "|---|---|---|---|---|---|---|---|"]
+    for ref, rep in result["validation"].items():
+        for c in rep["checks"]:
+            lines.append(f"| {ref} | {c['name']} | {_f(c.get('max_abs'))} | {_f(c.get('atol'))} | "
+                         f"{_f(c.get('cosine'))} | {_f(c.get('kl_mean'))} | {_f(c.get('top1'))} | "
+                         f"{'yes' if c.get('passed') else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _f(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,58 @@
+"""`compress export` / `compress validate` on a tiny decoder: complete dirs, exit codes 0 / 1 / 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models import build
+from typer.testing import CliRunner
+
+from cli import app
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setattr("compress.models.load_model", lambda *a, **k: build("llama"))
+
+
+def test_export_writes_graph_validation_and_summary(tmp_path, tiny):
+    out = tmp_path / "onnx"
+    r = CliRunner().invoke(app, ["export", "tiny", "--onnx", str(out), "--data", "self", "--tokens", "64",
+                                 "--seq-len", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["passed"] is True
+    assert {"model.onnx", "export.json", "validation.json", "README.md", "config.json"} <= {p.name for p in
+                                                                                         out.iterdir()}
+    assert "PASSED" in (out / "README.md").read_text()
+    checks = result["validation"]["vs source"]["checks"]
+    assert any(c["name"].startswith("decode") for c in checks)
+
+
+def test_a_validation_failure_exits_1(tmp_path, tiny, monkeypatch):
+    from dataclasses import replace
+
+    import exporters.validate as v
+
+    monkeypatch.setitem(v.DEFAULT_TOLERANCE, "fp32", replace(v.DEFAULT_TOLERANCE["fp32"], rel_tol=-1.0))
+    r = CliRunner().invoke(app, ["export", "tiny", "--onnx", str(tmp_path / "o"), "--data", "self", "--tokens", "32",
+                                 "--seq-len", "16"])
+    assert r.exit_code == 1, r.output
+    assert "VALIDATION FAILED" in r.stdout
+    r = CliRunner().invoke(app, ["validate", str(tmp_path / "o"), "--reference", "tiny", "--data", "self",
+                                 "--tokens", "32", "--seq-len", "16"])
+    assert r.exit_code == 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--format", "int3"], "use one of fp32, fp16, int4, qdq"),
+    (["--format", "int4"], "--target ort"),
+    (["--format", "qdq"], "--target trt"),
+    (["--opset", "7"], "--opset 7"),
+])
+def test_bad_export_input_exits_2_and_writes_nothing(tmp_path, tiny, args, needle):
+    r = CliRunner().invoke(app, ["export", "tiny", "--onnx", str(tmp_path / "o"), *args])
+    assert r.exit_code == 2, r.output
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
