@@ -237,6 +237,10 @@ def quantize(
                                 help="dp's distortion table: full = measure KL for every unit × candidate; fast = "
                                      "measure each unit once (at the candidate nearest the budget) and scale the "
                                      "others by weight error energy (~4× fewer measurements)."),
+    backend: str = typer.Option("packed", "--backend",
+                                help="packed: our packed codes (any width, reloadable with `compress load`); bnb: "
+                                     "bitsandbytes modules for PyTorch (8-bit -> Linear8bitLt, 4-bit -> Linear4bit "
+                                     "nf4; other widths stay float; bnb quantizes by itself)."),
     granularity: str = typer.Option("block", "--granularity", help="block | linear: what shares one width."),
     scores: Path = typer.Option(None, "--scores", help="ImportanceReport JSON for --allocator rank."),
     rank_by: str = typer.Option("lim", "--rank-by", help="Score that orders layers for --allocator rank."),
@@ -263,7 +267,7 @@ def quantize(
         request = QuantizeRequest(
             model=model, bits=bits, layerwise=layerwise, avg_bits=avg_bits, max_size=max_size,
             candidates=candidates, target=target, group_size=group_size, symmetric=symmetric, method=method,
-            allocator=allocator, measure=measure,
+            allocator=allocator, measure=measure, backend=backend,
             granularity=granularity, scores=scores, rank_by=rank_by, embeddings=embeddings, plan_file=plan_file,
             show_plan=show_plan, data=data, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
             out=out, arch=arch, trust_pickle=trust_pickle)

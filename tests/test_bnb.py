@@ -149,3 +149,20 @@ def test_mixed_widths_have_no_transformers_config():
     rec = to_bitsandbytes(loaded.module, {lin[0]: QuantSpec(8), lin[1]: QuantSpec(4)})
     with pytest.raises(UserError, match="one width"):
         hf_quantization_config(loaded.module, rec)
+
+
+def test_quantize_backend_bnb_maps_the_plan_and_saves_a_transformers_checkpoint(tmp_path, monkeypatch):
+    import json as _json
+
+    from tiny_models import build
+
+    from compress.errors import UserError
+    from compress.quantize.run import QuantizeRequest, run_quantize
+
+    monkeypatch.setattr("compress.models.load_model", lambda *a, **k: build("llama"))
+    result = run_quantize(QuantizeRequest(model="tiny", bits=4, backend="bnb", evaluate=False, out=tmp_path / "b"))
+    assert result["backend"] == "bnb" and result["bnb"]["bits"]
+    config = _json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["quantization_config"]["load_in_4bit"] is True
+    with pytest.raises(UserError, match="runs in PyTorch only"):
+        run_quantize(QuantizeRequest(model="tiny", bits=4, backend="bnb", target="ort"))

@@ -27,6 +27,7 @@ class QuantizeRequest:
     method: str = "rtn"
     allocator: str = "dp"
     measure: str = "full"
+    backend: str = "packed"
     granularity: str = "block"
     scores: Path | None = None
     rank_by: str = "lim"
@@ -109,6 +110,10 @@ def _validate(req: QuantizeRequest) -> None:
         raise UserError(f"--allocator {req.allocator}: use dp or rank")
     if req.layerwise and req.allocator == "rank" and req.scores is None:
         raise UserError("--allocator rank orders blocks by a score: pass --scores scores.json from `compress score`")
+    if req.backend not in ("packed", "bnb"):
+        raise UserError(f"--backend {req.backend}: use packed (our codes) or bnb (bitsandbytes modules)")
+    if req.backend == "bnb" and req.target != "torch":
+        raise UserError(f"--backend bnb runs in PyTorch only: drop --target {req.target}")
     if req.measure not in ("full", "fast"):
         raise UserError(f"--measure {req.measure}: use full or fast")
     if req.granularity not in ("block", "linear"):
@@ -173,6 +178,8 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     if req.show_plan:
         result["specs"] = {n: s.label() for n, s in plan.resolve(names).items()}
         return result
+    if req.backend == "bnb":
+        return _finish_bnb(req, loaded, lmap, plan, names, result, t0, progress)
     needs_calib = any(s.method == "gptq" for s in plan.resolve(names).values())
     if needs_calib and calib is None:
         calib = load_windows(req.data, loaded, split="calibration", tokens=req.tokens, seq_len=req.seq_len,
@@ -198,6 +205,50 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
         save_artifact(loaded, specs, Path(req.out), manifest)
         result["out"] = str(req.out)
         result["file_bytes"] = (Path(req.out) / "model.safetensors").stat().st_size
+    return result
+
+
+def _finish_bnb(req: QuantizeRequest, loaded, lmap, plan, names: list[str], result: dict, t0: float,
+                progress) -> dict:
+    """--backend bnb: the plan's 8-bit Linears become Linear8bitLt, 4-bit ones Linear4bit nf4 (bitsandbytes
+    quantizes the float weights itself); evaluated like packed plans; saved with transformers' bnb config."""
+    from compress.atomic import atomic_dir
+    from compress.quantize.bnb import hf_quantization_config, to_bitsandbytes
+    from evals.metrics import weight_footprint
+
+    specs = plan.resolve(names)
+    if req.out is not None:
+        widths = {s.bits for s in specs.values() if not s.is_float}
+        if len(widths) > 1:
+            raise UserError(f"--backend bnb --out: transformers' BitsAndBytesConfig holds one width, the plan mixes "
+                            f"{sorted(widths)}; drop --out (evaluate only) or use the packed backend")
+    record = to_bitsandbytes(loaded.module, specs)
+    result["backend"] = "bnb"
+    result["bnb"] = record.to_dict()
+    result["specs"] = {n: s.label() for n, s in specs.items()}
+    result["notes"] += record.notes
+    foot = weight_footprint(loaded.module)
+    result.update(size_bytes=int(foot["size_bytes"]), bpw=round(float(foot["bpw"]), 4))
+    if req.evaluate:
+        from compress.data import load_windows
+        from compress.models import load_model
+        from evals.evaluate import evaluate
+
+        reference = load_model(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
+        windows = load_windows(req.data, reference, split="evaluation", tokens=req.eval_tokens, seq_len=req.seq_len,
+                               seed=req.seed)
+        result["metrics"] = evaluate(loaded, reference, windows, progress).to_dict()
+    if req.out is not None:
+        loaded.module.config.quantization_config = hf_quantization_config(loaded.module, record)
+        with atomic_dir(Path(req.out)) as tmp:
+            loaded.module.save_pretrained(tmp)
+            if loaded.tokenizer is not None:
+                loaded.tokenizer.save_pretrained(tmp)
+        result["out"] = str(req.out)
+        result["file_bytes"] = sum(f.stat().st_size for f in Path(req.out).glob("*.safetensors"))
+        result["notes"].append("saved as a transformers bitsandbytes checkpoint: load it with "
+                               "AutoModelForCausalLM.from_pretrained(DIR, device_map='cpu', dtype=torch.float32)")
+    result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
 
 
