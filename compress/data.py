@@ -144,6 +144,25 @@ def _cut(ids: list[int], loaded: LoadedModel, seq_len: int) -> list[torch.Tensor
 
 
 @torch.inference_mode()
+def load_split(spec: str | None, loaded: LoadedModel, calibration_tokens: int, evaluation_tokens: int,
+               seq_len: int | None = None, seed: int = 0) -> tuple[Windows, Windows]:
+    """Calibration and evaluation windows together; self-sampling draws both in one batched generation (about
+    half the time of two), rows split between the two, so they never overlap."""
+    if spec not in (None, "self") or not loaded.can_generate:
+        return (load_windows(spec, loaded, split="calibration", tokens=calibration_tokens, seq_len=seq_len,
+                             seed=seed),
+                load_windows(spec, loaded, split="evaluation", tokens=evaluation_tokens, seq_len=seq_len, seed=seed))
+    for t in (calibration_tokens, evaluation_tokens):
+        if t <= 0:
+            raise UserError(f"--tokens {t}: must be a positive number of tokens")
+    seq_len = seq_len or default_seq_len(loaded)
+    n_cal, n_eval = max(1, calibration_tokens // seq_len), max(1, evaluation_tokens // seq_len)
+    ids = sample_self(loaded, n_cal + n_eval, seq_len, seed, batch=min(n_cal + n_eval, 16))
+    cal, ev = ids[:n_cal], ids[n_cal:]
+    return (Windows(cal, torch.ones_like(cal), "calibration", "self", seed),
+            Windows(ev, torch.ones_like(ev), "evaluation", "self", seed))
+
+
 def sample_self(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch: int = 8) -> torch.Tensor:
     """Sample `n` sequences of `seq_len` tokens from the model itself (temperature 1, top-p 0.95), seeded."""
     model, tok = loaded.module, loaded.tokenizer

@@ -393,6 +393,9 @@ def _session(path: Path):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.log_severity_level = 3
+    # ORT fuses DequantizeLinear→MatMul into MatMulNBits with int8 activations by default (~3e-3 relative on
+    # logits); validation wants the graph's own arithmetic, so keep fp32 accumulation.
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors for bad graphs

@@ -81,3 +81,17 @@ def test_comma_separated_specs(corpus):
 
     files = resolve_text_files(f"{corpus / 'doc0.txt'},{corpus / 'doc2.txt'}")
     assert [f.name for f in files] == ["doc0.txt", "doc2.txt"]
+
+
+def test_self_sampled_calibration_and_evaluation_come_from_one_generation_and_differ():
+    from tiny_models import build
+
+    from compress.data import load_split
+
+    loaded = build("llama")
+    cal, ev = load_split("self", loaded, 48, 64, seq_len=16, seed=3)
+    assert cal.input_ids.shape == (3, 16) and ev.input_ids.shape == (4, 16)
+    assert (cal.split, ev.split) == ("calibration", "evaluation")
+    assert not any(torch.equal(a, b) for a in cal.input_ids for b in ev.input_ids)
+    again = load_split("self", loaded, 48, 64, seq_len=16, seed=3)
+    assert torch.equal(again[0].input_ids, cal.input_ids)

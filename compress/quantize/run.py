@@ -131,7 +131,6 @@ def _validate(req: QuantizeRequest) -> None:
 def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     """Plan, quantize, evaluate against the original on held-out windows, and save the artifact."""
     from compress.artifact import save_artifact
-    from compress.data import load_windows
     from compress.importance.report import ImportanceReport
     from compress.models import layer_map, load_model
     from compress.plan import Plan
@@ -151,6 +150,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     block_linears = [p for b in lmap.blocks for p in b.linears]
     result: dict = {"model": req.model, "notes": []}
     table = calib = None
+    data = _Data(req, loaded)
     if plan_from_file is not None:
         plan = plan_from_file
         plan.resolve(names)
@@ -163,8 +163,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
         cands = candidates_for(req)
         embeddings = req.embeddings == "quantize" or (req.embeddings is None and req.target != "trt")
         inputs = plan_inputs(loaded.module, lmap, cands, budget, req.granularity, embeddings, req.target)
-        calib = load_windows(req.data, loaded, split="calibration", tokens=req.tokens, seq_len=req.seq_len,
-                             seed=req.seed)
+        calib = data.calibration()
         plan, table = layerwise_plan(loaded, lmap, calib, cands, budget, req.allocator, req.granularity,
                                      embeddings=embeddings, ranking=ranking, rank_by=req.rank_by,
                                      progress=progress, inputs=inputs, target=req.target, measure=req.measure)
@@ -179,11 +178,10 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
         result["specs"] = {n: s.label() for n, s in plan.resolve(names).items()}
         return result
     if req.backend == "bnb":
-        return _finish_bnb(req, loaded, lmap, plan, names, result, t0, progress)
+        return _finish_bnb(req, loaded, plan, names, result, t0, progress, data)
     needs_calib = any(s.method == "gptq" for s in plan.resolve(names).values())
     if needs_calib and calib is None:
-        calib = load_windows(req.data, loaded, split="calibration", tokens=req.tokens, seq_len=req.seq_len,
-                             seed=req.seed)
+        calib = data.calibration()
     specs, record = quantize(loaded, lmap, plan, calib, progress)
     result["specs"] = record.specs
     result["notes"] += record.notes
@@ -191,9 +189,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     result.update(size_bytes=int(foot["size_bytes"]), bpw=round(float(foot["bpw"]), 4))
     if req.evaluate:
         reference = load_model(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
-        windows = load_windows(req.data, reference, split="evaluation", tokens=req.eval_tokens, seq_len=req.seq_len,
-                               seed=req.seed)
-        result["metrics"] = evaluate(loaded, reference, windows, progress).to_dict()
+        result["metrics"] = evaluate(loaded, reference, data.evaluation(reference), progress).to_dict()
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if req.out is not None:
         manifest = {"plan": plan.to_dict(), "metrics": result.get("metrics"), "notes": record.notes,
@@ -208,8 +204,38 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     return result
 
 
-def _finish_bnb(req: QuantizeRequest, loaded, lmap, plan, names: list[str], result: dict, t0: float,
-                progress) -> dict:
+class _Data:
+    """Calibration and evaluation windows, made on first use; with self-sampling and evaluation both are drawn
+    in one batched generation from the model before it is quantized (the reference has the same weights)."""
+
+    def __init__(self, req: QuantizeRequest, loaded):
+        self.req, self.loaded, self.windows = req, loaded, {}
+
+    def calibration(self):
+        from compress.data import load_split, load_windows
+
+        r = self.req
+        if "calibration" not in self.windows:
+            if r.evaluate and r.data in (None, "self") and self.loaded.can_generate:
+                self.windows["calibration"], self.windows["evaluation"] = load_split(
+                    r.data, self.loaded, r.tokens, r.eval_tokens, r.seq_len, r.seed)
+            else:
+                self.windows["calibration"] = load_windows(r.data, self.loaded, split="calibration", tokens=r.tokens,
+                                                           seq_len=r.seq_len, seed=r.seed)
+        return self.windows["calibration"]
+
+    def evaluation(self, reference):
+        from compress.data import load_windows
+
+        r = self.req
+        if "evaluation" not in self.windows:
+            self.windows["evaluation"] = load_windows(r.data, reference, split="evaluation", tokens=r.eval_tokens,
+                                                      seq_len=r.seq_len, seed=r.seed)
+        return self.windows["evaluation"]
+
+
+def _finish_bnb(req: QuantizeRequest, loaded, plan, names: list[str], result: dict, t0: float, progress,
+                data: _Data) -> dict:
     """--backend bnb: the plan's 8-bit Linears become Linear8bitLt, 4-bit ones Linear4bit nf4 (bitsandbytes
     quantizes the float weights itself); evaluated like packed plans; saved with transformers' bnb config."""
     from compress.atomic import atomic_dir
@@ -230,14 +256,11 @@ def _finish_bnb(req: QuantizeRequest, loaded, lmap, plan, names: list[str], resu
     foot = weight_footprint(loaded.module)
     result.update(size_bytes=int(foot["size_bytes"]), bpw=round(float(foot["bpw"]), 4))
     if req.evaluate:
-        from compress.data import load_windows
         from compress.models import load_model
         from evals.evaluate import evaluate
 
         reference = load_model(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
-        windows = load_windows(req.data, reference, split="evaluation", tokens=req.eval_tokens, seq_len=req.seq_len,
-                               seed=req.seed)
-        result["metrics"] = evaluate(loaded, reference, windows, progress).to_dict()
+        result["metrics"] = evaluate(loaded, reference, data.evaluation(reference), progress).to_dict()
     if req.out is not None:
         loaded.module.config.quantization_config = hf_quantization_config(loaded.module, record)
         with atomic_dir(Path(req.out)) as tmp:
