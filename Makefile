@@ -18,8 +18,8 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/compress models pull smollm2-135m
-	$(BIN)/compress quantize smollm2-135m --layerwise --avg-bits 4.5 --candidates 6,5,4,3 --tokens 512 \
-		--eval-tokens 1024 --out out/smollm2-layerwise-4.5
+	$(BIN)/compress quantize smollm2-135m --layerwise --avg-bits 4.5 --candidates 6,5,4,3 --measure fast --tokens 512 \
+		--eval-tokens 1024 --seq-len 256 --out out/smollm2-layerwise-4.5
 
 test: install
 	$(BIN)/ruff check .
