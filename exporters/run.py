@@ -112,7 +112,8 @@ def _export(loaded, tmp: Path, req: ExportRequest) -> dict:
         if not f.name.startswith("model.onnx") and f.name != "export.json":
             shutil.move(str(f), tmp / f.name)
     shutil.rmtree(staging)
-    meta = {**res.to_dict(), "fmt": req.fmt, "opset": record.opset or res.opset, "rewrite": record.to_dict()}
+    meta = {**res.to_dict(), "fmt": req.fmt, "opset": record.opset or res.opset}
+    meta["extra"] = {**meta.get("extra", {}), "rewrite": record.to_dict()}
     (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -137,7 +138,7 @@ def _validate(loaded, tmp: Path, req: ExportRequest, artifact: bool, progress) -
             reports["vs original float"] = validate(
                 graph, original, inputs, fmt="fp32", elementwise=False,
                 kl_max=req.max_kl if req.max_kl is not None else float("inf"),
-                top1_min=req.min_top1 if req.min_top1 is not None else 0.0)
+                top1_min=req.min_top1 if req.min_top1 is not None else 0.0, cos_min=-1.0)
     return {k: _finite(v.to_dict()) for k, v in reports.items()}
 
 
@@ -167,7 +168,7 @@ def summary_markdown(result: dict) -> str:
     lines = [f"# {Path(str(result['model'])).name} — ONNX ({result['format']})", "",
              f"Exported by `compress export` from `{result['model']}` in {result['export_seconds']} s: task "
              f"`{exp.get('task')}`, opset {exp.get('opset')}, {result['size_bytes']:,} bytes of graph.", ""]
-    rw = exp.get("rewrite")
+    rw = exp.get("extra", {}).get("rewrite")
     if rw:
         lines += [f"Quantized layers carry the artifact's own codes ({rw['kind']}): {len(rw['layers'])} layers, "
                   f"bits {rw['bits']}; weight bytes {rw['weight_bytes_before']:,} → {rw['weight_bytes_after']:,}."]

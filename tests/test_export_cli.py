@@ -56,3 +56,20 @@ def test_bad_export_input_exits_2_and_writes_nothing(tmp_path, tiny, args, needl
     assert r.exit_code == 2, r.output
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("target, fmt", [("ort", "int4"), ("trt", "qdq")])
+def test_quantized_artifact_exports_with_its_own_codes_and_validates_twice(tmp_path, monkeypatch, target, fmt):
+    from compress.quantize.run import QuantizeRequest, run_quantize
+    from exporters.run import ExportRequest, run_export
+
+    monkeypatch.setattr("compress.models.load_model", lambda *a, **k: build("llama"))
+    art = tmp_path / "art"
+    run_quantize(QuantizeRequest(model="tiny", bits=4, target=target, embeddings="quantize" if target == "ort"
+                                 else "keep", evaluate=False, out=art))
+    result = run_export(ExportRequest(model=str(art), out=tmp_path / "onnx", fmt=fmt, data="self", tokens=32,
+                                      seq_len=16))
+    assert result["passed"], result["validation"]
+    assert set(result["validation"]) == {"vs artifact (kernel rounding)", "vs original float"}
+    assert result["export"]["extra"]["rewrite"]["layers"]
+    assert json.loads((tmp_path / "onnx" / "validation.json").read_text())["format"] == fmt
