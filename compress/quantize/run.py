@@ -137,8 +137,6 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     from compress.quantize.apply import quantizable
     from compress.quantize.pipeline import Budget, layerwise_plan, plan_inputs, quantize
     from compress.quantize.targets import check_specs
-    from evals.evaluate import evaluate
-    from evals.metrics import weight_footprint
 
     _validate(req)
     plan_from_file = Plan.load(req.plan_file) if req.plan_file else None
@@ -185,11 +183,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     specs, record = quantize(loaded, lmap, plan, calib, progress)
     result["specs"] = record.specs
     result["notes"] += record.notes
-    foot = weight_footprint(loaded.module)
-    result.update(size_bytes=int(foot["size_bytes"]), bpw=round(float(foot["bpw"]), 4))
-    if req.evaluate:
-        reference = load_model(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
-        result["metrics"] = evaluate(loaded, reference, data.evaluation(reference), progress).to_dict()
+    _measure(req, loaded, result, data, progress)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if req.out is not None:
         manifest = {"plan": plan.to_dict(), "metrics": result.get("metrics"), "notes": record.notes,
@@ -202,6 +196,19 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
         result["out"] = str(req.out)
         result["file_bytes"] = (Path(req.out) / "model.safetensors").stat().st_size
     return result
+
+
+def _measure(req: QuantizeRequest, loaded, result: dict, data: _Data, progress) -> None:
+    """Size and bpw of the quantized model; with evaluation, its metrics against a fresh copy of the original."""
+    from compress.models import load_model
+    from evals.evaluate import evaluate
+    from evals.metrics import weight_footprint
+
+    foot = weight_footprint(loaded.module)
+    result.update(size_bytes=int(foot["size_bytes"]), bpw=round(float(foot["bpw"]), 4))
+    if req.evaluate:
+        reference = load_model(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
+        result["metrics"] = evaluate(loaded, reference, data.evaluation(reference), progress).to_dict()
 
 
 class _Data:
@@ -240,7 +247,6 @@ def _finish_bnb(req: QuantizeRequest, loaded, plan, names: list[str], result: di
     quantizes the float weights itself); evaluated like packed plans; saved with transformers' bnb config."""
     from compress.atomic import atomic_dir
     from compress.quantize.bnb import hf_quantization_config, to_bitsandbytes
-    from evals.metrics import weight_footprint
 
     specs = plan.resolve(names)
     if req.out is not None:
@@ -253,14 +259,7 @@ def _finish_bnb(req: QuantizeRequest, loaded, plan, names: list[str], result: di
     result["bnb"] = record.to_dict()
     result["specs"] = {n: s.label() for n, s in specs.items()}
     result["notes"] += record.notes
-    foot = weight_footprint(loaded.module)
-    result.update(size_bytes=int(foot["size_bytes"]), bpw=round(float(foot["bpw"]), 4))
-    if req.evaluate:
-        from compress.models import load_model
-        from evals.evaluate import evaluate
-
-        reference = load_model(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
-        result["metrics"] = evaluate(loaded, reference, data.evaluation(reference), progress).to_dict()
+    _measure(req, loaded, result, data, progress)
     if req.out is not None:
         loaded.module.config.quantization_config = hf_quantization_config(loaded.module, record)
         with atomic_dir(Path(req.out)) as tmp:
