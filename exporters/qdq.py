@@ -8,7 +8,8 @@ block-wise). Scales are float32 (the fp16 scales, exactly) and strictly positive
 a negative scale has its codes and scale negated (exact unless a 4-bit group holds −8), an all-zero group gets
 scale 1. Everything else (asymmetric, grouped ≥ 5-bit, 8-bit codes at −128, 4-bit Q4_0-rule groups that cannot be
 negated) is refused, or re-quantized symmetric with positive scales from the dequantized weight when `requantize`.
-Embeddings stay float Gathers (TensorRT has no quantized Gather); a tied head is quantized in its MatMul only.
+A quantized embedding is a DequantizeLinear of the same codes (in the [hidden, vocab] layout of the tied head's
+MatMul, stored once) → Transpose → Gather.
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ def to_qdq(model: onnx.ModelProto | str | Path, loaded, out_path: Path | str, re
     """Rewrite the float graph of `loaded`'s dequantized copy with int4/int8 weights → DequantizeLinear → MatMul
     (opset 21, zero points 0); written atomically to `out_path`. `check_ids` fills `record.check` (see
     to_matmulnbits)."""
-    linears = quantized_targets(loaded)[0]
+    linears, gathers0, tied0 = quantized_targets(loaded)
     plans = {n: qdq_plan(n, p) for n, p in linears.items()}
+    plans.update({n: qdq_plan(n, p) for n, p in gathers0.items() if n not in tied0.values()})
     refused = [why for _, why in plans.values() if why]
     if refused and not requantize:
         raise UserError(f"{len(refused)} layer(s) cannot be written as TensorRT Q/DQ exactly: {refused[0]}"
@@ -123,13 +125,21 @@ def to_qdq(model: onnx.ModelProto | str | Path, loaded, out_path: Path | str, re
                                    f" ({packed.spec.label()}{', requantized' if why else ''})")
             record.count_bits(label)
         _rewire(m, names, site, done[name])
+    head_of = {emb: head for head, emb in tied.items()}
+    for site in [s for s in sites if s.node.op_type == "Gather"]:
+        emb = site.module
+        source = head_of.get(emb, emb)
+        if source not in done:
+            kind, why = plans[emb]
+            q, scales, axis, block = (_requantized if why else _exact)(gathers[emb], kind)
+            done[emb] = _add_dq(m, names, emb, q, scales, axis, block, kind)
+            record.count_bits(f"{gathers[emb].spec.bits}→{kind}" + (" (requantized)" if why else ""))
+        _gather_from(m, names, site, done[source][0])
+        record.layers[emb] = f"DequantizeLinear → Transpose → Gather ({gathers[emb].spec.label()})"
+        if emb in head_of:
+            record.shared.append(f"{emb} reads the codes of its tied head {head_of[emb]} (stored once)")
     _drop_dead_nodes(m)
     drop_unused_initializers(m)
-    for n in gathers:
-        record.notes.append(f"{n} stays a float Gather of its dequantized table (TensorRT has no quantized Gather)")
-    for head, emb in tied.items():
-        record.duplicated.append(f"{head} (tied to {emb}) is stored twice: quantized for its MatMul and as the float "
-                                 "embedding table")
     record.weight_bytes_after = weight_bytes(m)
     save_model_atomic(m, out_path)
     record.out_path = str(out_path)
@@ -215,6 +225,17 @@ def _rewire(m, names, site: WeightSite, dq_out: list[str]) -> None:
     else:
         node = helper.make_node("MatMul", [site.node.input[0], dq_out[0]], list(site.node.output), name=name)
     replace_node(m, site.node, [node])
+
+
+def _gather_from(m, names, site: WeightSite, dq_out: str) -> None:
+    """Gather(Transpose(DQ(w))): the dequantized [hidden, vocab] weight read as a [vocab, hidden] table."""
+    t_out = unique_name(names, f"{site.module}.table")
+    transpose = helper.make_node("Transpose", [dq_out], [t_out], perm=[1, 0],
+                                 name=unique_name(names, f"{site.module}/Transpose"))
+    attrs = {a.name: helper.get_attribute_value(a) for a in site.node.attribute}
+    gather = helper.make_node("Gather", [t_out, site.node.input[1]], list(site.node.output),
+                              name=site.node.name or unique_name(names, f"{site.module}/Gather"), **attrs)
+    replace_node(m, site.node, [transpose, gather])
 
 
 def _bump_opset(m: onnx.ModelProto, version: int) -> int:

@@ -65,11 +65,24 @@ def test_quantized_artifact_exports_with_its_own_codes_and_validates_twice(tmp_p
 
     monkeypatch.setattr("compress.models.load_model", lambda *a, **k: build("llama"))
     art = tmp_path / "art"
-    run_quantize(QuantizeRequest(model="tiny", bits=4, target=target, embeddings="quantize" if target == "ort"
-                                 else "keep", evaluate=False, out=art))
+    run_quantize(QuantizeRequest(model="tiny", bits=4, target=target, embeddings="quantize", evaluate=False, out=art))
     result = run_export(ExportRequest(model=str(art), out=tmp_path / "onnx", fmt=fmt, data="self", tokens=32,
                                       seq_len=16))
     assert result["passed"], result["validation"]
     assert set(result["validation"]) == {"vs artifact (kernel rounding)", "vs original float"}
-    assert result["export"]["extra"]["rewrite"]["layers"]
+    rewrite = result["export"]["extra"]["rewrite"]
+    assert rewrite["layers"] and any("embed" in n for n in rewrite["layers"])
     assert json.loads((tmp_path / "onnx" / "validation.json").read_text())["format"] == fmt
+
+
+def test_a_trt_artifact_with_a_quantized_embedding_passes_check_trt(tmp_path, monkeypatch):
+    from compress.quantize.run import QuantizeRequest, run_quantize
+    from exporters.run import ExportRequest, run_export
+    from exporters.trt_rules import check_trt
+
+    monkeypatch.setattr("compress.models.load_model", lambda *a, **k: build("llama"))
+    run_quantize(QuantizeRequest(model="tiny", bits=4, target="trt", embeddings="quantize", evaluate=False,
+                                 out=tmp_path / "art"))
+    run_export(ExportRequest(model=str(tmp_path / "art"), out=tmp_path / "q", fmt="qdq", validate=False))
+    report = check_trt(tmp_path / "q" / "model.onnx", lint=False)
+    assert report.passed, report.rows()

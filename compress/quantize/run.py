@@ -159,7 +159,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     else:
         budget = Budget.from_args(loaded.module, req.avg_bits, req.max_size)
         cands = candidates_for(req)
-        embeddings = req.embeddings == "quantize" or (req.embeddings is None and req.target != "trt")
+        embeddings = req.embeddings != "keep"
         inputs = plan_inputs(loaded.module, lmap, cands, budget, req.granularity, embeddings, req.target)
         calib = data.calibration()
         plan, table = layerwise_plan(loaded, lmap, calib, cands, budget, req.allocator, req.granularity,

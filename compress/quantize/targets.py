@@ -5,7 +5,8 @@ exports without requantizing.
 - ort: ONNX Runtime CPU — MatMulNBits runs 2/4/8-bit codes with power-of-two blocks ≥ 16 (no per-channel);
   GatherBlockQuantized keeps an embedding at 4 or 8 bits.
 - trt: TensorRT explicit quantization — symmetric only (zero point 0) with positive scales; INT8 per output
-  channel in [-127, 127]; INT4 block-wise weight-only DequantizeLinear. Embeddings stay float (no quantized Gather).
+  channel in [-127, 127]; INT4 block-wise weight-only DequantizeLinear. An embedding follows the same rules (its
+  DequantizeLinear feeds the tied head's MatMul and, transposed, the Gather).
 - gguf: tensor types the `gguf` package writes from our codes exactly — Q4_0, Q5_0 (symmetric, blocks of 32)
   and Q8_0 (symmetric narrow range, blocks of 32).
 """
@@ -43,8 +44,6 @@ def problem(spec: QuantSpec, target: str, role: str = LINEAR) -> str | None:
             return "ONNX Runtime needs a power-of-two group ≥ 16 (not per channel)"
         return None
     if target == "trt":
-        if role == EMBEDDING:
-            return "TensorRT keeps embeddings float (use --embeddings keep)"
         if not spec.symmetric:
             return "TensorRT needs symmetric quantization (zero point 0)"
         if spec.bits == 8:
