@@ -163,6 +163,23 @@ def load_split(spec: str | None, loaded: LoadedModel, calibration_tokens: int, e
             Windows(ev, torch.ones_like(ev), "evaluation", "self", seed))
 
 
+@torch.inference_mode()
+def _sample_batch(model, bos: int, b: int, seq_len: int, gen: torch.Generator, top_p: float = 0.95) -> torch.Tensor:
+    """Nucleus sampling with the KV cache, written out: a plain loop is about twice as fast on CPU as
+    `generate`, whose per-step bookkeeping dominates at batch sizes this small."""
+    ids = torch.full((b, 1), bos, dtype=torch.long)
+    out = model(input_ids=ids, use_cache=True)
+    tokens = [ids]
+    for _ in range(seq_len - 1):
+        probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
+        p_sorted, order = probs.sort(dim=-1, descending=True)
+        p_sorted = p_sorted * ((p_sorted.cumsum(-1) - p_sorted) < top_p)  # the nucleus: mass before < top_p
+        nxt = order.gather(-1, torch.multinomial(p_sorted, 1, generator=gen))
+        tokens.append(nxt)
+        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(tokens, dim=1)
+
+
 def sample_self(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch: int = 8) -> torch.Tensor:
     """Sample `n` sequences of `seq_len` tokens from the model itself (temperature 1, top-p 0.95), seeded."""
     model, tok = loaded.module, loaded.tokenizer
@@ -171,14 +188,6 @@ def sample_self(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch: int
         bos = getattr(model.config, "bos_token_id", None)
     if bos is None:
         raise UserError(f"--data self: {loaded.spec} has no BOS token to start sampling from; pass --data")
-    torch.manual_seed(seed)
-    out = []
-    for start in range(0, n, batch):
-        b = min(batch, n - start)
-        prompt = torch.full((b, 1), bos, dtype=torch.long)
-        gen = model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
-            max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=bos,
-        )
-        out.append(gen[:, :seq_len])
+    gen = torch.Generator().manual_seed(seed)
+    out = [_sample_batch(model, bos, min(batch, n - start), seq_len, gen) for start in range(0, n, batch)]
     return torch.cat(out)
