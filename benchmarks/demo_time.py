@@ -38,6 +38,7 @@ def main() -> None:
     a = ap.parse_args()
     exe = str(Path(sys.executable).parent / "compress")
     walls, rss, kls = [], [], []
+    load = os.getloadavg()
     for _ in range(a.repeats):
         out = Path(tempfile.mkdtemp()) / "demo"
         t0 = time.perf_counter()
@@ -54,7 +55,8 @@ def main() -> None:
             "held-out) |\n"
             "|---|---|---|---|---|\n"
             f"| {a.repeats} | {statistics.median(walls):.1f} | {', '.join(f'{w:.1f}' for w in walls)} | "
-            f"{max(rss):.0f} | {statistics.median(kls):.4f} |\n\nTargets (issue 3): ≤ 60 s, ≤ 4 GB RSS.")
+            f"{max(rss):.0f} | {statistics.median(kls):.4f} |\n\nTargets (issue 3): ≤ 60 s, ≤ 4 GB RSS. Load average "
+            f"(1 min) before / after: {load[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
     replace_section(REPO / "BENCHMARKS.md", "Demo quantization time (issue 3)", body)
     print(body)
 
