@@ -307,6 +307,65 @@ def _print_quantize(result: dict) -> None:
         stdout.print(f"wrote {result['out']} ({result['file_bytes']:,} bytes of weights on disk)")
 
 
+@app.command()
+def prune(
+    model: str = MODEL,
+    blocks: str = typer.Option(None, "--blocks", help="Remove N whole blocks, or P% of them (rounded half up); the "
+                                                      "result is a plain smaller transformers model."),
+    sublayers: str = typer.Option(None, "--sublayers", help="FinerCut: remove N (or P%) attention/FFN sublayers, "
+                                                            "greedily by KL of the output; reload with `compress "
+                                                            "load`."),
+    method: str = typer.Option(None, "--method", help="--blocks: bi (one-shot Block Influence) | ablation (one-shot "
+                                                      "skip KL) | greedy (re-measured after each removal; default)."),
+    data: str = DATA,
+    tokens: int = typer.Option(None, "--tokens", help="Calibration tokens for choosing (default 2048 for --blocks, "
+                                                      "1024 for --sublayers: FinerCut measures candidates × "
+                                                      "removals)."),
+    eval_tokens: int = typer.Option(2048, "--eval-tokens", help="Held-out tokens for the before/after metrics."),
+    seq_len: int = SEQ_LEN,
+    seed: int = SEED,
+    out: Path = typer.Option(None, "--out", help="Directory to write (complete or absent)."),
+    plot: Path = typer.Option(None, "--plot", help="PNG of what went: type × depth grid, numbered by step."),
+    json_out: bool = JSON,
+    arch: str = ARCH,
+    trust_pickle: bool = TRUST,
+    debug: bool = DEBUG,
+) -> None:
+    """Remove whole blocks (--blocks) or attention/FFN sublayers (--sublayers, FinerCut), chosen by importance."""
+    from compress.prune.run import PruneRequest, run_prune
+
+    def go():
+        request = PruneRequest(model=model, blocks=blocks, sublayers=sublayers, method=method, data=data,
+                               tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, out=out,
+                               arch=arch, trust_pickle=trust_pickle)
+        with progress_bar(not json_out) as p:
+            result = run_prune(request, progress=p)
+        if plot is not None:
+            from compress.prune.plot import plot_removed
+
+            plot_removed(result, plot)
+        if json_out:
+            print_json(result)
+            return
+        sel = result["selection"]
+        stdout.print(table(f"{model}: {result['method']} removed {result['count']} of {result['of']} "
+                           f"{result['mode']} in {sel['seconds']} s", ["step", "unit", "calibration divergence"],
+                           [[k + 1, u, d] for k, (u, d) in enumerate(zip(sel["removed"], sel["divergence"],
+                                                                         strict=True))]))
+        m = result.get("metrics") or {}
+        rows = [["params", result["params_after"], result["params_before"]]]
+        rows += [[k, m.get(k), m.get("ppl_ref") if k == "ppl" else None] for k in
+                 ("ppl", "kl_mean", "kl_p99", "top1_agreement", "emb_cosine") if m.get(k) is not None]
+        stdout.print(table("after pruning (held-out windows)", ["metric", "value", "original"], rows))
+        for note in result["notes"]:
+            stdout.print(f"note: {note}")
+        for path in (result.get("out"), plot):
+            if path is not None:
+                stdout.print(f"wrote {path}")
+
+    run_command(go, debug)
+
+
 @app.command("export")
 def export_(
     model: str = typer.Argument(..., help="Zoo name, HF dir, or an artifact directory from `compress quantize`."),

@@ -14,6 +14,8 @@ from compress.errors import UserError
 
 MANIFEST = "compress.json"
 FORMAT = "compress-packed-v1"
+# Other artifact formats, loaded by their own package: format -> "module:function(path, manifest)".
+LOADERS = {"compress-pruned-v1": "compress.prune.artifact:load_pruned"}
 
 
 def is_artifact(path: Path) -> bool:
@@ -55,6 +57,11 @@ def load_artifact(path: Path):
         manifest = json.loads((path / MANIFEST).read_text())
     except ValueError as exc:
         raise UserError(f"{path}/{MANIFEST}: not valid JSON ({exc})") from exc
+    if manifest.get("format") in LOADERS:
+        import importlib
+
+        module, fn = LOADERS[manifest["format"]].split(":")
+        return getattr(importlib.import_module(module), fn)(path, manifest)
     if manifest.get("format") != FORMAT:
         raise UserError(f"{path}: unknown artifact format {manifest.get('format')!r} (expected {FORMAT})")
     config = AutoConfig.from_pretrained(path)

@@ -1,0 +1,73 @@
+"""Artifact dirs of sublayer-pruned models: the remaining weights (safetensors), config, tokenizer and compress.json
+listing the removed sublayers; `compress load` rebuilds the skeleton, puts Removed modules in place and loads.
+
+The safetensors metadata format is ours, so transformers' from_pretrained refuses the file instead of silently
+re-initialising the removed weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress import __version__
+from compress.artifact import MANIFEST, _dedupe, _shared_with_loaded
+from compress.atomic import atomic_dir
+from compress.errors import UserError
+
+FORMAT = "compress-pruned-v1"
+
+
+def save_pruned(loaded, removed_modules: dict[str, dict], out: Path, manifest: dict[str, Any]) -> Path:
+    """Write the pruned model in `loaded` (Removed modules in place) to `out`, atomically."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    state = _dedupe({k: v.contiguous() for k, v in loaded.module.state_dict().items()})
+    with atomic_dir(out) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        loaded.module.config.save_pretrained(tmp)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        body = {"format": FORMAT, "tool_version": __version__, "base": loaded.spec, "family": loaded.family,
+                "kind": loaded.kind, "pooling": loaded.pooling, "removed_modules": removed_modules, **manifest}
+        (tmp / MANIFEST).write_text(json.dumps(body, indent=2) + "\n")
+    return out
+
+
+def load_pruned(path: Path, manifest: dict[str, Any]):
+    """Rebuild a model saved by `save_pruned`: skeleton from config, Removed modules swapped in, weights loaded."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    from transformers.modeling_utils import no_init_weights
+
+    from compress.models.load import LoadedModel, _load_tokenizer, _model_class
+    from compress.prune.sublayers import Removed, swap
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    with no_init_weights():
+        model = _model_class(config, str(path)).from_config(config, dtype=torch.float32)
+    model.eval()
+    try:
+        swap(model, {p: Removed(**spec) for p, spec in manifest["removed_modules"].items()})
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}/{MANIFEST}: removed_modules do not fit the model in config.json ({exc})") from exc
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    state = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    shared = _shared_with_loaded(model, state)
+    missing = [m for m in missing if not m.endswith("inv_freq") and m not in shared]
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the manifest ({len(missing)} missing, {len(unexpected)} "
+                        f"unexpected tensors, e.g. {(missing + unexpected)[0]})")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    loaded = LoadedModel(model, _load_tokenizer(path), manifest.get("kind", "decoder"), config.model_type,
+                         str(path), path, manifest.get("pooling", "mean"))
+    loaded.extra["manifest"] = manifest
+    return loaded

@@ -1,0 +1,179 @@
+"""`compress prune` as a function: validate the request, choose what to remove, remove it, evaluate, save."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from compress.errors import UserError
+from compress.prune.blocks import METHODS
+
+AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(%?)\s*$")
+DEFAULT_TOKENS = {"blocks": 2048, "sublayers": 1024}
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling")
+
+
+@dataclass
+class PruneRequest:
+    """Everything `compress prune` was asked to do."""
+
+    model: str
+    blocks: str | None = None  # "8" or "25%"
+    sublayers: str | None = None
+    method: str | None = None  # blocks: bi | ablation | greedy (default); sublayers: greedy (FinerCut) only
+    data: str | None = None
+    tokens: int | None = None  # calibration tokens; None: 2048 for blocks, 1024 for sublayers
+    eval_tokens: int = 2048
+    seq_len: int | None = None
+    seed: int = 0
+    out: Path | None = None
+    arch: str | None = None
+    trust_pickle: bool = False
+    evaluate: bool = True
+
+
+def parse_amount(text: str, flag: str) -> tuple[float, bool]:
+    """'8' -> (8, False); '25%' -> (25.0, True); refuses other forms and percentages outside (0, 100)."""
+    m = AMOUNT.match(str(text))
+    if not m:
+        raise UserError(f"{flag} {text}: write a count (e.g. 8) or a percentage (e.g. 25%)")
+    value, pct = float(m.group(1)), bool(m.group(2))
+    if pct and not 0 < value < 100:
+        raise UserError(f"{flag} {text}: a percentage must be inside (0, 100)")
+    if not pct and (value != int(value) or value < 1):
+        raise UserError(f"{flag} {text}: a count must be a whole number ≥ 1")
+    return value, pct
+
+
+def resolve_amount(text: str, flag: str, total: int, what: str) -> int:
+    """How many of `total` units `text` removes (percentages rounded half up); at least one must stay."""
+    value, pct = parse_amount(text, flag)
+    count = math.floor(value / 100 * total + 0.5) if pct else int(value)
+    if count < 1:
+        raise UserError(f"{flag} {text}: {value:g}% of {total} {what} rounds to 0; ask for more")
+    if count >= total:
+        raise UserError(f"{flag} {text}: would remove {count} of the model's {total} {what}; at least one must stay")
+    return count
+
+
+def _validate(req: PruneRequest) -> str:
+    """Check everything that needs no model; return the mode ('blocks' or 'sublayers')."""
+    if (req.blocks is None) == (req.sublayers is None):
+        raise UserError("choose one: --blocks N|P% (whole blocks) or --sublayers N|P% (FinerCut)")
+    mode = "blocks" if req.blocks is not None else "sublayers"
+    parse_amount(req.blocks or req.sublayers, f"--{mode}")
+    if req.method is not None and req.method not in METHODS:
+        raise UserError(f"unknown --method '{req.method}': use {', '.join(METHODS)}")
+    if mode == "sublayers" and req.method not in (None, "greedy"):
+        raise UserError(f"--method {req.method} applies to --blocks; --sublayers is FinerCut's greedy search")
+    for flag, n in (("--tokens", req.tokens), ("--eval-tokens", req.eval_tokens)):
+        if n is not None and n <= 0:
+            raise UserError(f"{flag} {n}: must be a positive number of tokens")
+    if req.data not in (None, "self"):
+        from compress.data import resolve_text_files
+
+        resolve_text_files(req.data)
+    if req.out is not None and Path(req.out).exists() and not Path(req.out).is_dir():
+        raise UserError(f"--out {req.out}: exists and is not a directory")
+    return mode
+
+
+def run_prune(req: PruneRequest, progress=None) -> dict:
+    """Choose the units to remove on calibration windows, remove them, evaluate against the original on held-out
+    windows and save: blocks as a plain transformers model, sublayers as an artifact dir `compress load` reads."""
+    from compress.data import load_split
+    from compress.importance.context import ScoringContext
+    from compress.models import layer_map, load_model
+    from compress.prune.blocks import remove_blocks, select_blocks
+    from compress.prune.sublayers import finercut, remove_sublayers
+    from evals.evaluate import evaluate
+
+    mode = _validate(req)
+    t0 = time.perf_counter()
+    loaded = load_model(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
+    if loaded.kind not in ("decoder", "encoder"):
+        raise UserError(f"{req.model} is a {loaded.kind} model: pruning needs a transformer block stack")
+    if "manifest" in loaded.extra:
+        raise UserError(f"{req.model} is already a compress artifact: prune the float model, then quantize the "
+                        "pruned one")
+    lmap = layer_map(loaded.module)
+    total_units = lmap.num_blocks if mode == "blocks" else lmap.num_sublayers
+    if total_units == 0:
+        raise UserError(f"{req.model}: no attention/FFN sublayers found in its blocks; use --blocks")
+    count = resolve_amount(req.blocks or req.sublayers, f"--{mode}", total_units, mode)
+    method = req.method or "greedy"
+    tokens = req.tokens or DEFAULT_TOKENS[mode]
+    calib, heldout = load_split(req.data, loaded, tokens, req.eval_tokens, req.seq_len, req.seed)
+    reference = copy.deepcopy(loaded) if req.evaluate else None
+    params_before = _params(loaded.module)
+    ctx = ScoringContext(loaded, lmap, calib, progress)
+    result: dict = {"model": req.model, "mode": mode, "method": "finercut" if mode == "sublayers" else method,
+                    "requested": req.blocks or req.sublayers, "count": count, "of": total_units,
+                    "num_blocks": lmap.num_blocks, "sublayer_names": sorted({n for b in lmap.blocks
+                                                                              for n in b.sublayers}),
+                    "divergence": ctx.divergence_name, "calibration": calib.describe(), "notes": []}
+    if mode == "blocks":
+        sel = select_blocks(ctx, count, method)
+        del ctx
+        record = remove_blocks(loaded.module, lmap, sel.removed)
+        result["removed"] = sorted(sel.removed)
+        result["blocks_after"] = record["num_blocks"]
+        if record["config_lists_trimmed"]:
+            result["notes"].append("per-layer config lists trimmed: " + ", ".join(record["config_lists_trimmed"]))
+    else:
+        sel = finercut(ctx, count)
+        del ctx
+        removed_modules = remove_sublayers(loaded.module, lmap, sel.removed, loaded.kind)
+        result["removed"] = [{"block": i, "sublayer": n, "params": lmap.blocks[i].sublayers[n].params}
+                             for i, n in sel.removed]
+    paths = [p for u in sel.removed
+             for p in ([lmap.blocks[u].path] if mode == "blocks" else lmap.blocks[u[0]].sublayers[u[1]].paths)]
+    result["plan"] = {"rules": {p: {"action": "remove"} for p in paths},
+                      "meta": {"mode": mode, "method": result["method"], "count": count,
+                               "calibration": calib.describe()}}
+    result["selection"] = sel.to_dict()
+    result["select_seconds"] = round(sel.seconds, 2)
+    result["params_before"], result["params_after"] = params_before, _params(loaded.module)
+    if reference is not None:
+        result["metrics"] = evaluate(loaded, reference, heldout, progress).to_dict()
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    if req.out is not None:
+        _save(loaded, mode, removed_modules if mode == "sublayers" else None, Path(req.out), result)
+        result["out"] = str(req.out)
+    return result
+
+
+def _save(loaded, mode: str, removed_modules: dict | None, out: Path, result: dict) -> None:
+    """Blocks: save_pretrained + tokenizer + prune.json (no compress.json: it is a plain model). Sublayers: an
+    artifact dir whose compress.json lists the Removed modules."""
+    from compress.atomic import atomic_dir
+
+    if mode == "sublayers":
+        from compress.prune.artifact import save_pruned
+
+        save_pruned(loaded, removed_modules or {}, out, {"prune": result, "metrics": result.get("metrics")})
+        return
+    import json
+
+    with atomic_dir(out) as tmp:
+        loaded.module.save_pretrained(tmp)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        src = loaded.path
+        for name in ST_FILES if src is not None else ():
+            p = Path(src) / name
+            if p.is_dir():
+                shutil.copytree(p, tmp / name)
+            elif p.is_file():
+                shutil.copy(p, tmp / name)
+        (tmp / "prune.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _params(module) -> int:
+    """Parameters, tied tensors once."""
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,182 @@
+"""Pruning on tiny models: greedy finds a known answer, pruned models reload exactly, bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import ToyLM, build, rotation
+from typer.testing import CliRunner
+
+from cli import app
+from compress.data import Windows
+from compress.importance.context import ScoringContext
+from compress.models import layer_map, load_model
+from compress.models.load import LoadedModel
+from compress.prune.blocks import remove_blocks, select_blocks
+from compress.prune.run import resolve_amount
+from compress.prune.sublayers import remove_sublayers
+
+runner = CliRunner()
+
+
+def _windows(vocab: int, n: int = 4, length: int = 12) -> Windows:
+    ids = torch.randint(1, vocab, (n, length), generator=torch.Generator().manual_seed(1))
+    return Windows(ids, torch.ones_like(ids), "calibration", "random", 0)
+
+
+def _kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    from evals.metrics import kl_per_token, log_softmax_chunked
+
+    return float(kl_per_token(log_softmax_chunked(ref_logits), logits).mean())
+
+
+def _build(family: str) -> LoadedModel:
+    """tiny_models.build, but Gemma 3 gets mixed sliding/full layers and a window shorter than the test windows."""
+    if family != "gemma3_text":
+        return build(family)
+    from tiny_models import COMMON
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=4, final_logit_softcapping=5.0,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    cfg._attn_implementation = "eager"
+    return LoadedModel(AutoModelForCausalLM.from_config(cfg).eval(), None, "decoder", "gemma3_text", "tiny-gemma3")
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """Tiny llama and gemma3 (sliding/full layer_types) decoders saved as HF dirs (3 blocks each)."""
+    out = {}
+    for fam in ("llama", "gemma3_text"):
+        path = tmp_path_factory.mktemp(fam)
+        _build(fam).module.save_pretrained(path)
+        out[fam] = path
+    return out
+
+
+def _logits(module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        out = module(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def test_greedy_finds_the_cancelling_pair_that_one_shot_misses():
+    # Rotations in one plane add up: removing blocks removes the sum of their angles. One-shot ablation takes the
+    # two smallest angles (0.2 + 0.25 = 0.45 removed); greedy takes 0.2, then re-measures and takes −0.5, which
+    # cancels it (net −0.3 removed).
+    toy = LoadedModel(ToyLM([rotation(a, 8) for a in (0.2, 0.25, -0.5, 1.2)]), None, "decoder", "toy", "toy")
+    lmap = layer_map(toy.module)
+    ctx = ScoringContext(toy, lmap, _windows(16))
+    one_shot = select_blocks(ctx, 2, "ablation")
+    greedy = select_blocks(ctx, 2, "greedy")
+    assert sorted(one_shot.removed) == [0, 1]
+    assert greedy.removed == [0, 2]
+    assert greedy.divergence[-1] < one_shot.divergence[-1]
+    ref = _logits(toy.module, ctx.windows.input_ids)
+    remove_blocks(toy.module, lmap, greedy.removed)
+    assert len(toy.module.layers) == 2
+    assert _kl(ref, _logits(toy.module, ctx.windows.input_ids)) == pytest.approx(greedy.divergence[-1], rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
+def test_block_pruned_model_reloads_with_plain_transformers(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    loaded = _build(family)
+    lmap = layer_map(loaded.module)
+    ctx = ScoringContext(loaded, lmap, _windows(64))
+    sel = select_blocks(ctx, 1, "greedy")
+    ids = ctx.windows.input_ids
+    ref = _logits(loaded.module, ids)
+    types = list(getattr(loaded.module.config, "layer_types", None) or [])
+    remove_blocks(loaded.module, lmap, sel.removed)
+    pruned = _logits(loaded.module, ids)
+    assert _kl(ref, pruned) == pytest.approx(sel.divergence[-1], rel=1e-4)  # replayed choice = real model
+    loaded.module.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert again.config.num_hidden_layers == 2
+    if family == "gemma3_text":
+        assert again.config.layer_types == [t for i, t in enumerate(types) if i != sel.removed[0]]
+    torch.testing.assert_close(_logits(again, ids), pruned, rtol=0, atol=1e-5)
+
+
+def test_prune_blocks_cli_writes_a_plain_model(tiny_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pruned"
+    r = runner.invoke(app, ["prune", str(tiny_dirs["gemma3_text"]), "--blocks", "34%", "--method", "ablation",
+                            "--tokens", "64", "--eval-tokens", "32", "--seq-len", "16", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["count"] == 1 and len(result["removed"]) == 1 and result["params_after"] < result["params_before"]
+    assert result["metrics"]["kl_mean"] > 0 and not (out / "compress.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    original = load_model(str(tiny_dirs["gemma3_text"]))
+    remove_blocks(original.module, layer_map(original.module), result["removed"])
+    ids = _windows(64).input_ids
+    torch.testing.assert_close(_logits(model, ids), _logits(original.module, ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_finercut_artifact_reloads_to_identical_outputs(family, tiny_dirs, tmp_path):
+    out, png = tmp_path / "fc", tmp_path / "fc.png"
+    r = runner.invoke(app, ["prune", str(tiny_dirs[family]), "--sublayers", "3", "--tokens", "64",
+                            "--eval-tokens", "32", "--seq-len", "16", "--out", str(out), "--plot", str(png), "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    units = [(d["block"], d["sublayer"]) for d in result["removed"]]
+    assert len(units) == 3 and png.stat().st_size > 0
+    assert result["params_before"] - result["params_after"] == sum(d["params"] for d in result["removed"])
+    original = load_model(str(tiny_dirs[family]))
+    remove_sublayers(original.module, layer_map(original.module), units, "decoder")
+    again = load_model(str(out))
+    ids = _windows(64).input_ids
+    torch.testing.assert_close(_logits(again.module, ids), _logits(original.module, ids), rtol=0, atol=0)
+    assert runner.invoke(app, ["load", str(out), "--json"]).exit_code == 0
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises((OSError, ValueError), match="compress-pruned-v1"):  # refused, never silently re-initialised
+        AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_removed_attention_keeps_generation_with_cache_exact():
+    loaded = build("llama")
+    remove_sublayers(loaded.module, layer_map(loaded.module), [(0, "attn"), (1, "mlp")], "decoder")
+    ids = torch.tensor([[0, 0, 5, 9, 12, 7], [3, 4, 5, 6, 7, 8]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])  # left padding: masks read the cache length from layer 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert loaded.module.generate(ids, use_cache=True, **kw).tolist() == \
+        loaded.module.generate(ids, use_cache=False, **kw).tolist()
+
+
+def test_amounts_round_half_up():
+    assert resolve_amount("25%", "--blocks", 30, "blocks") == 8
+    assert resolve_amount("7", "--blocks", 30, "blocks") == 7
+    assert resolve_amount("12.5%", "--sublayers", 60, "sublayers") == 8
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--blocks", "3"], "at least one must stay"),
+    (["--blocks", "5"], "would remove 5"),
+    (["--blocks", "100%"], "inside (0, 100)"),
+    (["--blocks", "0%"], "inside (0, 100)"),
+    (["--blocks", "150%"], "inside (0, 100)"),
+    (["--blocks", "-1"], "write a count"),
+    (["--blocks", "1%"], "rounds to 0"),
+    (["--sublayers", "6"], "at least one must stay"),
+    (["--blocks", "1", "--method", "magic"], "unknown --method 'magic'"),
+    (["--sublayers", "1", "--method", "bi"], "applies to --blocks"),
+    (["--blocks", "1", "--sublayers", "1"], "choose one"),
+    ([], "choose one"),
+])
+def test_bad_input_exits_2_and_writes_nothing(args, needle, tiny_dirs, tmp_path):
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["prune", str(tiny_dirs["llama"]), *args, "--tokens", "32", "--seq-len", "16",
+                            "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert list(tmp_path.iterdir()) == []
