@@ -173,6 +173,7 @@ def eval_(
     split: str = typer.Option("evaluation", "--split", help="evaluation | calibration | all."),
     protocol: str = typer.Option(None, "--protocol", help="'anchors': ANCHORS.md protocol — the data in order, the "
                                                           "first 6 windows of 512 tokens, no split."),
+    out: Path = typer.Option(None, "--out", help="Also write the report as JSON to this file (for `compress gate`)."),
     json_out: bool = JSON,
     arch: str = ARCH,
     trust_pickle: bool = TRUST,
@@ -200,6 +201,10 @@ def eval_(
                                    sequential=sequential)
         with progress_bar(not json_out) as p:
             report = evaluate(cand, ref, windows, progress=p)
+        if out is not None:
+            from compress.atomic import write_json
+
+            write_json(out, report.to_dict())
         if json_out:
             print_json(report.to_dict())
             return
@@ -208,6 +213,8 @@ def eval_(
                 "bpw", "tokens"]
         stdout.print(table(f"{model} vs {reference or '(no reference)'}", ["metric", "value"],
                            [[k, d[k]] for k in keys]))
+        if out is not None:
+            stdout.print(f"wrote {out}")
 
     run_command(go, debug)
 
@@ -306,6 +313,65 @@ def _print_quantize(result: dict) -> None:
     if result.get("out"):
         stdout.print(f"wrote {result['out']} ({result['file_bytes']:,} bytes of weights on disk)")
 
+
+@app.command()
+def gate(
+    baseline: Path = typer.Option(..., "--baseline", help="EvalReport JSON (`compress eval --out`) or artifact dir "
+                                                          "of the accepted model."),
+    candidate: Path = typer.Option(..., "--candidate", help="EvalReport JSON or artifact dir of the new model."),
+    max_kl: float = typer.Option(None, "--max-kl", help="Fail if the candidate's mean KL is above this."),
+    max_kl_p99: float = typer.Option(None, "--max-kl-p99", help="Fail if its p99 per-token KL is above this."),
+    min_top1: float = typer.Option(None, "--min-top1", help="Fail if its top-1 agreement is below this (0-1)."),
+    max_ppl_increase: str = typer.Option(None, "--max-ppl-increase", help="Fail if its perplexity is more than P% "
+                                                                          "above the baseline's (e.g. 5%)."),
+    min_accuracy: float = typer.Option(None, "--min-accuracy", help="Fail if its task accuracy is below this."),
+    min_emb_cosine: float = typer.Option(None, "--min-emb-cosine", help="Encoders: fail if its embedding cosine "
+                                                                        "is below this."),
+    max_size_bytes: int = typer.Option(None, "--max-size-bytes", help="Fail if its stored weights exceed N bytes."),
+    thresholds: Path = typer.Option(None, "--thresholds", help="YAML file of thresholds (max_kl: 0.05, ...); flags "
+                                                               "override it."),
+    junit: Path = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per threshold)."),
+    markdown: Path = typer.Option(None, "--markdown", help="Write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)."),
+    json_out: bool = JSON,
+    debug: bool = DEBUG,
+) -> None:
+    """CI regression gate: exit 0 if the candidate passes every threshold, 1 if any fails, 2 on bad input.
+
+    Both reports must share the reference model and evaluation windows (their provenance hashes are compared).
+    """
+    from compress.atomic import write_text
+    from evals import gate as g
+
+    def go():
+        limits = g.load_thresholds(thresholds) if thresholds is not None else {}
+        flags = {"max_kl": max_kl, "max_kl_p99": max_kl_p99, "min_top1": min_top1,
+                 "max_ppl_increase": max_ppl_increase, "min_accuracy": min_accuracy,
+                 "min_emb_cosine": min_emb_cosine, "max_size_bytes": max_size_bytes}
+        for k, v in flags.items():
+            if v is not None:
+                limits[k] = g.parse_limit(v, f"--{k.replace('_', '-')}")
+        result = g.run_gate(g.load_report(baseline, "baseline"), g.load_report(candidate, "candidate"), limits)
+        if junit is not None:
+            write_text(junit, g.junit_xml(result))
+        if markdown is not None:
+            write_text(markdown, g.markdown(result))
+        if json_out:
+            print_json(result.to_dict())
+        else:
+            stdout.print(table(f"gate: {'PASSED' if result.passed else 'FAILED'}",
+                               ["check", "metric", "candidate", "limit", "baseline", "margin", "result"],
+                               [[c.name, c.metric, c.value, f"{c.op} {g.fmt_number(c.limit)}", c.baseline,
+                                 c.margin, "pass" if c.passed else "FAIL"] for c in result.checks]))
+            for path in (junit, markdown):
+                if path is not None:
+                    stdout.print(f"wrote {path}")
+        if not result.passed:
+            for c in result.checks:
+                if not c.passed:
+                    stderr.print(f"gate failed: {c.name}: {c.message}", highlight=False)
+            raise SystemExit(1)
+
+    run_command(go, debug)
 
 @app.command()
 def prune(

@@ -133,9 +133,21 @@ def test_uniform_rtn_matches_the_anchor_and_the_artifact_reloads_exactly(smollm2
         assert torch.equal(back.module(ids).logits, in_memory)
     report = evaluate(back, smollm2, windows)
     assert report.kl_mean == pytest.approx(ANCHOR_Q4_0_KL, rel=0.20), report
+    _gate_real_reports(report, evaluate(smollm2, smollm2, windows), tmp_path)
     on_disk = (tmp_path / "q4" / "model.safetensors").stat().st_size
     assert abs(on_disk - report.size_bytes) / report.size_bytes < 0.03
     linear_params = sum(smollm2.module.get_submodule(p).weight.numel() for p in linears)
     embed_params = smollm2.module.get_submodule(lmap.embeddings).weight.numel()
     assert report.bpw == pytest.approx((4.5 * linear_params + 32 * embed_params) / (linear_params + embed_params),
                                        abs=1e-3)
+
+
+def _gate_real_reports(q4, self_report, tmp_path):
+    """The gate on real SmolLM2 reports: the q4 candidate passes a loose KL limit, fails a tight one (exit 1)."""
+    (tmp_path / "base.json").write_text(json.dumps(self_report.to_dict()))
+    (tmp_path / "cand.json").write_text(json.dumps(q4.to_dict()))
+    args = ["gate", "--baseline", str(tmp_path / "base.json"), "--candidate", str(tmp_path / "cand.json"),
+            "--min-top1", "0.6", "--max-ppl-increase", "30%"]
+    assert CliRunner().invoke(app, [*args, "--max-kl", "0.4"]).exit_code == 0
+    failed = CliRunner().invoke(app, [*args, "--max-kl", "0.1", "--junit", str(tmp_path / "j.xml")])
+    assert failed.exit_code == 1 and "gate failed: max_kl" in failed.stderr
