@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import build
@@ -84,6 +85,16 @@ def test_dp_is_the_true_optimum_on_small_random_instances():
         assert sum(dist[u][picks[u]] for u in range(n)) == pytest.approx(sum(dist[u][best[u]] for u in range(n)))
     with pytest.raises(UserError, match="below the smallest"):
         solve_dp([[0.0, 1.0]], [[10, 5]], 4)
+
+
+def test_dp_fits_a_budget_equal_to_the_smallest_plan_with_coarse_resolution():
+    """Large sizes that do not divide the resolution step must not make the all-smallest plan look too big."""
+    sizes = [[3_760_129, 1_990_657, 1_105_921]] * 30 + [[30_081_024, 15_925_248, 8_847_360]]
+    dist = [[0.001, 0.01, np.inf]] * 30 + [[0.01, 0.1, np.inf]]
+    budget = 30 * 1_990_657 + 15_925_248
+    assert solve_dp(dist, sizes, budget, resolution=8192) == [1] * 31
+    picks = solve_dp(dist, sizes, budget + 1_769_472, resolution=8192)  # room for one block at 8 bits
+    assert sorted(picks[:30]) == [0] + [1] * 29 and picks[30] == 1
 
 
 def test_rank_allocator_lowers_the_least_important_first():

@@ -15,17 +15,20 @@ def solve_dp(distortion: list[list[float]], sizes: list[list[int]], budget: int,
     """Minimise Σ distortion[u][c_u] s.t. Σ sizes[u][c_u] ≤ budget; returns c_u per unit (an infinite
     distortion marks a candidate the unit may not take).
 
-    Sizes are divided into units of ceil(budget / resolution) bytes, rounded up, so the answer always fits the
-    budget; with byte-sized units (small instances) it is the exact optimum.
+    The DP runs over the bytes each unit takes above its smallest allowed candidate, divided into units of
+    ceil(spare / resolution) bytes, rounded up: the answer always fits the budget (also when the budget is exactly
+    the smallest plan); with byte-sized units (small instances) it is the exact optimum.
     """
     n = len(distortion)
-    unit = max(1, -(-budget // resolution))
-    w = [[-(-s // unit) for s in row] for row in sizes]
-    cap = budget // unit
-    finite = [[s for s, d in zip(ws, ds, strict=True) if d != np.inf] for ws, ds in zip(w, distortion, strict=True)]
-    if sum(min(row) for row in finite) > cap:
+    floor = [min(s for s, d in zip(row, ds, strict=True) if d != np.inf) for row, ds in zip(sizes, distortion,
+                                                                                             strict=True)]
+    spare = budget - sum(floor)
+    if spare < 0:
         raise UserError(f"budget {budget:,} bytes is below the smallest possible size "
-                        f"({sum(min(r) for r in sizes):,} bytes with every unit at its smallest candidate)")
+                        f"({sum(floor):,} bytes with every unit at its smallest candidate)")
+    unit = max(1, -(-spare // resolution))
+    w = [[-(-(s - f) // unit) for s in row] for row, f in zip(sizes, floor, strict=True)]
+    cap = spare // unit
     inf = np.inf
     best = np.full(cap + 1, inf)
     best[0] = 0.0
