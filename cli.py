@@ -229,7 +229,7 @@ def quantize(
     candidates: str = typer.Option(None, "--candidates",
                                    help="What --layerwise may choose from: bits with optional g<group> and a|s, "
                                         "e.g. 8g128,6g64,5,4,3a. Default by --target: torch 8,6,5,4,3; "
-                                        "ort 8,4,4g64,4g128,2; trt 8g0,4,4g64,4g128; gguf 8,5,4."),
+                                        "ort 8,4,4g64,2; trt 8g0,4,4g64; gguf 8,5,4."),
     target: str = typer.Option("torch", "--target",
                                help="Runtime the artifact must run on exactly, without requantizing: torch (any) | "
                                     "ort (2/4/8-bit, power-of-two groups; embeddings 4/8) | trt (symmetric; INT8 per "

@@ -19,7 +19,7 @@ from compress.errors import UserError
 from compress.quantize.spec import QuantSpec
 
 TARGETS = ("torch", "ort", "trt", "gguf")
-DEFAULT_CANDIDATES = {"torch": "8,6,5,4,3", "ort": "8,4,4g64,4g128,2", "trt": "8g0,4,4g64,4g128", "gguf": "8,5,4"}
+DEFAULT_CANDIDATES = {"torch": "8,6,5,4,3", "ort": "8,4,4g64,2", "trt": "8g0,4,4g64", "gguf": "8,5,4"}
 EMBEDDING = "embedding"
 LINEAR = "linear"
 
