@@ -152,6 +152,35 @@ def test_removed_attention_keeps_generation_with_cache_exact():
         loaded.module.generate(ids, use_cache=False, **kw).tolist()
 
 
+def test_finercut_artifact_exports_to_onnx_without_the_removed_ops(tmp_path):
+    """Attention of block 1 and FFN of block 2 removed: the graph loses their MatMuls, keeps one KV shape per layer
+    (the removed attention appends zero keys) and validates against the pruned model through two decode steps."""
+    import onnx
+
+    from compress.prune.artifact import save_pruned
+    from exporters.run import ExportRequest, run_export
+
+    full, loaded = build("llama"), build("llama")
+    removed = remove_sublayers(loaded.module, layer_map(loaded.module), [(1, "attn"), (2, "mlp")], "decoder")
+    save_pruned(loaded, removed, tmp_path / "fc", {"prune": {}})
+    r = run_export(ExportRequest(model=str(tmp_path / "fc"), out=tmp_path / "onnx"))
+    assert r["passed"]
+    names = [c["name"] for v in r["validation"].values() for c in v["checks"]]
+    assert "decode2/logits" in names
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    matmuls = sum(n.op_type == "MatMul" for n in graph.node)
+    ref = run_export(ExportRequest(model=_save(full, tmp_path / "full"), out=tmp_path / "onnx-full"))
+    full_matmuls = sum(n.op_type == "MatMul" for n in onnx.load(str(tmp_path / "onnx-full" / "model.onnx")).graph.node)
+    assert ref["passed"] and full_matmuls - matmuls == 4 + 2 + 3  # q/k/v/o, the two attention products, FFN
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input if "past" in i.name}
+    assert shapes["past_key_values.1.key"] == shapes["past_key_values.0.key"]
+
+
+def _save(loaded: LoadedModel, path) -> str:
+    loaded.module.save_pretrained(path)
+    return str(path)
+
+
 def test_amounts_round_half_up():
     assert resolve_amount("25%", "--blocks", 30, "blocks") == 8
     assert resolve_amount("7", "--blocks", 30, "blocks") == 7

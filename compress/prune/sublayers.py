@@ -41,12 +41,14 @@ class Removed(nn.Module):
         return (out, *([None] * (self.tuple_len - 1))) if self.tuple_len else out
 
     def _keep_cache_length(self, hidden: torch.Tensor, kwargs: dict) -> None:
-        """A removed attention still appends one-float keys per token to the KV cache, so the cache's length (read
-        from layer 0 for masks and positions) stays right when generating."""
+        """A removed attention still appends zero keys/values per token to the KV cache, so the cache's length (read
+        from layer 0 for masks and positions) stays right when generating. They have the layer's original shape
+        (`cache_heads` × `cache_dim`) when known, so an exported graph's past inputs keep one shape per layer."""
         cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
         if self.tuple_len and cache is not None and hasattr(cache, "update") and isinstance(self.attrs.get(
                 "layer_idx"), int):
-            empty = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[1], 1)
+            heads, dim = self.attrs.get("cache_heads", 1), self.attrs.get("cache_dim", 1)
+            empty = hidden.new_zeros(hidden.shape[0], heads, hidden.shape[1], dim)
             cache.update(empty, empty, self.attrs["layer_idx"], {"cache_position": kwargs.get("cache_position")})
 
     def spec(self) -> dict:
@@ -70,8 +72,19 @@ def replacements(model: nn.Module, lmap: LayerMap, units: list[SubUnit], arity: 
         sub = lmap.blocks[i].sublayers[name]
         for path in sub.paths:
             rule, arity_ = (sub.skip, arity.get(path, 0)) if path == sub.hook_path else ("input", 0)
-            out[path] = Removed(rule, arity_, plain_attributes(model.get_submodule(path)))
+            module = model.get_submodule(path)
+            out[path] = Removed(rule, arity_, {**plain_attributes(module), **cache_shape(module)})
     return out
+
+
+def cache_shape(module: nn.Module) -> dict:
+    """KV heads and head dim of an attention module with a key projection (what its cache entries look like)."""
+    key = next((getattr(module, n) for n in ("k_proj", "key") if isinstance(getattr(module, n, None), nn.Linear)),
+               None)
+    dim = getattr(module, "head_dim", None)
+    if key is None or not isinstance(dim, int) or dim <= 0 or key.out_features % dim:
+        return {}
+    return {"cache_heads": key.out_features // dim, "cache_dim": dim}
 
 
 def plain_attributes(module: nn.Module) -> dict:
