@@ -381,12 +381,18 @@ def prune(
     sublayers: str = typer.Option(None, "--sublayers", help="FinerCut: remove N (or P%) attention/FFN sublayers, "
                                                             "greedily by KL of the output; reload with `compress "
                                                             "load`."),
+    width: str = typer.Option(None, "--width", help="Remove P% of every block's attention KV groups (whole GQA "
+                                                    "groups) and FFN channels, by importance: a smaller dense model."),
+    adaptive: bool = typer.Option(False, "--adaptive", help="--width: per-block ratios chosen by DP on measured KL, "
+                                                            "same parameter count as uniform."),
+    importance: str = typer.Option("activation", "--importance", help="--width: activation (|contribution| to the "
+                                                                      "output) | taylor (|a·∂L/∂a|)."),
     method: str = typer.Option(None, "--method", help="--blocks: bi (one-shot Block Influence) | ablation (one-shot "
                                                       "skip KL) | greedy (re-measured after each removal; default)."),
     data: str = DATA,
     tokens: int = typer.Option(None, "--tokens", help="Calibration tokens for choosing (default 2048 for --blocks, "
-                                                      "1024 for --sublayers: FinerCut measures candidates × "
-                                                      "removals)."),
+                                                      "1024 for --sublayers and --width: FinerCut measures "
+                                                      "candidates × removals)."),
     eval_tokens: int = typer.Option(2048, "--eval-tokens", help="Held-out tokens for the before/after metrics."),
     seq_len: int = SEQ_LEN,
     seed: int = SEED,
@@ -397,13 +403,15 @@ def prune(
     trust_pickle: bool = TRUST,
     debug: bool = DEBUG,
 ) -> None:
-    """Remove whole blocks (--blocks) or attention/FFN sublayers (--sublayers, FinerCut), chosen by importance."""
+    """Remove whole blocks (--blocks), attention/FFN sublayers (--sublayers, FinerCut) or width (--width: heads and
+    FFN channels), chosen by importance measured on calibration data."""
     from compress.prune.run import PruneRequest, run_prune
 
     def go():
-        request = PruneRequest(model=model, blocks=blocks, sublayers=sublayers, method=method, data=data,
-                               tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, out=out,
-                               arch=arch, trust_pickle=trust_pickle)
+        request = PruneRequest(model=model, blocks=blocks, sublayers=sublayers, width=width, adaptive=adaptive,
+                               importance=importance, method=method, data=data, tokens=tokens,
+                               eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, out=out, arch=arch,
+                               trust_pickle=trust_pickle)
         with progress_bar(not json_out) as p:
             result = run_prune(request, progress=p)
         if plot is not None:
@@ -414,10 +422,17 @@ def prune(
             print_json(result)
             return
         sel = result["selection"]
-        stdout.print(table(f"{model}: {result['method']} removed {result['count']} of {result['of']} "
-                           f"{result['mode']} in {sel['seconds']} s", ["step", "unit", "calibration divergence"],
-                           [[k + 1, u, d] for k, (u, d) in enumerate(zip(sel["removed"], sel["divergence"],
-                                                                         strict=True))]))
+        if result["mode"] == "width":
+            stdout.print(table(f"{model}: width {result['requested']} ({result['method']}) in {sel['seconds']} s; "
+                               f"calibration divergence {sel['divergence'][-1]:.4g}",
+                               ["block", "attention", "FFN", "heads kept", "FFN kept", "KL alone"],
+                               [[d["block"], f"{d['attention_ratio']:.0%}", f"{d['ffn_ratio']:.0%}", d["kept_heads"],
+                                 d["kept_channels"], d["distortion_alone"]] for d in result["removed"]]))
+        else:
+            stdout.print(table(f"{model}: {result['method']} removed {result['count']} of {result['of']} "
+                               f"{result['mode']} in {sel['seconds']} s", ["step", "unit", "calibration divergence"],
+                               [[k + 1, u, d] for k, (u, d) in enumerate(zip(sel["removed"], sel["divergence"],
+                                                                             strict=True))]))
         m = result.get("metrics") or {}
         rows = [["params", result["params_after"], result["params_before"]]]
         rows += [[k, m.get(k), m.get("ppl_ref") if k == "ppl" else None] for k in

@@ -15,7 +15,8 @@ from compress.errors import UserError
 MANIFEST = "compress.json"
 FORMAT = "compress-packed-v1"
 # Other artifact formats, loaded by their own package: format -> "module:function(path, manifest)".
-LOADERS = {"compress-pruned-v1": "compress.prune.artifact:load_pruned"}
+LOADERS = {"compress-pruned-v1": "compress.prune.artifact:load_pruned",
+           "compress-width-v1": "compress.prune.width:load_width_pruned"}
 
 
 def is_artifact(path: Path) -> bool:

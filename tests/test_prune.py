@@ -200,6 +200,12 @@ def test_amounts_round_half_up():
     (["--sublayers", "1", "--method", "bi"], "applies to --blocks"),
     (["--blocks", "1", "--sublayers", "1"], "choose one"),
     ([], "choose one"),
+    (["--width", "25"], "give a percentage"),
+    (["--width", "100%"], "inside (0, 100)"),
+    (["--width", "25%", "--importance", "magic"], "unknown --importance 'magic'"),
+    (["--blocks", "1", "--adaptive"], "--adaptive applies to --width"),
+    (["--width", "25%", "--method", "bi"], "applies to --blocks"),
+    (["--width", "25%", "--blocks", "1"], "choose one"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(args, needle, tiny_dirs, tmp_path):
     out = tmp_path / "out"
@@ -209,3 +215,31 @@ def test_bad_input_exits_2_and_writes_nothing(args, needle, tiny_dirs, tmp_path)
     err = r.stderr.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_width_uniform_is_a_plain_model_and_adaptive_reloads(tiny_dirs, tmp_path):
+    """--width 50%: a smaller dense model transformers loads by itself; --adaptive: per-block shapes at no more
+    parameters than uniform, reloaded by `compress load` to the outputs it was evaluated with."""
+    from transformers import AutoModelForCausalLM
+
+    src = str(tiny_dirs["llama"])
+    common = ["--tokens", "64", "--eval-tokens", "32", "--seq-len", "16", "--json"]
+    r = runner.invoke(app, ["prune", src, "--width", "50%", "--out", str(tmp_path / "u"), "--plot",
+                            str(tmp_path / "u.png"), *common])
+    assert r.exit_code == 0, r.output
+    uniform = json.loads(r.stdout)
+    assert uniform["params_after"] < uniform["params_before"] and (tmp_path / "u.png").stat().st_size > 0
+    assert uniform["width"]["uniform"] and uniform["width"]["config_updated"]
+    ids = _windows(64).input_ids
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "u").eval()
+    ours = load_model(str(tmp_path / "u"))
+    torch.testing.assert_close(_logits(plain, ids), _logits(ours.module, ids), rtol=0, atol=0)
+    r = runner.invoke(app, ["prune", src, "--width", "50%", "--adaptive", "--out", str(tmp_path / "a"), *common])
+    assert r.exit_code == 0, r.output
+    adaptive = json.loads(r.stdout)
+    assert adaptive["params_after"] <= uniform["params_after"]
+    assert adaptive["selection"]["divergence"][-1] is not None
+    back = load_model(str(tmp_path / "a"))
+    assert sum(p.numel() for p in back.module.parameters()) == adaptive["params_after"]
+    assert torch.isfinite(_logits(back.module, ids)).all()
+    assert runner.invoke(app, ["load", str(tmp_path / "a"), "--json"]).exit_code == 0

@@ -15,6 +15,9 @@ def plot_removed(result: dict, path: Path) -> None:
 
     from evals.plots import _save_png
 
+    if result["mode"] == "width":
+        _plot_width(result, path, plt)
+        return
     n = result["num_blocks"]
     rows = ["block"] if result["mode"] == "blocks" else result["sublayer_names"]
     order = result["selection"]["removed"]
@@ -47,4 +50,22 @@ def plot_removed(result: dict, path: Path) -> None:
         ax2.xaxis.get_major_locator().set_params(integer=True)
         ax2.set_xlabel("removal step")
         ax2.set_ylabel(f"calibration {result.get('divergence', 'kl')}")
+    _save_png(fig, path)
+
+
+def _plot_width(result: dict, path: Path, plt) -> None:
+    """Bars per block: the share of attention (KV groups) and FFN channels removed."""
+    from evals.plots import _save_png
+
+    rows = result["removed"]
+    x = [d["block"] for d in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(x) + 2), 3.2))
+    ax.bar([i - 0.2 for i in x], [d["attention_ratio"] for d in rows], width=0.4, label="attention (KV groups)")
+    ax.bar([i + 0.2 for i in x], [d["ffn_ratio"] for d in rows], width=0.4, label="FFN channels")
+    ax.set_xticks(x, [str(i) for i in x], fontsize=7)
+    ax.set_xlabel("block (depth)")
+    ax.set_ylabel("share removed")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{Path(str(result['model'])).name}: width {result['requested']} ({result['method']}), params "
+                 f"{result['params_after']:,} of {result['params_before']:,}", fontsize=9, loc="left")
     _save_png(fig, path)

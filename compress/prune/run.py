@@ -14,7 +14,8 @@ from compress.errors import UserError
 from compress.prune.blocks import METHODS
 
 AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(%?)\s*$")
-DEFAULT_TOKENS = {"blocks": 2048, "sublayers": 1024}
+DEFAULT_TOKENS = {"blocks": 2048, "sublayers": 1024, "width": 1024}
+MODES = ("blocks", "sublayers", "width")
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling")
 
 
@@ -25,6 +26,9 @@ class PruneRequest:
     model: str
     blocks: str | None = None  # "8" or "25%"
     sublayers: str | None = None
+    width: str | None = None  # "25%": attention KV groups and FFN channels of every block
+    adaptive: bool = False  # width: per-block ratios by DP on measured distortion (same parameter count)
+    importance: str = "activation"  # width: activation | taylor
     method: str | None = None  # blocks: bi | ablation | greedy (default); sublayers: greedy (FinerCut) only
     data: str | None = None
     tokens: int | None = None  # calibration tokens; None: 2048 for blocks, 1024 for sublayers
@@ -61,16 +65,38 @@ def resolve_amount(text: str, flag: str, total: int, what: str) -> int:
     return count
 
 
+def _amount(req: PruneRequest, mode: str) -> str:
+    return {"blocks": req.blocks, "sublayers": req.sublayers, "width": req.width}[mode]
+
+
+def width_fraction(text: str) -> float:
+    """'25%' -> 0.25: the share of every block's attention KV groups and FFN channels to remove."""
+    value, pct = parse_amount(text, "--width")
+    if not pct:
+        raise UserError(f"--width {text}: give a percentage of each block's width, e.g. 25%")
+    return value / 100
+
+
 def _validate(req: PruneRequest) -> str:
-    """Check everything that needs no model; return the mode ('blocks' or 'sublayers')."""
-    if (req.blocks is None) == (req.sublayers is None):
-        raise UserError("choose one: --blocks N|P% (whole blocks) or --sublayers N|P% (FinerCut)")
-    mode = "blocks" if req.blocks is not None else "sublayers"
-    parse_amount(req.blocks or req.sublayers, f"--{mode}")
+    """Check everything that needs no model; return the mode ('blocks', 'sublayers' or 'width')."""
+    given = [m for m in MODES if _amount(req, m) is not None]
+    if len(given) != 1:
+        raise UserError("choose one: --blocks N|P% (whole blocks), --sublayers N|P% (FinerCut) or --width P% "
+                        "(heads and FFN channels)")
+    mode = given[0]
+    parse_amount(_amount(req, mode), f"--{mode}")
+    if mode == "width":
+        width_fraction(req.width)
+        from compress.prune.width import METHODS as IMPORTANCE
+
+        if req.importance not in IMPORTANCE:
+            raise UserError(f"unknown --importance '{req.importance}': use {', '.join(IMPORTANCE)}")
+    elif req.adaptive:
+        raise UserError("--adaptive applies to --width (per-block ratios by DP); drop it or use --width P%")
     if req.method is not None and req.method not in METHODS:
         raise UserError(f"unknown --method '{req.method}': use {', '.join(METHODS)}")
-    if mode == "sublayers" and req.method not in (None, "greedy"):
-        raise UserError(f"--method {req.method} applies to --blocks; --sublayers is FinerCut's greedy search")
+    if mode != "blocks" and req.method is not None and not (mode == "sublayers" and req.method == "greedy"):
+        raise UserError(f"--method {req.method} applies to --blocks; --{mode} has its own search")
     for flag, n in (("--tokens", req.tokens), ("--eval-tokens", req.eval_tokens)):
         if n is not None and n <= 0:
             raise UserError(f"{flag} {n}: must be a positive number of tokens")
@@ -102,18 +128,23 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
         raise UserError(f"{req.model} is already a compress artifact: prune the float model, then quantize the "
                         "pruned one")
     lmap = layer_map(loaded.module)
-    total_units = lmap.num_blocks if mode == "blocks" else lmap.num_sublayers
+    if mode == "width":
+        from compress.prune.width import layout_of
+
+        layout_of(loaded.module, lmap)  # refuses families without a known head/FFN layout before any work
+    total_units = lmap.num_sublayers if mode == "sublayers" else lmap.num_blocks
     if total_units == 0:
         raise UserError(f"{req.model}: no attention/FFN sublayers found in its blocks; use --blocks")
-    count = resolve_amount(req.blocks or req.sublayers, f"--{mode}", total_units, mode)
-    method = req.method or "greedy"
+    count = (resolve_amount(_amount(req, mode), f"--{mode}", total_units, mode) if mode != "width"
+             else width_fraction(req.width))
+    method = ("adaptive" if req.adaptive else "uniform") if mode == "width" else req.method or "greedy"
     tokens = req.tokens or DEFAULT_TOKENS[mode]
     calib, heldout = load_split(req.data, loaded, tokens, req.eval_tokens, req.seq_len, req.seed)
     reference = copy.deepcopy(loaded) if req.evaluate else None
     params_before = _params(loaded.module)
     ctx = ScoringContext(loaded, lmap, calib, progress)
     result: dict = {"model": req.model, "mode": mode, "method": "finercut" if mode == "sublayers" else method,
-                    "requested": req.blocks or req.sublayers, "count": count, "of": total_units,
+                    "requested": _amount(req, mode), "count": count, "of": total_units,
                     "num_blocks": lmap.num_blocks, "sublayer_names": sorted({n for b in lmap.blocks
                                                                               for n in b.sublayers}),
                     "divergence": ctx.divergence_name, "calibration": calib.describe(), "notes": []}
@@ -125,17 +156,30 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
         result["blocks_after"] = record["num_blocks"]
         if record["config_lists_trimmed"]:
             result["notes"].append("per-layer config lists trimmed: " + ", ".join(record["config_lists_trimmed"]))
-    else:
+    elif mode == "sublayers":
         sel = finercut(ctx, count)
         del ctx
         removed_modules = remove_sublayers(loaded.module, lmap, sel.removed, loaded.kind)
         result["removed"] = [{"block": i, "sublayer": n, "params": lmap.blocks[i].sublayers[n].params}
                              for i, n in sel.removed]
-    paths = [p for u in sel.removed
-             for p in ([lmap.blocks[u].path] if mode == "blocks" else lmap.blocks[u[0]].sublayers[u[1]].paths)]
-    result["plan"] = {"rules": {p: {"action": "remove"} for p in paths},
-                      "meta": {"mode": mode, "method": result["method"], "count": count,
-                               "calibration": calib.describe()}}
+    else:
+        from compress.prune.width_run import prune_width_request
+
+        sel, width_record, rules = prune_width_request(ctx, count, req.adaptive, req.importance)
+        del ctx
+        single = sel.scores[0]
+        result["removed"] = [{"block": i, "attention_ratio": a, "ffn_ratio": f,
+                              "kept_heads": len(width_record["layers"][i]["kept_heads"]),
+                              "kept_channels": len(width_record["layers"][i]["kept_channels"]),
+                              "distortion_alone": single.get((i, "distortion"))}
+                             for i, (a, f) in ((i, width_record["ratios"][i]) for i in sorted(width_record["ratios"]))]
+        result["width"] = width_record
+    if mode != "width":
+        paths = [p for u in sel.removed
+                 for p in ([lmap.blocks[u].path] if mode == "blocks" else lmap.blocks[u[0]].sublayers[u[1]].paths)]
+        rules = {p: {"action": "remove"} for p in paths}
+    result["plan"] = {"rules": rules, "meta": {"mode": mode, "method": result["method"], "count": count,
+                                               "calibration": calib.describe()}}
     result["selection"] = sel.to_dict()
     result["select_seconds"] = round(sel.seconds, 2)
     result["params_before"], result["params_after"] = params_before, _params(loaded.module)
@@ -157,6 +201,11 @@ def _save(loaded, mode: str, removed_modules: dict | None, out: Path, result: di
         from compress.prune.artifact import save_pruned
 
         save_pruned(loaded, removed_modules or {}, out, {"prune": result, "metrics": result.get("metrics")})
+        return
+    if mode == "width":
+        from compress.prune.width import save_width_pruned
+
+        save_width_pruned(loaded, result["width"], out, {"prune": result, "metrics": result.get("metrics")})
         return
     import json
 
