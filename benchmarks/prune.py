@@ -34,8 +34,9 @@ def main() -> None:
     ap.add_argument("--finercut-tokens", type=int, default=512)
     ap.add_argument("--methods", default="bi,ablation,greedy")
     ap.add_argument("--encoder", default="minilm-l6", help="Encoder pruned by 2 blocks first ('' to skip)")
-    ap.add_argument("--only", choices=("all", "blocks", "finercut"), default="all",
-                    help="finercut: keep the block rows of the last run (results JSON), rerun FinerCut only")
+    ap.add_argument("--only", choices=("all", "blocks", "width", "finercut"), default="all",
+                    help="finercut / width: keep the other rows of the last run (results JSON), rerun that part only")
+    ap.add_argument("--width", default="25%", help="Width pruning share (uniform and adaptive)")
     ap.add_argument("--merge", action="store_true", help="Add this run's rows to the last run's (results JSON)")
     ap.add_argument("--out", type=Path, default=None, help="Markdown file (default BENCHMARKS.md)")
     a = ap.parse_args()
@@ -47,6 +48,9 @@ def main() -> None:
     from compress.prune.run import resolve_amount
     from compress.prune.sublayers import finercut, remove_sublayers
     from evals.evaluate import evaluate
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from export_quant import torch_decode_ms
 
     torch.set_num_threads(2)
     t_start = time.perf_counter()
@@ -63,9 +67,12 @@ def main() -> None:
     state: dict = {"model": a.model, "count": count, "num_blocks": lmap.num_blocks, "params": params0, "rows": [],
                    "calibration": calib.describe(), "finercut": None}
 
+    prompt = anchors.input_ids[:1, :64].numpy()
+
     def measure(label: str, cand, sel, extra: dict | None = None) -> dict:
         r = evaluate(cand, ref, anchors)
         row = {"label": label, "params": sum(p.numel() for p in cand.module.parameters()), "kl_mean": r.kl_mean,
+               "decode_ms": round(torch_decode_ms(cand.module, prompt, 4, 24), 2),
                "kl_p99": r.kl_p99, "top1": r.top1_agreement, "ppl": r.ppl, "ppl_ref": r.ppl_ref,
                "select_s": round(sel.seconds, 1), "removed": sel.to_dict()["removed"],
                "calib_divergence": sel.divergence[-1], **(extra or {})}
@@ -80,18 +87,21 @@ def main() -> None:
         raw.write_text(json.dumps(state, indent=1))
         _write_section(a, state, anchors)
 
-    if a.only == "finercut" or a.merge:
+    if a.only in ("finercut", "width") or a.merge:
         state = {**json.loads(raw.read_text())}
         state["seconds_before"] = state.get("seconds", 0)  # the part of the run this one adds to
         if a.only == "finercut":
-            state["rows"] = [r for r in state["rows"] if r["kind"] == "blocks"]
+            state["rows"] = [r for r in state["rows"] if r["kind"] != "sublayers"]
             state["finercut"] = None
+        if a.only == "width":
+            state["rows"] = [r for r in state["rows"] if r["kind"] != "width"]
     elif a.encoder:
         state["encoder"] = _encoder(a.encoder, a.methods.split(","), a.calib_tokens)
         publish()
+    state["original_decode_ms"] = round(torch_decode_ms(ref.module, prompt, 4, 24), 2)
     ctx = ScoringContext(ref, lmap, calib)
     block_params = params0 - sum(sorted(b.params for b in lmap.blocks)[:count])
-    for method in a.methods.split(",") if a.only != "finercut" else []:
+    for method in a.methods.split(",") if a.only in ("all", "blocks") else []:
         sel = select_blocks(ctx, count, method)
         cand = copy.deepcopy(ref)
         remove_blocks(cand.module, layer_map(cand.module), sel.removed)
@@ -102,6 +112,10 @@ def main() -> None:
         publish()
     del ctx
     if a.only == "blocks":
+        return
+    if a.only in ("all", "width"):
+        _width_rows(a, ref, measure, publish)
+    if a.only == "width":
         return
 
     fc_calib = load_windows(CALIB, ref, split="calibration", tokens=a.finercut_tokens)
@@ -127,6 +141,29 @@ def main() -> None:
                                              for n, s in b.sublayers.items()}}
     _plot(a.model, lmap, sel, REPO / "benchmarks" / "results" / f"prune-finercut-{name}.png")
     publish()
+
+
+def _width_rows(a, ref, measure, publish) -> None:
+    """Width pruning at --width, uniform and adaptive (DP, same parameter count), each on its own copy."""
+    from compress.data import load_windows
+    from compress.importance.context import ScoringContext
+    from compress.models import layer_map
+    from compress.prune.run import width_fraction
+    from compress.prune.width_run import prune_width_request
+
+    calib = load_windows(CALIB, ref, split="calibration", tokens=1024)
+    for adaptive in (False, True):
+        cand = copy.deepcopy(ref)
+        ctx = ScoringContext(cand, layer_map(cand.module), calib)
+        sel, record, _ = prune_width_request(ctx, width_fraction(a.width), adaptive)
+        del ctx
+        ratios = record["ratios"]
+        mix = sorted({f"{r[0]:.0%}/{r[1]:.0%}" for r in ratios.values()})
+        measure(f"width {a.width} {'adaptive (DP)' if adaptive else 'uniform'}", cand, sel,
+                {"kind": "width", "method": "adaptive" if adaptive else "uniform", "calib_tokens": calib.num_tokens,
+                 "ratios": {str(k): v for k, v in ratios.items()}, "mix": mix})
+        del cand
+        publish()
 
 
 def _encoder(spec: str, methods: list[str], tokens: int) -> dict:
@@ -183,21 +220,34 @@ def _write_section(a, state: dict, anchors) -> None:
              "time of choosing (replaying cached hidden states from the first changed block), one run."
              + (f" {state['note']}" if state.get("note") else "")]
     ppl_ref = state["rows"][0]["ppl_ref"] if state["rows"] else float("nan")
+    dec0 = state.get("original_decode_ms")
     lines += ["", f"| pruned model | params | KL | KL p99 | top-1 | ppl (original {ppl_ref:.2f}) | calibration KL | "
-              "select s | removed |", "|---|---|---|---|---|---|---|---|---|",
-              f"| original | {state['params']:,} | 0 | 0 | 1 | {ppl_ref:.2f} | 0 | - | - |"]
+              "select s | decode ms/token (× original) | removed |", "|---|---|---|---|---|---|---|---|---|---|",
+              f"| original | {state['params']:,} | 0 | 0 | 1 | {ppl_ref:.2f} | 0 | - | {dec0 or '-'} | - |"]
     for r in state["rows"]:
         if r["kind"] == "blocks" and r["calib_tokens"] != state["calibration"]["tokens"]:
             r = {**r, "label": f"{r['label']} ({r['calib_tokens']} calibration tokens)"}
-        removed = ", ".join(r["removed"]) if r["kind"] == "blocks" else f"{len(r['removed'])} (see below)"
+        removed = (", ".join(r["removed"]) if r["kind"] == "blocks" else
+                   "attention/FFN per block: " + ", ".join(r["mix"]) if r["kind"] == "width" else
+                   f"{len(r['removed'])} (see below)")
+        dec = r.get("decode_ms")
+        dec = "-" if dec is None else f"{dec} ({dec / dec0:.2f}×)" if dec0 else f"{dec}"
         lines.append(f"| {r['label']} | {r['params']:,} | {r['kl_mean']:.4f} | {r['kl_p99']:.3f} | {r['top1']:.3f} | "
-                     f"{r['ppl']:.2f} | {r['calib_divergence']:.4f} | {r['select_s']} | {removed} |")
+                     f"{r['ppl']:.2f} | {r['calib_divergence']:.4f} | {r['select_s']} | {dec} | {removed} |")
     bi = next((r for r in state["rows"] if r.get("method") == "bi"), None)
     ours = [r for r in state["rows"] if r.get("method") != "bi" and (r["kind"] == "blocks" or "equal" in r["label"])]
     if bi and ours:
         best = min(ours, key=lambda r: r["kl_mean"])
         lines += ["", f"Best of ours vs one-shot BI: {best['label']} KL {best['kl_mean']:.4f} = "
                       f"**{best['kl_mean'] / bi['kl_mean']:.2f}×** BI's {bi['kl_mean']:.4f} (target ≤ 0.8×)."]
+    wu = next((r for r in state["rows"] if r["kind"] == "width" and r["method"] == "uniform"), None)
+    wa = next((r for r in state["rows"] if r["kind"] == "width" and r["method"] == "adaptive"), None)
+    if wu and wa:
+        lines += ["", f"Width {a.width}: adaptive (DP over per-block ratios 0–75%, distortion measured one block at a "
+                      f"time on {wa['calib_tokens']} calibration tokens, attention rounded to whole KV groups) KL "
+                      f"{wa['kl_mean']:.4f} at {wa['params']:,} params vs uniform {wu['kl_mean']:.4f} at "
+                      f"{wu['params']:,}: **{wa['kl_mean'] / wu['kl_mean']:.2f}×**. Adaptive ratios per block: "
+                      + ", ".join(f"{k}: {v[0]:.0%}/{v[1]:.0%}" for k, v in wa["ratios"].items()) + "."]
     fc = state.get("finercut")
     if fc:
         order = fc["order"]

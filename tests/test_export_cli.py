@@ -9,6 +9,7 @@ from tiny_models import build
 from typer.testing import CliRunner
 
 from cli import app
+from compress.errors import UserError
 
 
 @pytest.fixture
@@ -73,6 +74,28 @@ def test_quantized_artifact_exports_with_its_own_codes_and_validates_twice(tmp_p
     rewrite = result["export"]["extra"]["rewrite"]
     assert rewrite["layers"] and any("embed" in n for n in rewrite["layers"])
     assert json.loads((tmp_path / "onnx" / "validation.json").read_text())["format"] == fmt
+
+
+def test_int8_activations_set_the_accuracy_level_and_validate_by_distribution(tmp_path, monkeypatch):
+    import onnx
+
+    from compress.quantize.run import QuantizeRequest, run_quantize
+    from exporters.run import ExportRequest, run_export
+
+    monkeypatch.setattr("compress.models.load_model", lambda *a, **k: build("llama"))
+    art = tmp_path / "art"
+    run_quantize(QuantizeRequest(model="tiny", bits=4, target="ort", embeddings="quantize", evaluate=False, out=art))
+    result = run_export(ExportRequest(model=str(art), out=tmp_path / "onnx", fmt="int4", accuracy_level=4,
+                                      data="self", tokens=32, seq_len=16))
+    own = result["validation"]["vs artifact (int8 activations: KL and top-1)"]
+    assert result["passed"] and own["tolerance"]["kl_max"] == 0.01 and not own["tolerance"]["elementwise"]
+    levels = {a.i for n in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
+    with pytest.raises(UserError, match="applies to --format int4"):
+        run_export(ExportRequest(model=str(art), out=tmp_path / "x", fmt="qdq", accuracy_level=4))
+    with pytest.raises(UserError, match="use 0"):
+        run_export(ExportRequest(model=str(art), out=tmp_path / "x", fmt="int4", accuracy_level=2))
 
 
 def test_a_trt_artifact_with_a_quantized_embedding_passes_check_trt(tmp_path, monkeypatch):
