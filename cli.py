@@ -387,6 +387,9 @@ def prune(
                                                             "same parameter count as uniform."),
     importance: str = typer.Option("activation", "--importance", help="--width: activation (|contribution| to the "
                                                                       "output) | taylor (|a·∂L/∂a|)."),
+    heal: int = typer.Option(0, "--heal", help="After pruning, distil toward the original for STEPS windows of "
+                                               "calibration text (KL; encoders 1 − cos). Reports before/after."),
+    heal_lr: float = typer.Option(5e-5, "--heal-lr", help="Learning rate of --heal (AdamW)."),
     method: str = typer.Option(None, "--method", help="--blocks: bi (one-shot Block Influence) | ablation (one-shot "
                                                       "skip KL) | greedy (re-measured after each removal; default)."),
     data: str = DATA,
@@ -409,7 +412,8 @@ def prune(
 
     def go():
         request = PruneRequest(model=model, blocks=blocks, sublayers=sublayers, width=width, adaptive=adaptive,
-                               importance=importance, method=method, data=data, tokens=tokens,
+                               importance=importance, heal=heal, heal_lr=heal_lr, method=method, data=data,
+                               tokens=tokens,
                                eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, out=out, arch=arch,
                                trust_pickle=trust_pickle)
         with progress_bar(not json_out) as p:
@@ -434,10 +438,13 @@ def prune(
                                [[k + 1, u, d] for k, (u, d) in enumerate(zip(sel["removed"], sel["divergence"],
                                                                              strict=True))]))
         m = result.get("metrics") or {}
-        rows = [["params", result["params_after"], result["params_before"]]]
-        rows += [[k, m.get(k), m.get("ppl_ref") if k == "ppl" else None] for k in
-                 ("ppl", "kl_mean", "kl_p99", "top1_agreement", "emb_cosine") if m.get(k) is not None]
-        stdout.print(table("after pruning (held-out windows)", ["metric", "value", "original"], rows))
+        healed = (result.get("heal") or {}).get("metrics_before")
+        keys = [k for k in ("ppl", "kl_mean", "kl_p99", "top1_agreement", "emb_cosine") if m.get(k) is not None]
+        rows = [["params", result["params_after"], result["params_before"]] + ([None] if healed else [])]
+        rows += [[k, m.get(k), m.get("ppl_ref") if k == "ppl" else None] + ([healed.get(k)] if healed else [])
+                 for k in keys]
+        stdout.print(table("after pruning (held-out windows)" + (f", healed {heal} steps" if healed else ""),
+                           ["metric", "value", "original"] + (["before healing"] if healed else []), rows))
         for note in result["notes"]:
             stdout.print(f"note: {note}")
         for path in (result.get("out"), plot):

@@ -206,6 +206,7 @@ def test_amounts_round_half_up():
     (["--blocks", "1", "--adaptive"], "--adaptive applies to --width"),
     (["--width", "25%", "--method", "bi"], "applies to --blocks"),
     (["--width", "25%", "--blocks", "1"], "choose one"),
+    (["--blocks", "1", "--heal", "-3"], "--heal -3"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(args, needle, tiny_dirs, tmp_path):
     out = tmp_path / "out"
@@ -243,3 +244,14 @@ def test_width_uniform_is_a_plain_model_and_adaptive_reloads(tiny_dirs, tmp_path
     assert sum(p.numel() for p in back.module.parameters()) == adaptive["params_after"]
     assert torch.isfinite(_logits(back.module, ids)).all()
     assert runner.invoke(app, ["load", str(tmp_path / "a"), "--json"]).exit_code == 0
+
+
+def test_heal_lowers_the_calibration_kl_and_reports_before_and_after(tiny_dirs, tmp_path):
+    r = runner.invoke(app, ["prune", str(tiny_dirs["llama"]), "--blocks", "1", "--method", "bi", "--heal", "12",
+                            "--heal-lr", "5e-4", "--tokens", "64", "--eval-tokens", "64", "--seq-len", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    h = result["heal"]
+    assert h["steps"] == 12 and len(h["losses"]) == 12 and h["loss_last_pass"] < h["loss_first_pass"]
+    assert h["metrics_before"]["kl_mean"] > 0 and result["metrics"]["kl_mean"] > 0
+    assert any("healed 12 steps" in n for n in result["notes"])

@@ -29,6 +29,8 @@ class PruneRequest:
     width: str | None = None  # "25%": attention KV groups and FFN channels of every block
     adaptive: bool = False  # width: per-block ratios by DP on measured distortion (same parameter count)
     importance: str = "activation"  # width: activation | taylor
+    heal: int = 0  # distillation steps toward the original after pruning (0: none)
+    heal_lr: float = 5e-5
     method: str | None = None  # blocks: bi | ablation | greedy (default); sublayers: greedy (FinerCut) only
     data: str | None = None
     tokens: int | None = None  # calibration tokens; None: 2048 for blocks, 1024 for sublayers
@@ -97,6 +99,10 @@ def _validate(req: PruneRequest) -> str:
         raise UserError(f"unknown --method '{req.method}': use {', '.join(METHODS)}")
     if mode != "blocks" and req.method is not None and not (mode == "sublayers" and req.method == "greedy"):
         raise UserError(f"--method {req.method} applies to --blocks; --{mode} has its own search")
+    if req.heal < 0:
+        raise UserError(f"--heal {req.heal}: give a number of distillation steps ≥ 1 (or leave it out)")
+    if not req.heal_lr > 0:
+        raise UserError(f"--heal-lr {req.heal_lr}: give a positive learning rate, e.g. 5e-5")
     for flag, n in (("--tokens", req.tokens), ("--eval-tokens", req.eval_tokens)):
         if n is not None and n <= 0:
             raise UserError(f"{flag} {n}: must be a positive number of tokens")
@@ -140,7 +146,7 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
     method = ("adaptive" if req.adaptive else "uniform") if mode == "width" else req.method or "greedy"
     tokens = req.tokens or DEFAULT_TOKENS[mode]
     calib, heldout = load_split(req.data, loaded, tokens, req.eval_tokens, req.seq_len, req.seed)
-    reference = copy.deepcopy(loaded) if req.evaluate else None
+    reference = copy.deepcopy(loaded) if req.evaluate or req.heal else None
     params_before = _params(loaded.module)
     ctx = ScoringContext(loaded, lmap, calib, progress)
     result: dict = {"model": req.model, "mode": mode, "method": "finercut" if mode == "sublayers" else method,
@@ -183,6 +189,13 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
     result["selection"] = sel.to_dict()
     result["select_seconds"] = round(sel.seconds, 2)
     result["params_before"], result["params_after"] = params_before, _params(loaded.module)
+    if req.heal:
+        from compress.prune.heal import heal
+
+        before = evaluate(loaded, reference, heldout, progress).to_dict()
+        result["heal"] = {**heal(loaded, reference, calib, req.heal, req.heal_lr, progress), "metrics_before": before}
+        result["notes"].append(f"healed {req.heal} steps (lr {req.heal_lr:g}) in {result['heal']['seconds']} s on "
+                               "the calibration windows; metrics before healing: heal.metrics_before")
     if reference is not None:
         result["metrics"] = evaluate(loaded, reference, heldout, progress).to_dict()
     result["seconds"] = round(time.perf_counter() - t0, 2)
