@@ -383,8 +383,16 @@ def prune(
                                                             "load`."),
     width: str = typer.Option(None, "--width", help="Remove P% of every block's attention KV groups (whole GQA "
                                                     "groups) and FFN channels, by importance: a smaller dense model."),
-    adaptive: bool = typer.Option(False, "--adaptive", help="--width: per-block ratios chosen by DP on measured KL, "
-                                                            "same parameter count as uniform."),
+    sparsity: str = typer.Option(None, "--sparsity", help="Zero P% of the block Linears' weights, lowest "
+                                                          "|W|·‖X‖ (Wanda) per output row: dense zeros, a plain "
+                                                          "transformers model."),
+    pattern: str = typer.Option("unstructured", "--pattern", help="--sparsity: unstructured | 2:4 (N:M: keep N of "
+                                                                  "every M; 2:4 needs --sparsity 50%)."),
+    granularity: str = typer.Option("block", "--granularity", help="--sparsity --adaptive: one ratio per block or "
+                                                                   "per Linear."),
+    adaptive: bool = typer.Option(False, "--adaptive", help="--width / --sparsity: per-block ratios chosen by DP on "
+                                                            "measured KL, same parameter (or zero) count as "
+                                                            "uniform."),
     importance: str = typer.Option("activation", "--importance", help="--width: activation (|contribution| to the "
                                                                       "output) | taylor (|a·∂L/∂a|)."),
     heal: int = typer.Option(0, "--heal", help="After pruning, distil toward the original for STEPS windows of "
@@ -406,12 +414,13 @@ def prune(
     trust_pickle: bool = TRUST,
     debug: bool = DEBUG,
 ) -> None:
-    """Remove whole blocks (--blocks), attention/FFN sublayers (--sublayers, FinerCut) or width (--width: heads and
-    FFN channels), chosen by importance measured on calibration data."""
+    """Remove whole blocks (--blocks), attention/FFN sublayers (--sublayers, FinerCut), width (--width: heads and
+    FFN channels) or weights (--sparsity), chosen by importance measured on calibration data."""
     from compress.prune.run import PruneRequest, run_prune
 
     def go():
-        request = PruneRequest(model=model, blocks=blocks, sublayers=sublayers, width=width, adaptive=adaptive,
+        request = PruneRequest(model=model, blocks=blocks, sublayers=sublayers, width=width, sparsity=sparsity,
+                               pattern=pattern, granularity=granularity, adaptive=adaptive,
                                importance=importance, heal=heal, heal_lr=heal_lr, method=method, data=data,
                                tokens=tokens,
                                eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, out=out, arch=arch,
@@ -426,7 +435,15 @@ def prune(
             print_json(result)
             return
         sel = result["selection"]
-        if result["mode"] == "width":
+        if result["mode"] == "sparsity":
+            sp = result["sparsity"]
+            stdout.print(table(f"{model}: sparsity {result['requested']} {sp['pattern']} ({result['method']}) in "
+                               f"{sel['seconds']} s; {sp['sparsity']:.1%} of {sp['weights']:,} block weights zero; "
+                               f"calibration divergence {sel['divergence'][-1]:.4g}",
+                               ["block", "zeros", "weights", "sparsity"],
+                               [[d["block"], d["zeros"], d["weights"], f"{d['sparsity']:.1%}"]
+                                for d in result["removed"]]))
+        elif result["mode"] == "width":
             stdout.print(table(f"{model}: width {result['requested']} ({result['method']}) in {sel['seconds']} s; "
                                f"calibration divergence {sel['divergence'][-1]:.4g}",
                                ["block", "attention", "FFN", "heads kept", "FFN kept", "KL alone"],

@@ -207,6 +207,10 @@ def test_amounts_round_half_up():
     (["--width", "25%", "--method", "bi"], "applies to --blocks"),
     (["--width", "25%", "--blocks", "1"], "choose one"),
     (["--blocks", "1", "--heal", "-3"], "--heal -3"),
+    (["--sparsity", "50"], "give a percentage"),
+    (["--sparsity", "30%", "--pattern", "3:3"], "--pattern"),
+    (["--sparsity", "50%", "--pattern", "2:4", "--adaptive"], "N:M sparsity has one fixed ratio"),
+    (["--sparsity", "50%", "--granularity", "head"], "--granularity head"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(args, needle, tiny_dirs, tmp_path):
     out = tmp_path / "out"
@@ -255,3 +259,19 @@ def test_heal_lowers_the_calibration_kl_and_reports_before_and_after(tiny_dirs, 
     assert h["steps"] == 12 and len(h["losses"]) == 12 and h["loss_last_pass"] < h["loss_first_pass"]
     assert h["metrics_before"]["kl_mean"] > 0 and result["metrics"]["kl_mean"] > 0
     assert any("healed 12 steps" in n for n in result["notes"])
+
+
+def test_sparsity_uniform_and_adaptive_save_plain_models_with_their_zeros(tiny_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = str(tiny_dirs["llama"])
+    common = ["--tokens", "64", "--eval-tokens", "32", "--seq-len", "16", "--json"]
+    for extra, name in ((["--pattern", "2:4"], "nm"), (["--adaptive", "--granularity", "linear"], "ad")):
+        r = runner.invoke(app, ["prune", src, "--sparsity", "50%", *extra, "--out", str(tmp_path / name), *common])
+        assert r.exit_code == 0, r.output
+        result = json.loads(r.stdout)
+        assert result["sparsity"]["sparsity"] >= 0.5 - 1e-9 if name == "ad" else result["sparsity"]["sparsity"] > 0.49
+        back = AutoModelForCausalLM.from_pretrained(tmp_path / name)
+        zeros = sum(int((back.get_submodule(p).weight == 0).sum()) for p in result["sparsity"]["linears"])
+        assert zeros == result["sparsity"]["zeros"]
+        assert result["selection"]["divergence"][-1] > 0 and result["metrics"]["kl_mean"] > 0

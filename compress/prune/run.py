@@ -14,8 +14,9 @@ from compress.errors import UserError
 from compress.prune.blocks import METHODS
 
 AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(%?)\s*$")
-DEFAULT_TOKENS = {"blocks": 2048, "sublayers": 1024, "width": 1024}
-MODES = ("blocks", "sublayers", "width")
+DEFAULT_TOKENS = {"blocks": 2048, "sublayers": 1024, "width": 1024, "sparsity": 1024}
+MODES = ("blocks", "sublayers", "width", "sparsity")
+SHARE_MODES = ("width", "sparsity")  # amounts are a share of every block, not a count of units
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling")
 
 
@@ -27,6 +28,9 @@ class PruneRequest:
     blocks: str | None = None  # "8" or "25%"
     sublayers: str | None = None
     width: str | None = None  # "25%": attention KV groups and FFN channels of every block
+    sparsity: str | None = None  # "50%": weights of the block Linears zeroed (Wanda score)
+    pattern: str = "unstructured"  # sparsity: unstructured | 2:4 (N:M)
+    granularity: str = "block"  # sparsity --adaptive: one ratio per block or per Linear
     adaptive: bool = False  # width: per-block ratios by DP on measured distortion (same parameter count)
     importance: str = "activation"  # width: activation | taylor
     heal: int = 0  # distillation steps toward the original after pruning (0: none)
@@ -68,14 +72,14 @@ def resolve_amount(text: str, flag: str, total: int, what: str) -> int:
 
 
 def _amount(req: PruneRequest, mode: str) -> str:
-    return {"blocks": req.blocks, "sublayers": req.sublayers, "width": req.width}[mode]
+    return {"blocks": req.blocks, "sublayers": req.sublayers, "width": req.width, "sparsity": req.sparsity}[mode]
 
 
-def width_fraction(text: str) -> float:
-    """'25%' -> 0.25: the share of every block's attention KV groups and FFN channels to remove."""
-    value, pct = parse_amount(text, "--width")
+def width_fraction(text: str, flag: str = "--width") -> float:
+    """'25%' -> 0.25: the share of every block's width (or of its weights, for --sparsity) to remove."""
+    value, pct = parse_amount(text, flag)
     if not pct:
-        raise UserError(f"--width {text}: give a percentage of each block's width, e.g. 25%")
+        raise UserError(f"{flag} {text}: give a percentage of each block, e.g. 25%")
     return value / 100
 
 
@@ -83,8 +87,8 @@ def _validate(req: PruneRequest) -> str:
     """Check everything that needs no model; return the mode ('blocks', 'sublayers' or 'width')."""
     given = [m for m in MODES if _amount(req, m) is not None]
     if len(given) != 1:
-        raise UserError("choose one: --blocks N|P% (whole blocks), --sublayers N|P% (FinerCut) or --width P% "
-                        "(heads and FFN channels)")
+        raise UserError("choose one: --blocks N|P% (whole blocks), --sublayers N|P% (FinerCut), --width P% "
+                        "(heads and FFN channels) or --sparsity P% (weights)")
     mode = given[0]
     parse_amount(_amount(req, mode), f"--{mode}")
     if mode == "width":
@@ -93,8 +97,18 @@ def _validate(req: PruneRequest) -> str:
 
         if req.importance not in IMPORTANCE:
             raise UserError(f"unknown --importance '{req.importance}': use {', '.join(IMPORTANCE)}")
+    elif mode == "sparsity":
+        width_fraction(req.sparsity, "--sparsity")
+        from compress.prune.sparsity import GRANULARITIES, parse_pattern
+
+        parse_pattern(req.pattern)
+        if req.granularity not in GRANULARITIES:
+            raise UserError(f"--granularity {req.granularity}: use {' or '.join(GRANULARITIES)}")
+        if req.adaptive and req.pattern != "unstructured":
+            raise UserError(f"--adaptive with --pattern {req.pattern}: N:M sparsity has one fixed ratio; drop "
+                            "--adaptive or use --pattern unstructured")
     elif req.adaptive:
-        raise UserError("--adaptive applies to --width (per-block ratios by DP); drop it or use --width P%")
+        raise UserError("--adaptive applies to --width and --sparsity (per-block ratios by DP)")
     if req.method is not None and req.method not in METHODS:
         raise UserError(f"unknown --method '{req.method}': use {', '.join(METHODS)}")
     if mode != "blocks" and req.method is not None and not (mode == "sublayers" and req.method == "greedy"):
@@ -141,9 +155,9 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
     total_units = lmap.num_sublayers if mode == "sublayers" else lmap.num_blocks
     if total_units == 0:
         raise UserError(f"{req.model}: no attention/FFN sublayers found in its blocks; use --blocks")
-    count = (resolve_amount(_amount(req, mode), f"--{mode}", total_units, mode) if mode != "width"
-             else width_fraction(req.width))
-    method = ("adaptive" if req.adaptive else "uniform") if mode == "width" else req.method or "greedy"
+    count = (resolve_amount(_amount(req, mode), f"--{mode}", total_units, mode) if mode not in SHARE_MODES
+             else width_fraction(_amount(req, mode), f"--{mode}"))
+    method = ("adaptive" if req.adaptive else "uniform") if mode in SHARE_MODES else req.method or "greedy"
     tokens = req.tokens or DEFAULT_TOKENS[mode]
     calib, heldout = load_split(req.data, loaded, tokens, req.eval_tokens, req.seq_len, req.seed)
     reference = copy.deepcopy(loaded) if req.evaluate or req.heal else None
@@ -168,6 +182,14 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
         removed_modules = remove_sublayers(loaded.module, lmap, sel.removed, loaded.kind)
         result["removed"] = [{"block": i, "sublayer": n, "params": lmap.blocks[i].sublayers[n].params}
                              for i, n in sel.removed]
+    elif mode == "sparsity":
+        from compress.prune.sparsity_run import prune_sparsity_request
+
+        sel, sparsity_record, rules = prune_sparsity_request(ctx, count, req.pattern, req.adaptive,
+                                                             req.granularity)
+        del ctx
+        result["removed"] = [{"block": int(i), **b} for i, b in sparsity_record["blocks"].items()]
+        result["sparsity"] = sparsity_record
     else:
         from compress.prune.width_run import prune_width_request
 
@@ -180,7 +202,7 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
                               "distortion_alone": single.get((i, "distortion"))}
                              for i, (a, f) in ((i, width_record["ratios"][i]) for i in sorted(width_record["ratios"]))]
         result["width"] = width_record
-    if mode != "width":
+    if mode not in SHARE_MODES:
         paths = [p for u in sel.removed
                  for p in ([lmap.blocks[u].path] if mode == "blocks" else lmap.blocks[u[0]].sublayers[u[1]].paths)]
         rules = {p: {"action": "remove"} for p in paths}
