@@ -37,6 +37,10 @@ def main() -> None:
     ap.add_argument("--only", choices=("all", "blocks", "width", "finercut"), default="all",
                     help="finercut / width: keep the other rows of the last run (results JSON), rerun that part only")
     ap.add_argument("--width", default="25%", help="Width pruning share (uniform and adaptive)")
+    ap.add_argument("--sparsity", default="50%", help="Weight sparsity rows (uniform, adaptive, 2:4); '' to skip")
+    ap.add_argument("--heal", type=int, default=48, help="Distillation steps on the best block-pruned model (0: skip)")
+    ap.add_argument("--heal-lr", type=float, default=5e-5)
+    ap.add_argument("--heal-tokens", type=int, default=8192, help="Calibration tokens the healing cycles over")
     ap.add_argument("--merge", action="store_true", help="Add this run's rows to the last run's (results JSON)")
     ap.add_argument("--out", type=Path, default=None, help="Markdown file (default BENCHMARKS.md)")
     a = ap.parse_args()
@@ -101,6 +105,7 @@ def main() -> None:
     state["original_decode_ms"] = round(torch_decode_ms(ref.module, prompt, 4, 24), 2)
     ctx = ScoringContext(ref, lmap, calib)
     block_params = params0 - sum(sorted(b.params for b in lmap.blocks)[:count])
+    best = None
     for method in a.methods.split(",") if a.only in ("all", "blocks") else []:
         sel = select_blocks(ctx, count, method)
         cand = copy.deepcopy(ref)
@@ -108,13 +113,29 @@ def main() -> None:
         row = measure(f"{method}: {count} blocks", cand, sel, {"kind": "blocks", "method": method,
                                                               "calib_tokens": calib.num_tokens})
         block_params = row["params"]
+        if best is None or row["kl_mean"] < best[0]["kl_mean"]:
+            best = (row, cand, sel)
         del cand
         publish()
     del ctx
+    if best is not None and a.heal:
+        from compress.prune.heal import heal
+
+        row, cand, sel = best
+        heal_windows = load_windows(CALIB, ref, split="calibration", tokens=a.heal_tokens)
+        h = heal(cand, ref, heal_windows, a.heal, a.heal_lr)
+        measure(f"{row['label']} + heal {a.heal} steps", cand, sel,
+                {"kind": "blocks-healed", "method": row["method"], "calib_tokens": calib.num_tokens,
+                 "heal_s": h["seconds"], "heal_tokens": heal_windows.num_tokens, "heal_lr": a.heal_lr,
+                 "kl_before_heal": row["kl_mean"]})
+        publish()
+    best = None
     if a.only == "blocks":
         return
     if a.only in ("all", "width"):
         _width_rows(a, ref, measure, publish)
+        if a.sparsity:
+            _sparsity_rows(a, ref, measure, publish)
     if a.only == "width":
         return
 
@@ -162,6 +183,32 @@ def _width_rows(a, ref, measure, publish) -> None:
         measure(f"width {a.width} {'adaptive (DP)' if adaptive else 'uniform'}", cand, sel,
                 {"kind": "width", "method": "adaptive" if adaptive else "uniform", "calib_tokens": calib.num_tokens,
                  "ratios": {str(k): v for k, v in ratios.items()}, "mix": mix})
+        del cand
+        publish()
+
+
+def _sparsity_rows(a, ref, measure, publish) -> None:
+    """Weight sparsity at --sparsity (Wanda score), uniform and block-adaptive (DP, same number of zeros), and 2:4."""
+    from compress.data import load_windows
+    from compress.importance.context import ScoringContext
+    from compress.models import layer_map
+    from compress.prune.run import width_fraction
+    from compress.prune.sparsity_run import prune_sparsity_request
+
+    calib = load_windows(CALIB, ref, split="calibration", tokens=1024)
+    frac = width_fraction(a.sparsity, "--sparsity")
+    cases = [("uniform", "unstructured", False), ("adaptive (DP)", "unstructured", True)]
+    if abs(frac - 0.5) < 1e-9:
+        cases.append(("2:4", "2:4", False))
+    for label, pattern, adaptive in cases:
+        cand = copy.deepcopy(ref)
+        ctx = ScoringContext(cand, layer_map(cand.module), calib)
+        sel, record, _ = prune_sparsity_request(ctx, frac, pattern, adaptive)
+        del ctx
+        measure(f"sparsity {a.sparsity} {label}", cand, sel,
+                {"kind": "sparsity", "method": label, "calib_tokens": calib.num_tokens,
+                 "zeros": record["zeros"], "weights": record["weights"],
+                 "block_sparsity": {str(k): round(v["sparsity"], 3) for k, v in record["blocks"].items()}})
         del cand
         publish()
 
@@ -227,9 +274,11 @@ def _write_section(a, state: dict, anchors) -> None:
     for r in state["rows"]:
         if r["kind"] == "blocks" and r["calib_tokens"] != state["calibration"]["tokens"]:
             r = {**r, "label": f"{r['label']} ({r['calib_tokens']} calibration tokens)"}
-        removed = (", ".join(r["removed"]) if r["kind"] == "blocks" else
+        removed = (", ".join(r["removed"]) if r["kind"].startswith("blocks") else
                    "attention/FFN per block: " + ", ".join(r["mix"]) if r["kind"] == "width" else
-                   f"{len(r['removed'])} (see below)")
+                   f"{r['zeros']:,} of {r['weights']:,} block weights zero; per block "
+                   f"{min(r['block_sparsity'].values()):.0%}–{max(r['block_sparsity'].values()):.0%}"
+                   if r["kind"] == "sparsity" else f"{len(r['removed'])} (see below)")
         dec = r.get("decode_ms")
         dec = "-" if dec is None else f"{dec} ({dec / dec0:.2f}×)" if dec0 else f"{dec}"
         lines.append(f"| {r['label']} | {r['params']:,} | {r['kl_mean']:.4f} | {r['kl_p99']:.3f} | {r['top1']:.3f} | "
@@ -240,6 +289,12 @@ def _write_section(a, state: dict, anchors) -> None:
         best = min(ours, key=lambda r: r["kl_mean"])
         lines += ["", f"Best of ours vs one-shot BI: {best['label']} KL {best['kl_mean']:.4f} = "
                       f"**{best['kl_mean'] / bi['kl_mean']:.2f}×** BI's {bi['kl_mean']:.4f} (target ≤ 0.8×)."]
+    healed = next((r for r in state["rows"] if r["kind"] == "blocks-healed"), None)
+    if healed:
+        lines += ["", f"Healing ({healed['label']}): {healed['heal_tokens']} calibration tokens cycled in windows of "
+                      f"512, AdamW lr {healed['heal_lr']:g}, all weights trained, {healed['heal_s']:.0f} s on 2 "
+                      f"cores: KL {healed['kl_before_heal']:.4f} → {healed['kl_mean']:.4f} "
+                      f"({healed['kl_mean'] / healed['kl_before_heal']:.2f}×) on the held-out ANCHORS windows."]
     wu = next((r for r in state["rows"] if r["kind"] == "width" and r["method"] == "uniform"), None)
     wa = next((r for r in state["rows"] if r["kind"] == "width" and r["method"] == "adaptive"), None)
     if wu and wa:
