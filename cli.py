@@ -488,7 +488,8 @@ def export_(
     accuracy_level: int = typer.Option(0, "--accuracy-level", help="int4: MatMulNBits compute. 0 = fp32 (exact; "
                                                                    "validated to kernel rounding); 4 = int8 "
                                                                    "activations (about 1.6× faster decode on CPU; "
-                                                                   "validated by KL vs the artifact ≤ 0.01)."),
+                                                                   "validated vs the artifact by KL ≤ 0.01, top-1 "
+                                                                   "≥ 0.9, cosine ≥ 0.999)."),
     max_kl: float = typer.Option(None, "--max-kl", help="Quantized formats: fail when KL vs the original float "
                                                         "model exceeds this."),
     min_top1: float = typer.Option(None, "--min-top1", help="Quantized formats: fail when top-1 agreement with the "

@@ -20,8 +20,8 @@ FORMATS = ("fp32", "fp16", "int4", "qdq")
 QUANTIZED = ("int4", "qdq")
 ACCURACY_LEVELS = (0, 4)
 # int8 activations are not kernel rounding: their graph is checked against the artifact by distribution instead
-# (on SmolLM2 layer-wise 4.5 bpw: KL 0.004, top-1 0.957 vs the artifact; see BENCHMARKS.md).
-INT8_ACTIVATIONS_TOLERANCE = {"kl_max": 0.01, "top1_min": 0.9}
+# (on SmolLM2 layer-wise 4.5 bpw: logits KL 0.005, top-1 0.955, KV cache cosine 0.9997 vs the artifact).
+INT8_ACTIVATIONS_TOLERANCE = {"kl_max": 0.01, "top1_min": 0.9, "cos_min": 0.999}
 SUMMARY = "README.md"
 VALIDATION = "validation.json"
 
