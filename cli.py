@@ -471,6 +471,62 @@ def prune(
     run_command(go, debug)
 
 
+@app.command()
+def reparam(
+    model: str = MODEL,
+    fold_bn: bool = typer.Option(False, "--fold-bn", help="Fold BatchNorm into the Conv/Linear before it (and into "
+                                                          "the one after, where no zero padding makes it inexact)."),
+    merge_branches: bool = typer.Option(False, "--merge-branches", help="RepVGG-style blocks (rbr_dense/rbr_1x1/"
+                                                                        "rbr_identity): parallel branches → one conv."),
+    fold_norm: bool = typer.Option(False, "--fold-norm", help="LayerNorm/RMSNorm affine into the following Linears "
+                                                              "(the final norm of a tied head only with --untie)."),
+    merge_linear: bool = typer.Option(False, "--merge-linear", help="Linear → Linear with nothing between → one "
+                                                                    "Linear (skipped where it would add params)."),
+    untie: bool = typer.Option(False, "--untie", help="--fold-norm: untie the LM head so the final norm folds too "
+                                                      "(stores the head twice)."),
+    out: Path = typer.Option(None, "--out", help="Directory to write (complete or absent)."),
+    json_out: bool = JSON,
+    arch: str = ARCH,
+    trust_pickle: bool = TRUST,
+    debug: bool = DEBUG,
+) -> None:
+    """Remove training-time structure; every pass checks the model still computes the same outputs (exit 1 if not)."""
+    from compress.errors import UserError
+    from compress.reparam.run import run_reparam
+
+    def go():
+        passes = [name for name, on in (("fold-bn", fold_bn), ("merge-branches", merge_branches),
+                                        ("fold-norm", fold_norm), ("merge-linear", merge_linear)) if on]
+        if not passes:
+            raise UserError("choose at least one pass: --fold-bn, --merge-branches, --fold-norm, --merge-linear")
+        if untie and not fold_norm:
+            raise UserError("--untie applies to --fold-norm; add --fold-norm or drop --untie")
+        with stderr.status(f"reparameterizing {model}"):
+            result = run_reparam(model, passes, out, untie=untie, arch=arch, trust_pickle=trust_pickle)
+        if json_out:
+            print_json(result)
+        else:
+            rows = [[r["pass"], r["count"], (r["equivalence"] or {}).get("rel_diff"),
+                     "pass" if (r["equivalence"] or {}).get("pass", True) else "FAIL", r["seconds"]]
+                    for r in result["records"]]
+            eq = result["equivalence"]
+            stdout.print(table(f"{model}: {result['changes']} changes; end to end max |Δ| / max |out| "
+                               f"{eq.get('rel_diff', 0):.2e}", ["check", "changes", "rel diff", "result",
+                                                                  "seconds"], rows))
+            stdout.print(table("structure", ["metric", "before", "after"],
+                               [["params", result["params_before"], result["params_after"]]]
+                               + [[k, v, result["modules_after"].get(k)] for k, v in result["modules_before"].items()]))
+            for r in result["records"]:
+                for note in r["notes"]:
+                    stdout.print(f"note ({r['pass']}): {note}")
+            if result.get("out"):
+                stdout.print(f"wrote {result['out']}")
+        if not result["equivalence"].get("pass", True):
+            raise SystemExit(1)
+
+    run_command(go, debug)
+
+
 @app.command("export")
 def export_(
     model: str = typer.Argument(..., help="Zoo name, HF dir, or an artifact directory from `compress quantize`."),

@@ -16,7 +16,8 @@ MANIFEST = "compress.json"
 FORMAT = "compress-packed-v1"
 # Other artifact formats, loaded by their own package: format -> "module:function(path, manifest)".
 LOADERS = {"compress-pruned-v1": "compress.prune.artifact:load_pruned",
-           "compress-width-v1": "compress.prune.width:load_width_pruned"}
+           "compress-width-v1": "compress.prune.width:load_width_pruned",
+           "compress-reparam-v1": "compress.reparam.artifact:load_reparam"}
 
 
 def is_artifact(path: Path) -> bool:
