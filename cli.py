@@ -484,6 +484,12 @@ def reparam(
                                                                     "Linear (skipped where it would add params)."),
     untie: bool = typer.Option(False, "--untie", help="--fold-norm: untie the LM head so the final norm folds too "
                                                       "(stores the head twice)."),
+    linearize_ffn: str = typer.Option(None, "--linearize-ffn", help="RePaViT (lossy): route P% of each GELU/ReLU "
+                                                                    "FFN's most linear channels around the "
+                                                                    "activation, merged into one matrix; reports the "
+                                                                    "drift on held-out --data (not saved yet)."),
+    data: str = DATA,
+    tokens: int = TOKENS,
     out: Path = typer.Option(None, "--out", help="Directory to write (complete or absent)."),
     json_out: bool = JSON,
     arch: str = ARCH,
@@ -495,6 +501,9 @@ def reparam(
     from compress.reparam.run import run_reparam
 
     def go():
+        if linearize_ffn is not None:
+            return _linearize(model, linearize_ffn, data, tokens, out, json_out, fold_bn or merge_branches or fold_norm
+                              or merge_linear)
         passes = [name for name, on in (("fold-bn", fold_bn), ("merge-branches", merge_branches),
                                         ("fold-norm", fold_norm), ("merge-linear", merge_linear)) if on]
         if not passes:
@@ -525,6 +534,29 @@ def reparam(
             raise SystemExit(1)
 
     run_command(go, debug)
+
+
+def _linearize(model: str, share: str, data: str | None, tokens: int, out: Path | None, json_out: bool,
+               other_passes: bool) -> None:
+    from compress.errors import UserError
+    from compress.prune.run import width_fraction
+    from compress.reparam.linearize_ffn import linearize_request
+
+    if other_passes or out is not None:
+        raise UserError("--linearize-ffn runs alone and is measured in memory (no loader for its output yet): drop "
+                        "the other passes and --out")
+    ratio = width_fraction(share, "--linearize-ffn")
+    with progress_bar(not json_out) as p:
+        result = linearize_request(model, ratio, data, tokens, tokens, progress=p)
+    if json_out:
+        print_json(result)
+        return
+    m = result["metrics"]
+    stdout.print(table(f"{model}: {share} of every FFN linearized ({result['seconds']} s)", ["metric", "value"],
+                       [["params before", result["params_before"]], ["params after", result["params_after"]],
+                        ["emb_cosine (held-out)", m.get("emb_cosine")]]))
+    for note in result["notes"]:
+        stdout.print(f"note: {note}")
 
 
 @app.command("export")
