@@ -71,3 +71,15 @@ def test_refuses_non_bert_blocks_and_bad_shares():
     for ratio in (0.0, 1.0):
         with pytest.raises(UserError, match="inside"):
             apply(bert.module, layer_map(bert.module), _windows(), ratio)
+
+
+def test_cli_refuses_saving_or_combining_linearization(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    for extra in (["--out", str(tmp_path / "x")], ["--fold-bn"]):
+        r = CliRunner().invoke(app, ["reparam", "minilm-l6", "--linearize-ffn", "25%", *extra])
+        assert r.exit_code == 2 and "runs alone" in r.stderr and not (tmp_path / "x").exists()
+    r = CliRunner().invoke(app, ["reparam", "minilm-l6", "--linearize-ffn", "25"])
+    assert r.exit_code == 2 and "percentage" in r.stderr
