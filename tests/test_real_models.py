@@ -151,3 +151,22 @@ def _gate_real_reports(q4, self_report, tmp_path):
     assert CliRunner().invoke(app, [*args, "--max-kl", "0.4"]).exit_code == 0
     failed = CliRunner().invoke(app, [*args, "--max-kl", "0.1", "--junit", str(tmp_path / "j.xml")])
     assert failed.exit_code == 1 and "gate failed: max_kl" in failed.stderr
+
+
+def test_block_pruned_smollm2_loads_with_plain_transformers(austen, tmp_path):
+    """`compress prune --blocks` on the real model: the output is a plain transformers directory with 28 layers."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pruned"
+    r = CliRunner().invoke(app, ["prune", "smollm2-135m", "--blocks", "2", "--method", "bi", "--data",
+                                 str(austen / "emma.txt"), "--tokens", "256", "--eval-tokens", "256", "--seq-len",
+                                 "128", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert plain.config.num_hidden_layers == 28 and len(plain.model.layers) == 28
+    ours = load_model(str(out))
+    ids = torch.tensor([[1, 504, 3458, 282, 253, 2736, 30, 378, 314, 253, 4021]])
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(ids).logits, ours.module(ids).logits, rtol=0, atol=0)
+    assert sum(p.numel() for p in plain.parameters()) == result["params_after"]
