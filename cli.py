@@ -482,6 +482,8 @@ def reparam(
                                                               "(the final norm of a tied head only with --untie)."),
     merge_linear: bool = typer.Option(False, "--merge-linear", help="Linear → Linear with nothing between → one "
                                                                     "Linear (skipped where it would add params)."),
+    merge_lora: Path = typer.Option(None, "--merge-lora", help="A PEFT LoRA adapter directory to merge into the "
+                                                               "base weights (checked against the adapter unmerged)."),
     untie: bool = typer.Option(False, "--untie", help="--fold-norm: untie the LM head so the final norm folds too "
                                                       "(stores the head twice)."),
     linearize_ffn: str = typer.Option(None, "--linearize-ffn", help="RePaViT (lossy): route P% of each GELU/ReLU "
@@ -503,15 +505,18 @@ def reparam(
     def go():
         if linearize_ffn is not None:
             return _linearize(model, linearize_ffn, data, tokens, out, json_out, fold_bn or merge_branches or fold_norm
-                              or merge_linear)
-        passes = [name for name, on in (("fold-bn", fold_bn), ("merge-branches", merge_branches),
-                                        ("fold-norm", fold_norm), ("merge-linear", merge_linear)) if on]
+                              or merge_linear or merge_lora is not None)
+        passes = [name for name, on in (("merge-lora", merge_lora is not None), ("fold-bn", fold_bn),
+                                        ("merge-branches", merge_branches), ("fold-norm", fold_norm),
+                                        ("merge-linear", merge_linear)) if on]
         if not passes:
-            raise UserError("choose at least one pass: --fold-bn, --merge-branches, --fold-norm, --merge-linear")
+            raise UserError("choose at least one pass: --merge-lora DIR, --fold-bn, --merge-branches, --fold-norm, "
+                            "--merge-linear, --linearize-ffn P%")
         if untie and not fold_norm:
             raise UserError("--untie applies to --fold-norm; add --fold-norm or drop --untie")
         with stderr.status(f"reparameterizing {model}"):
-            result = run_reparam(model, passes, out, untie=untie, arch=arch, trust_pickle=trust_pickle)
+            result = run_reparam(model, passes, out, untie=untie, arch=arch, trust_pickle=trust_pickle,
+                                 adapter=merge_lora)
         if json_out:
             print_json(result)
         else:
