@@ -374,6 +374,66 @@ def gate(
     run_command(go, debug)
 
 @app.command()
+def tune(
+    model: str = MODEL,
+    gate_file: Path = typer.Option(..., "--gate", help="YAML thresholds, as `compress gate --thresholds` reads them "
+                                                       "(e.g. max_kl: 0.3, min_top1: 0.7)."),
+    out: Path = typer.Option(..., "--out", help="Directory: best/ (the chosen artifact), pareto.json, pareto.png, "
+                                                "tune.json — rewritten after every candidate."),
+    time_budget: str = typer.Option("10m", "--time-budget", help="Wall-time budget, e.g. 10m, 90s, 1h."),
+    objective: str = typer.Option("size", "--objective", help="size (fewest weight bytes; bisects the bit budget) "
+                                                              "| latency (ONNX Runtime int4 decode, measured)."),
+    candidates: str = typer.Option(None, "--candidates", help="Menu per unit (default: the target's)."),
+    min_bits: float = typer.Option(2.5, "--min-bits", help="Smallest average bits to try."),
+    max_bits: float = typer.Option(8.0, "--max-bits", help="Largest average bits to try (tried first)."),
+    data: str = DATA,
+    tokens: int = typer.Option(1024, "--tokens", help="Calibration tokens for the distortion table."),
+    eval_tokens: int = typer.Option(1024, "--eval-tokens", help="Held-out tokens each candidate is gated on."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Window length."),
+    seed: int = SEED,
+    json_out: bool = JSON,
+    debug: bool = DEBUG,
+) -> None:
+    """Find the most compressed layer-wise quantization that passes a gate within a time budget; always keeps the
+    best so far. Exit 0 with a passing model, 1 when none passed (the closest is named), 130 when interrupted."""
+    from compress.tune import TuneRequest, run_tune
+
+    def go():
+        req = TuneRequest(model=model, gate=gate_file, out=out, time_budget=time_budget, objective=objective,
+                          data=data, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, candidates=candidates,
+                          min_bits=min_bits, max_bits=max_bits, seed=seed)
+        with progress_bar(not json_out) as p:
+            state = run_tune(req, progress=p, log=(lambda m: None) if json_out else stderr.print)
+        if json_out:
+            print_json(state)
+        else:
+            key = "latency_ms" if objective == "latency" else "size_bytes"
+            stdout.print(table(f"{model}: {len(state['points'])} candidates in {state['seconds']} s"
+                               + (" (interrupted)" if state["interrupted"] else "")
+                               + (" (time budget reached)" if state["timed_out"] else ""),
+                               ["budget bpw", "bytes", "KL", "top-1", key if key != "size_bytes" else "pareto",
+                                "gate"],
+                               [[p["avg_bits"], p["size_bytes"], p["kl_mean"], p["top1"],
+                                 p.get("latency_ms") if key != "size_bytes" else ("yes" if p.get("pareto") else ""),
+                                 "pass" if p["passed"] else "fail"] for p in state["points"]]))
+            best = state["best"]
+            if best:
+                stdout.print(f"chosen: {best['label']} ({best['size_bytes']:,} bytes, KL {best['kl_mean']:.4f}) "
+                             f"in {best['path']}")
+            stdout.print(f"wrote {out}/pareto.json, pareto.png, tune.json")
+        if state["interrupted"]:
+            raise SystemExit(130)
+        if state["best"] is None:
+            closest = state.get("closest")
+            stderr.print("no candidate passed the gate" + (f"; closest: {closest['label']} ("
+                                                           f"{'; '.join(closest['failed'])})" if closest else ""),
+                         highlight=False)
+            raise SystemExit(1)
+
+    run_command(go, debug)
+
+
+@app.command()
 def prune(
     model: str = MODEL,
     blocks: str = typer.Option(None, "--blocks", help="Remove N whole blocks, or P% of them (rounded half up); the "
