@@ -374,6 +374,30 @@ def gate(
     run_command(go, debug)
 
 @app.command()
+def report(
+    inputs: list[Path] = typer.Argument(..., help="Artifact dirs and JSON files written by compress (score, quantize, "
+                                                  "prune, eval, export validation, gate, tune's pareto.json)."),
+    out: Path = typer.Option(..., "--out", help="The HTML file to write (self-contained: images embedded)."),
+    title: str = typer.Option(None, "--title", help="Page title (default: from the inputs)."),
+    json_out: bool = JSON,
+    debug: bool = DEBUG,
+) -> None:
+    """One self-contained HTML page: importance per layer, bits or pruning per layer, before/after metrics,
+    validation, gate results and the Pareto plot — whatever the inputs hold."""
+    from evals.report import build_report
+
+    def go():
+        r = build_report(inputs, out, title)
+        if json_out:
+            print_json(r)
+            return
+        stdout.print(table(f"wrote {r['out']} ({r['bytes']:,} bytes)", ["section", "input"],
+                           [[s["title"], s["input"]] for s in r["sections"]]))
+
+    run_command(go, debug)
+
+
+@app.command()
 def tune(
     model: str = MODEL,
     gate_file: Path = typer.Option(..., "--gate", help="YAML thresholds, as `compress gate --thresholds` reads them "

@@ -267,7 +267,8 @@ def test_sparsity_uniform_and_adaptive_save_plain_models_with_their_zeros(tiny_d
     src = str(tiny_dirs["llama"])
     common = ["--tokens", "64", "--eval-tokens", "32", "--seq-len", "16", "--json"]
     for extra, name in ((["--pattern", "2:4"], "nm"), (["--adaptive", "--granularity", "linear"], "ad")):
-        r = runner.invoke(app, ["prune", src, "--sparsity", "50%", *extra, "--out", str(tmp_path / name), *common])
+        r = runner.invoke(app, ["prune", src, "--sparsity", "50%", *extra, "--out", str(tmp_path / name),
+                                "--plot", str(tmp_path / f"{name}.png"), *common])
         assert r.exit_code == 0, r.output
         result = json.loads(r.stdout)
         assert result["sparsity"]["sparsity"] >= 0.5 - 1e-9 if name == "ad" else result["sparsity"]["sparsity"] > 0.49
@@ -275,3 +276,4 @@ def test_sparsity_uniform_and_adaptive_save_plain_models_with_their_zeros(tiny_d
         zeros = sum(int((back.get_submodule(p).weight == 0).sum()) for p in result["sparsity"]["linears"])
         assert zeros == result["sparsity"]["zeros"]
         assert result["selection"]["divergence"][-1] > 0 and result["metrics"]["kl_mean"] > 0
+        assert (tmp_path / f"{name}.png").stat().st_size > 0

@@ -18,6 +18,9 @@ def plot_removed(result: dict, path: Path) -> None:
     if result["mode"] == "width":
         _plot_width(result, path, plt)
         return
+    if result["mode"] == "sparsity":
+        _plot_sparsity(result, path, plt)
+        return
     n = result["num_blocks"]
     rows = ["block"] if result["mode"] == "blocks" else result["sublayer_names"]
     order = result["selection"]["removed"]
@@ -68,4 +71,21 @@ def _plot_width(result: dict, path: Path, plt) -> None:
     ax.legend(fontsize=7)
     ax.set_title(f"{Path(str(result['model'])).name}: width {result['requested']} ({result['method']}), params "
                  f"{result['params_after']:,} of {result['params_before']:,}", fontsize=9, loc="left")
+    _save_png(fig, path)
+
+
+def _plot_sparsity(result: dict, path: Path, plt) -> None:
+    """Bars per block: the share of the block Linears' weights that are zero."""
+    from evals.plots import _save_png
+
+    rows = result["removed"]
+    x = [d["block"] for d in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(x) + 2), 3.2))
+    ax.bar(x, [d["sparsity"] for d in rows], width=0.7)
+    ax.set_xticks(x, [str(i) for i in x], fontsize=7)
+    ax.set_xlabel("block (depth)")
+    ax.set_ylabel("share of weights zero")
+    sp = result["sparsity"]
+    ax.set_title(f"{Path(str(result['model'])).name}: sparsity {result['requested']} {sp['pattern']} "
+                 f"({result['method']}), {sp['sparsity']:.1%} overall", fontsize=9, loc="left")
     _save_png(fig, path)
