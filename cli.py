@@ -373,6 +373,45 @@ def gate(
 
     run_command(go, debug)
 
+@app.command("run")
+def run_(
+    recipe: Path = typer.Argument(..., help="Recipe YAML: model, data, workdir and steps (score, prune, quantize, "
+                                            "export, validate, eval, gate)."),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Run every step again, ignoring cached results."),
+    json_out: bool = JSON,
+    debug: bool = DEBUG,
+) -> None:
+    """Run a recipe step by step; steps whose inputs and options are unchanged are reused from the workdir
+    (content-hash keys), an interrupted run resumes. Exit 1 when a gate or validation fails."""
+    from compress.recipe import StepFailed, run_recipe
+
+    def go():
+        def event(e: dict) -> None:
+            if not json_out and e["status"] != "start":
+                stderr.print(f"step {e['index']} {e['step']}: {e['status']}"
+                             + (f" in {e['seconds']:.1f} s" if e.get("seconds") else ""), highlight=False)
+
+        try:
+            with progress_bar(not json_out) as p:
+                summary = run_recipe(recipe, progress=p, resume=not no_resume, on_event=event)
+        except StepFailed as exc:
+            stderr.print(f"failed: {exc}", highlight=False)
+            raise SystemExit(1) from None
+        if json_out:
+            print_json(summary)
+        else:
+            stdout.print(table(f"{recipe}: {summary['ran']} ran, {summary['cached']} cached, "
+                               f"{summary['seconds']:.1f} s", ["step", "status", "seconds", "dir"],
+                               [[f"{e['index']} {e['step']}", e["status"], e["seconds"], e["dir"]]
+                                for e in summary["steps"]]))
+            stdout.print(f"wrote {summary['workdir']}/compress.json")
+        if summary["passed"] is False:
+            stderr.print("gate failed", highlight=False)
+            raise SystemExit(1)
+
+    run_command(go, debug)
+
+
 @app.command()
 def report(
     inputs: list[Path] = typer.Argument(..., help="Artifact dirs and JSON files written by compress (score, quantize, "
