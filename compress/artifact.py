@@ -46,11 +46,10 @@ def save_artifact(loaded, specs: dict, out: Path, manifest: dict[str, Any]) -> P
 
 def load_artifact(path: Path):
     """Rebuild the model skeleton from config + specs and load the packed weights into it."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig
 
     from compress.models.layers import layer_map
-    from compress.models.load import LoadedModel, _load_tokenizer, _model_class
+    from compress.models.load import _model_class
     from compress.quantize.apply import apply_plan
     from compress.quantize.spec import QuantSpec
 
@@ -78,17 +77,35 @@ def load_artifact(path: Path):
     lmap = layer_map(model)
     specs = {n: QuantSpec(**d) for n, d in manifest["modules"].items()}
     apply_plan(model, lmap, specs, empty=True)
-    state = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    load_weights(model, path)
+    if hasattr(model, "tie_weights") and not any(n == lmap.embeddings for n in specs):
+        model.tie_weights()
+    return loaded_from(model, path, manifest)
+
+
+def load_weights(model: torch.nn.Module, path: Path, what: str = "the manifest") -> None:
+    """Load DIR/model.safetensors into `model`: every tensor must fit (tied copies and rotary buffers aside);
+    otherwise one UserError naming the directory and a tensor that does not match `what`."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(path) / "model.safetensors"))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatch
+        raise UserError(f"{path}: weights do not match {what} ({str(exc).splitlines()[-1].strip()})") from exc
     shared = _shared_with_loaded(model, state)
     missing = [m for m in missing if not m.endswith("inv_freq") and m not in shared]
     if missing or unexpected:
-        raise UserError(f"{path}: weights do not match the manifest ({len(missing)} missing, {len(unexpected)} "
+        raise UserError(f"{path}: weights do not match {what} ({len(missing)} missing, {len(unexpected)} "
                         f"unexpected tensors, e.g. {(missing + unexpected)[0]})")
-    if hasattr(model, "tie_weights") and not any(n == lmap.embeddings for n in specs):
-        model.tie_weights()
-    loaded = LoadedModel(model, _load_tokenizer(path), manifest.get("kind", "decoder"), config.model_type,
-                         str(path), path, manifest.get("pooling", "mean"))
+
+
+def loaded_from(model: torch.nn.Module, path: Path, manifest: dict[str, Any]):
+    """The LoadedModel of an artifact directory, its manifest kept in extra."""
+    from compress.models.load import LoadedModel, _load_tokenizer
+
+    loaded = LoadedModel(model, _load_tokenizer(path), manifest.get("kind", "decoder"), model.config.model_type,
+                         str(path), Path(path), manifest.get("pooling", "mean"))
     loaded.extra["manifest"] = manifest
     return loaded
 

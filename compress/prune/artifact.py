@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from compress import __version__
-from compress.artifact import MANIFEST, _dedupe, _shared_with_loaded
+from compress.artifact import MANIFEST, _dedupe, load_weights, loaded_from
 from compress.atomic import atomic_dir
 from compress.errors import UserError
 
@@ -40,11 +40,10 @@ def save_pruned(loaded, removed_modules: dict[str, dict], out: Path, manifest: d
 
 def load_pruned(path: Path, manifest: dict[str, Any]):
     """Rebuild a model saved by `save_pruned`: skeleton from config, Removed modules swapped in, weights loaded."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig
     from transformers.modeling_utils import no_init_weights
 
-    from compress.models.load import LoadedModel, _load_tokenizer, _model_class
+    from compress.models.load import _model_class
     from compress.prune.sublayers import Removed, swap
 
     path = Path(path)
@@ -58,16 +57,7 @@ def load_pruned(path: Path, manifest: dict[str, Any]):
         raise UserError(f"{path}/{MANIFEST}: removed_modules do not fit the model in config.json ({exc})") from exc
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
-    state = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    shared = _shared_with_loaded(model, state)
-    missing = [m for m in missing if not m.endswith("inv_freq") and m not in shared]
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not match the manifest ({len(missing)} missing, {len(unexpected)} "
-                        f"unexpected tensors, e.g. {(missing + unexpected)[0]})")
+    load_weights(model, path)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    loaded = LoadedModel(model, _load_tokenizer(path), manifest.get("kind", "decoder"), config.model_type,
-                         str(path), path, manifest.get("pooling", "mean"))
-    loaded.extra["manifest"] = manifest
-    return loaded
+    return loaded_from(model, path, manifest)

@@ -605,13 +605,12 @@ def save_width_pruned(loaded, record: dict, out_dir: Path, manifest: dict[str, A
 def load_width_pruned(path: Path, manifest: dict[str, Any] | None = None):
     """Rebuild a model saved by `save_width_pruned`: skeleton from config, every block sliced to its stored shape,
     then the weights loaded strictly. Returns a LoadedModel."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig
     from transformers.modeling_utils import no_init_weights
 
-    from compress.artifact import MANIFEST, _shared_with_loaded
+    from compress.artifact import MANIFEST, load_weights, loaded_from
     from compress.models.layers import layer_map
-    from compress.models.load import LoadedModel, _load_tokenizer, _model_class
+    from compress.models.load import _model_class
 
     path = Path(path)
     if manifest is None:
@@ -643,20 +642,7 @@ def load_width_pruned(path: Path, manifest: dict[str, Any] | None = None):
         slice_block(blk, layout, list(range(want["kv_heads"])), list(range(want["intermediate"])))
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
-    state = load_file(str(path / "model.safetensors"))
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # size mismatch
-        raise UserError(f"{path}: weights do not match per_layer_shapes ({str(exc).splitlines()[-1].strip()})") \
-            from exc
-    shared = _shared_with_loaded(model, state)
-    missing = [m for m in missing if not m.endswith("inv_freq") and m not in shared]
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not match the manifest ({len(missing)} missing, {len(unexpected)} "
-                        f"unexpected tensors, e.g. {(missing + unexpected)[0]})")
+    load_weights(model, path, "per_layer_shapes")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    loaded = LoadedModel(model, _load_tokenizer(path), manifest.get("kind", "decoder"), config.model_type,
-                         str(path), path, manifest.get("pooling", "mean"))
-    loaded.extra["manifest"] = manifest
-    return loaded
+    return loaded_from(model, path, manifest)
