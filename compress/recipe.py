@@ -285,7 +285,7 @@ class PruneStep(Step):
     def plan(self, p, state, recipe_dir):
         from compress.prune import run as prune_run
 
-        prune_run._validate(prune_run.PruneRequest(model="-", **p.options))
+        prune_run.check_request(prune_run.PruneRequest(model="-", **p.options))
         p.inputs["model"] = state.model
         state.model = p.index
 
@@ -328,7 +328,7 @@ class QuantizeStep(Step):
                 raise UserError(f"{p.where}: rank_by {o['rank_by']}: step {same[-1]} (score) computes "
                                 f"{', '.join(methods)}; add it to its methods")
         placeholder = Path("scores.json") if needs_scores else o["scores"]
-        quantize_run._validate(quantize_run.QuantizeRequest(model="-", **{**o, "scores": placeholder}))
+        quantize_run.check_request(quantize_run.QuantizeRequest(model="-", **{**o, "scores": placeholder}))
         p.inputs["model"] = state.model
         state.model = p.index
 

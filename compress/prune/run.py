@@ -83,7 +83,7 @@ def width_fraction(text: str, flag: str = "--width") -> float:
     return value / 100
 
 
-def _validate(req: PruneRequest) -> str:
+def check_request(req: PruneRequest) -> str:
     """Check everything that needs no model; return the mode ('blocks', 'sublayers' or 'width')."""
     given = [m for m in MODES if _amount(req, m) is not None]
     if len(given) != 1:
@@ -139,7 +139,7 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
     from compress.prune.sublayers import finercut, remove_sublayers
     from evals.evaluate import evaluate
 
-    mode = _validate(req)
+    mode = check_request(req)
     t0 = time.perf_counter()
     loaded = load_model(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
     if loaded.kind not in ("decoder", "encoder"):

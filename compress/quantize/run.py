@@ -87,7 +87,8 @@ def uniform_spec(req: QuantizeRequest) -> QuantSpec:
     return adapt(QuantSpec(req.bits, req.group_size, req.symmetric, req.method), req.target)
 
 
-def _validate(req: QuantizeRequest) -> None:
+def check_request(req: QuantizeRequest) -> None:
+    """Everything about the request that needs no model (UserError on bad input); callers may check early."""
     from compress.quantize.targets import EMBEDDING, LINEAR, check_target, problem
 
     check_target(req.target)
@@ -138,7 +139,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     from compress.quantize.pipeline import Budget, layerwise_plan, plan_inputs, quantize
     from compress.quantize.targets import check_specs
 
-    _validate(req)
+    check_request(req)
     plan_from_file = Plan.load(req.plan_file) if req.plan_file else None
     ranking = ImportanceReport.load(req.scores) if req.scores else None
     t0 = time.perf_counter()
