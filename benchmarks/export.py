@@ -151,8 +151,10 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['format']} | {r['bytes']:,} | {r['export_s']:.1f} | {r['validate_s']:.1f}"
                      f" | {'yes' if r['passed'] else 'NO'} | {r['worst']} | {kl} | {top1} | "
                      f"{r.get('check_trt') or '-'} |")
+    described = set()
     for r in rows:
-        if "torch_kl" in r:
+        if "torch_kl" in r and r["model"] not in described:
+            described.add(r["model"])
             lines.append(f"\n{r['model']}: artifact {r['artifact_bytes']:,} weight bytes at {r['artifact_bpw']} bpw; "
                          f"torch KL on its own held-out windows {r['torch_kl']:.4f}; widths "
                          f"{json.dumps(_histogram(r['specs']))}.")
