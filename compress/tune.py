@@ -88,6 +88,11 @@ def run_tune(req: TuneRequest, progress=None, log=print) -> dict:
     baseline = evaluate(original, original, held).to_dict()
     cands = candidates_for(QuantizeRequest(model=req.model, layerwise=True, avg_bits=req.max_bits,
                                            candidates=req.candidates, target=target))
+    if req.candidates is None:
+        from compress.quantize.apply import quantizable
+        from compress.quantize.run import fitting_defaults
+
+        cands, _ = fitting_defaults(cands, original.module, quantizable(original.module, lmap))
     top = Budget.from_args(original.module, req.max_bits, None)
     cands, units, sizes, _, allowed = plan_inputs(original.module, lmap, cands, top, "block", True, target)
     ctx = ScoringContext(original, lmap, calib, progress)

@@ -62,7 +62,7 @@ def test_trt_turns_symmetric_candidates_into_positive_scale_ones():
     from compress.quantize.run import candidates_for
 
     labels = [c.label() for c in candidates_for(QuantizeRequest(model="x", target="trt"))]
-    assert labels == ["q8gchs", "q4g32p"]
+    assert labels == ["q8gchs", "q4g32p", "q4g64p"]
 
 
 def test_allocators_never_pick_a_masked_candidate():

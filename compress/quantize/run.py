@@ -80,6 +80,16 @@ def candidates_for(req: QuantizeRequest) -> list[QuantSpec]:
     return cands
 
 
+def fitting_defaults(cands: list[QuantSpec], model, names: list[str]) -> tuple[list[QuantSpec], list[str]]:
+    """A default menu without the candidates whose group does not divide some module's input width (e.g. group 64
+    on a model 32 wide), and their labels; a menu the user wrote is checked strictly instead (exit 2)."""
+    from compress.quantize.apply import weight_matrix
+
+    widths = {weight_matrix(model.get_submodule(n)).shape[1] for n in names}
+    kept = [c for c in cands if c.is_float or all(w % c.group_for(w) == 0 for w in widths)]
+    return kept, [c.label() for c in cands if c not in kept]
+
+
 def uniform_spec(req: QuantizeRequest) -> QuantSpec:
     """The one spec of `--bits` mode, as the target needs it."""
     from compress.quantize.targets import adapt
@@ -160,6 +170,11 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     else:
         budget = Budget.from_args(loaded.module, req.avg_bits, req.max_size)
         cands = candidates_for(req)
+        if req.candidates is None:
+            cands, dropped = fitting_defaults(cands, loaded.module, names)
+            if dropped:
+                result["notes"].append(f"default menu without {', '.join(dropped)}: their group does not divide "
+                                       "every input width of this model")
         embeddings = req.embeddings != "keep"
         inputs = plan_inputs(loaded.module, lmap, cands, budget, req.granularity, embeddings, req.target)
         calib = data.calibration()
