@@ -26,6 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--time-budget", default="10m")
+    ap.add_argument("--reuse-full", action="store_true", help="Keep run 1 from WORK/full (rerun the interrupt only)")
     a = ap.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="compress-tune-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -33,17 +34,22 @@ def main() -> None:
     exe = str(Path(sys.executable).parent / "compress")
     args = ["tune", "smollm2-135m", "--gate", str(work / "gate.yaml"), "--time-budget", a.time_budget,
             "--data", CALIB, "--json"]
-    t0 = time.perf_counter()
-    p = subprocess.run([exe, *args, "--out", str(work / "full")], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if p.returncode not in (0, 1):
-        raise SystemExit(f"tune exited {p.returncode}: {p.stderr[-800:]}")
-    state = json.loads(p.stdout)
+    if a.reuse_full:
+        state = json.loads((work / "full" / "tune.json").read_text())
+        wall, returncode = state["seconds"], 0 if state["best"] else 1
+    else:
+        t0 = time.perf_counter()
+        p = subprocess.run([exe, *args, "--out", str(work / "full")], capture_output=True, text=True)
+        wall, returncode = time.perf_counter() - t0, p.returncode
+        if p.returncode not in (0, 1):
+            raise SystemExit(f"tune exited {p.returncode}: {p.stderr[-800:]}")
+        state = json.loads(p.stdout)
 
     # Interrupted run: SIGINT once two candidates are in pareto.json.
     out2 = work / "interrupted"
+    # A background job inherits an ignored SIGINT; restore the default so Python turns it into KeyboardInterrupt.
     proc = subprocess.Popen([exe, *args, "--out", str(out2)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t1 = time.perf_counter()
     while proc.poll() is None:
         pareto = out2 / "pareto.json"
@@ -61,7 +67,7 @@ def main() -> None:
     lines = [f"Written by `python benchmarks/tune.py` on {time.strftime('%Y-%m-%d')}. Command (`$W` scratch, "
              f"`austen` = ../shared/data/text/austen, calibration and held-out windows from the five novels other "
              f"than persuasion.txt): `{cmd} --out $W/full`, gate `{GATE.strip().replace(chr(10), ', ')}`.", "",
-             f"Run 1: exit {p.returncode}, wall {wall:.0f} s (time budget {a.time_budget}; distortion table "
+             f"Run 1: exit {returncode}, wall {wall:.0f} s (time budget {a.time_budget}; distortion table "
              f"{state['distortion_seconds']} s, then {len(state['points'])} candidates; the bisection stopped when "
              f"passing and failing budgets were 0.125 bpw apart{', time budget reached' if state['timed_out'] else ''}"
              ").", "", "| budget bpw | weight bytes | KL | top-1 | gate | Pareto | s |",

@@ -114,13 +114,13 @@ def run_tune(req: TuneRequest, progress=None, log=print) -> dict:
     durations: list[float] = []
     try:
         while True:
+            bits = _next_budget(state, lo, hi, req.resolution, budgets)
+            if bits is None:
+                break
             elapsed = time.perf_counter() - t0
             expected = sum(durations) / len(durations) if durations else 0.0
             if elapsed + expected > seconds:
                 state["timed_out"] = True
-                break
-            bits = _next_budget(state, lo, hi, req.resolution, budgets)
-            if bits is None:
                 break
             c0 = time.perf_counter()
             point = _candidate(original, lmap, table, sizes, allowed, cands, units, bits, held, baseline, limits,
