@@ -68,9 +68,11 @@ def main() -> None:
              f"`austen` = ../shared/data/text/austen, calibration and held-out windows from the five novels other "
              f"than persuasion.txt): `{cmd} --out $W/full`, gate `{GATE.strip().replace(chr(10), ', ')}`.", "",
              f"Run 1: exit {returncode}, wall {wall:.0f} s (time budget {a.time_budget}; distortion table "
-             f"{state['distortion_seconds']} s, then {len(state['points'])} candidates; the bisection stopped when "
-             f"passing and failing budgets were 0.125 bpw apart{', time budget reached' if state['timed_out'] else ''}"
-             ").", "", "| budget bpw | weight bytes | KL | top-1 | gate | Pareto | s |",
+             f"{state['distortion_seconds']} s, then {len(state['points'])} candidates; "
+             + (f"stopped by the time budget with the smallest passing and largest failing budget {_gap(state):.3f} "
+                "bpw apart" if state["timed_out"] else "the bisection stopped when the smallest passing and largest "
+                f"failing budget were {_gap(state):.3f} bpw apart")
+             + ").", "", "| budget bpw | weight bytes | KL | top-1 | gate | Pareto | s |",
              "|---|---|---|---|---|---|---|"]
     for pt in state["points"]:
         lines.append(f"| {pt['avg_bits']:.3f} | {pt['size_bytes']:,} | {pt['kl_mean']:.4f} | {pt['top1']:.3f} | "
@@ -90,6 +92,12 @@ def main() -> None:
     replace_section(REPO / "BENCHMARKS.md", HEADING, "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(err[-300:], file=sys.stderr)
+
+
+def _gap(state: dict) -> float:
+    passing = [p["avg_bits"] for p in state["points"] if p["passed"]]
+    failing = [p["avg_bits"] for p in state["points"] if not p["passed"] and passing and p["avg_bits"] < min(passing)]
+    return min(passing) - max(failing) if passing and failing else float("nan")
 
 
 if __name__ == "__main__":
