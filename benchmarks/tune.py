@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +48,7 @@ def main() -> None:
 
     # Interrupted run: SIGINT once two candidates are in pareto.json.
     out2 = work / "interrupted"
+    shutil.rmtree(out2, ignore_errors=True)  # a previous run's pareto.json would trigger the interrupt at once
     # A background job inherits an ignored SIGINT; restore the default so Python turns it into KeyboardInterrupt.
     proc = subprocess.Popen([exe, *args, "--out", str(out2)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
