@@ -56,8 +56,9 @@ def main() -> None:
         runs.append((bits, wall, p.returncode, summary))
         print(f"avg_bits {bits}: exit {p.returncode}, {wall:.0f} s", flush=True)
     lines = [f"Written by `python benchmarks/recipe.py` on {time.strftime('%Y-%m-%d')}. Recipe (paths shortened):",
-             "", "```yaml", RECIPE.format(data="austen/emma.txt", work="$W/out", bits="4.5  # run 2: 4.25",
+             "", "```yaml", RECIPE.format(data="austen/emma.txt", work="$W/out", bits="4.5",
                                           persuasion="austen/persuasion.txt").strip(), "```", "",
+             "Run 2 changes only `avg_bits: 4.5` to `4.25`.", "",
              "| step | run 1 (avg_bits 4.5) | s | run 2 (avg_bits 4.25) | s |", "|---|---|---|---|---|"]
     first, second = runs[0][3]["steps"], runs[1][3]["steps"]
     for e1, e2 in zip(first, second, strict=True):
