@@ -27,19 +27,23 @@ def is_artifact(path: Path) -> bool:
 
 def save_artifact(loaded, specs: dict, out: Path, manifest: dict[str, Any]) -> Path:
     """Write the (already quantized) model in `loaded` to `out` with its specs and manifest."""
+    return save_dir(loaded, out, FORMAT, {"modules": {n: s.to_dict() for n, s in specs.items()}, **manifest})
+
+
+def save_dir(loaded, out: Path, fmt: str, fields: dict[str, Any], weights_format: str | None = None) -> Path:
+    """Write `loaded` to `out` atomically: model.safetensors (tied tensors once, tagged `weights_format`, default
+    `fmt`), config, tokenizer and compress.json = {format, tool_version, base, family, kind, pooling, **fields}."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    state = {k: v.contiguous() for k, v in loaded.module.state_dict().items()}
-    state = _dedupe(state)
+    state = _dedupe({k: v.contiguous() for k, v in loaded.module.state_dict().items()})
     with atomic_dir(out) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": weights_format or fmt})
         loaded.module.config.save_pretrained(tmp)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
-        body = {"format": FORMAT, "tool_version": __version__, "base": loaded.spec, "family": loaded.family,
-                "kind": loaded.kind, "pooling": loaded.pooling,
-                "modules": {n: s.to_dict() for n, s in specs.items()}, **manifest}
+        body = {"format": fmt, "tool_version": __version__, "base": loaded.spec, "family": loaded.family,
+                "kind": loaded.kind, "pooling": loaded.pooling, **fields}
         (tmp / MANIFEST).write_text(json.dumps(body, indent=2) + "\n")
     return out
 

@@ -7,15 +7,12 @@ re-initialising the removed weights.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from compress import __version__
-from compress.artifact import MANIFEST, _dedupe, load_weights, loaded_from
-from compress.atomic import atomic_dir
+from compress.artifact import MANIFEST, load_weights, loaded_from, save_dir
 from compress.errors import UserError
 
 FORMAT = "compress-pruned-v1"
@@ -23,19 +20,7 @@ FORMAT = "compress-pruned-v1"
 
 def save_pruned(loaded, removed_modules: dict[str, dict], out: Path, manifest: dict[str, Any]) -> Path:
     """Write the pruned model in `loaded` (Removed modules in place) to `out`, atomically."""
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    state = _dedupe({k: v.contiguous() for k, v in loaded.module.state_dict().items()})
-    with atomic_dir(out) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        loaded.module.config.save_pretrained(tmp)
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(tmp)
-        body = {"format": FORMAT, "tool_version": __version__, "base": loaded.spec, "family": loaded.family,
-                "kind": loaded.kind, "pooling": loaded.pooling, "removed_modules": removed_modules, **manifest}
-        (tmp / MANIFEST).write_text(json.dumps(body, indent=2) + "\n")
-    return out
+    return save_dir(loaded, out, FORMAT, {"removed_modules": removed_modules, **manifest})
 
 
 def load_pruned(path: Path, manifest: dict[str, Any]):

@@ -40,8 +40,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress import __version__
-from compress.atomic import atomic_dir
 from compress.errors import UserError
 from compress.importance.context import ScoringContext
 from compress.models.layers import LayerMap, _count
@@ -582,24 +580,12 @@ def save_width_pruned(loaded, record: dict, out_dir: Path, manifest: dict[str, A
     compress.json (format compress-width-v1, with `per_layer_shapes`). When the config describes the shapes the
     weights are tagged as plain PyTorch ones, so transformers' from_pretrained loads the directory too; otherwise
     it refuses them instead of loading mismatched shapes."""
-    from safetensors.torch import save_file
+    from compress.artifact import save_dir
 
-    from compress.artifact import MANIFEST, _dedupe
-
-    out = Path(out_dir)
-    state = _dedupe({k: v.contiguous() for k, v in loaded.module.state_dict().items()})
     plain = bool(record.get("uniform") and record.get("config_updated"))
-    with atomic_dir(out) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt" if plain else FORMAT})
-        loaded.module.config.save_pretrained(tmp)
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(tmp)
-        body = {"format": FORMAT, "tool_version": __version__, "base": loaded.spec, "family": loaded.family,
-                "kind": loaded.kind, "pooling": loaded.pooling,
-                "per_layer_shapes": {str(i): s for i, s in record["per_layer_shapes"].items()},
-                "width": record, **(manifest or {})}
-        (tmp / MANIFEST).write_text(json.dumps(body, indent=2) + "\n")
-    return out
+    fields = {"per_layer_shapes": {str(i): s for i, s in record["per_layer_shapes"].items()}, "width": record,
+              **(manifest or {})}
+    return save_dir(loaded, out_dir, FORMAT, fields, "pt" if plain else FORMAT)
 
 
 def load_width_pruned(path: Path, manifest: dict[str, Any] | None = None):
