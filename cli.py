@@ -706,6 +706,12 @@ def export_(
                                                                    "activations (about 1.6× faster decode on CPU; "
                                                                    "validated vs the artifact by KL ≤ 0.01, top-1 "
                                                                    "≥ 0.9, cosine ≥ 0.999)."),
+    fuse_attention: bool = typer.Option(False, "--fuse-attention", help="Decoders: fuse each attention into ONNX "
+                                                                        "Runtime's GroupQueryAttention (rotary, KV "
+                                                                        "cache, GQA in one kernel; far fewer nodes, "
+                                                                        "faster decode). Positions come from the "
+                                                                        "attention mask: no left-padded batches. Not "
+                                                                        "for qdq (TensorRT)."),
     max_kl: float = typer.Option(None, "--max-kl", help="Quantized formats: fail when KL vs the original float "
                                                         "model exceeds this."),
     min_top1: float = typer.Option(None, "--min-top1", help="Quantized formats: fail when top-1 agreement with the "
@@ -725,7 +731,7 @@ def export_(
     def go():
         req = ExportRequest(model=model, out=onnx_out, fmt=fmt, opset=opset, validate=do_validate, data=data,
                             tokens=tokens, seq_len=seq_len, seed=seed, requantize=requantize,
-                            accuracy_level=accuracy_level, max_kl=max_kl,
+                            accuracy_level=accuracy_level, max_kl=max_kl, fuse_attention=fuse_attention,
                             min_top1=min_top1, arch=arch, trust_pickle=trust_pickle)
         with progress_bar(not json_out) as p:
             result = run_export(req, progress=p)

@@ -49,6 +49,18 @@ def prefill_ms(run, repeats: int = 5) -> float:
     return 1000 * statistics.median(times)
 
 
+VARIANTS = (("ort", "int4", 0, False), ("ort", "int4", 4, False), ("ort", "int4", 0, True), ("ort", "int4", 4, True),
+            ("trt", "qdq", 0, False))
+LABELS = {"smollm2-lw45-int4": "fp32 compute (exact)", "smollm2-lw45-int4-acc4": "int8 activations",
+          "smollm2-lw45-int4-fused": "fp32 compute, attention fused",
+          "smollm2-lw45-int4-acc4-fused": "int8 activations, attention fused"}
+
+
+def graph_name(fmt: str, level: int, fuse: bool) -> str:
+    """Scratch directory of one exported graph."""
+    return f"smollm2-lw45-{fmt}{'-acc4' if level else ''}{'-fused' if fuse else ''}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=None, help="Scratch dir (default: a temp dir).")
@@ -83,16 +95,16 @@ def main() -> None:
     original = load_model("smollm2-135m")
     anchors = load_windows(persuasion, original, split="all", tokens=3072, seq_len=512, sequential=True)
     artifacts = {}
-    for target, fmt, level in (("ort", "int4", 0), ("ort", "int4", 4), ("trt", "qdq", 0)):
+    for target, fmt, level, fuse in VARIANTS:
         art = work / f"smollm2-lw45-{target}"
         if target not in artifacts:
             q = run_quantize(QuantizeRequest(model="smollm2-135m", layerwise=True, avg_bits=4.5, target=target,
                                              data=CALIB, tokens=1024, eval_tokens=1024, out=art))
             artifacts[target] = q
         q = artifacts[target]
-        out = work / f"smollm2-lw45-{fmt}{'-acc4' if level else ''}"
+        out = work / graph_name(fmt, level, fuse)
         r = run_export(ExportRequest(model=str(art), out=out, fmt=fmt, data=CALIB, tokens=512, seq_len=256,
-                                     accuracy_level=level))
+                                     accuracy_level=level, fuse_attention=fuse))
         an = validate(out / "model.onnx", original, anchors, fmt="fp32", elementwise=False, decode_steps=1,
                       kl_max=float("inf"), top1_min=0.0)
         pre = an.check("prefill/logits")
@@ -102,6 +114,7 @@ def main() -> None:
                     else f"vs artifact: {own['name']} KL {own['kl_mean']:.4f} (≤ 0.01), top-1 {own['top1']:.3f}")
         trt = check_trt(out / "model.onnx", lint=False) if fmt == "qdq" else None
         fmt = f"{fmt}, int8 activations (accuracy level 4)" if level else fmt
+        fmt += ", attention fused (GroupQueryAttention)" if fuse else ""
         rows.append({"model": f"SmolLM2 layer-wise 4.5 bpw --target {target}", "format": fmt,
                      "artifact_bpw": q["bpw"], "artifact_bytes": q["size_bytes"], "bytes": r["size_bytes"],
                      "export_s": r["export_seconds"], "validate_s": r["validation_seconds"], "passed": r["passed"],
@@ -111,31 +124,33 @@ def main() -> None:
                      "specs": q["plan"]["meta"]["units"]})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "specs"}), flush=True)
 
-    # Latency: int4 graph vs torch fp32 eager of the original, same run, batch 1.
-    int4 = work / "smollm2-lw45-int4" / "model.onnx"
+    # Latency: every int4 graph vs torch fp32 eager of the original, same run, batch 1.
     text = Path(persuasion).read_text(encoding="utf-8")[:4000]
     ids = np.asarray([original.tokenizer(text)["input_ids"][:512]], np.int64)
-    sess = session(int4, 2)
-    sess4 = session(work / "smollm2-lw45-int4-acc4" / "model.onnx", 2, exact=False)
     short = ids[:, :64]
-    lat = {"ort_int4_decode_ms": ort_decode_ms(sess, short, 8, a.tokens),
-           "ort_int4_acc4_decode_ms": ort_decode_ms(sess4, short, 8, a.tokens),
-           "torch_fp32_decode_ms": torch_decode_ms(original.module, short, 8, a.tokens)}
-    lat["ort_int4_prefill512_ms"] = prefill_ms(lambda: sess.run(["logits"], decoder_feed(sess, ids, None, 0)))
-    lat["ort_int4_acc4_prefill512_ms"] = prefill_ms(lambda: sess4.run(["logits"], decoder_feed(sess4, ids, None, 0)))
+    lat: dict = {"torch_fp32_decode_ms": torch_decode_ms(original.module, short, 8, a.tokens)}
     with torch.inference_mode():
         lat["torch_fp32_prefill512_ms"] = prefill_ms(lambda: original.module(input_ids=torch.as_tensor(ids)))
     from exporters.graph import load_model as load_onnx
     from exporters.graph import weight_bytes
 
-    per_token = weight_bytes(load_onnx(int4))
+    per_token = weight_bytes(load_onnx(work / "smollm2-lw45-int4" / "model.onnx"))
     gbs = bandwidth_gbs()
-    lat.update(bytes_per_token=per_token, bandwidth_gbs=gbs, bound_ms=per_token / gbs / 1e6)
-    for key in ("ort_int4", "ort_int4_acc4"):
-        lat[f"{key}_decode_speedup"] = lat["torch_fp32_decode_ms"] / lat[f"{key}_decode_ms"]
-        lat[f"{key}_prefill_speedup"] = lat["torch_fp32_prefill512_ms"] / lat[f"{key}_prefill512_ms"]
-        lat[f"{key}_fraction_of_bound"] = lat["bound_ms"] / lat[f"{key}_decode_ms"]
-    print(json.dumps(lat), flush=True)
+    lat.update(bytes_per_token=per_token, bandwidth_gbs=gbs, bound_ms=per_token / gbs / 1e6, graphs={})
+    for _, fmt, level, fuse in VARIANTS:
+        if fmt != "int4":
+            continue
+        name = graph_name(fmt, level, fuse)
+        sess = session(work / name / "model.onnx", 2, exact=not level)
+        g = {"decode_ms": ort_decode_ms(sess, short, 8, a.tokens),
+             "prefill512_ms": prefill_ms(lambda s=sess: s.run(["logits"], decoder_feed(s, ids, None, 0))),
+             "nodes": len(load_onnx(work / name / "model.onnx").graph.node)}
+        g.update(decode_speedup=lat["torch_fp32_decode_ms"] / g["decode_ms"],
+                 prefill_speedup=lat["torch_fp32_prefill512_ms"] / g["prefill512_ms"],
+                 fraction_of_bound=lat["bound_ms"] / g["decode_ms"])
+        lat["graphs"][name] = g
+        print(name, json.dumps(g), flush=True)
+    print(json.dumps({k: v for k, v in lat.items() if k != "graphs"}), flush=True)
 
     lines += [f"Written by `python benchmarks/export.py` on {time.strftime('%Y-%m-%d')} ({platform.machine()}, "
               f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, 2 threads; load "
@@ -160,20 +175,17 @@ def main() -> None:
                          f"{json.dumps(_histogram(r['specs']))}.")
     lines += ["", f"Latency of the `--target ort` int4 graphs (batch 1, KV cache; decode = median of {a.tokens} "
               "greedy steps after 8 warm-up from a 64-token prompt; prefill = 512 tokens, median of 5; all in this "
-              "run, same process):", "",
-              "| | ORT int4 (fp32 compute) | ORT int4, int8 activations | PyTorch fp32 eager | speed-up fp32 compute "
-              "| speed-up int8 activations |", "|---|---|---|---|---|---|",
-              f"| decode ms/token | {lat['ort_int4_decode_ms']:.1f} | {lat['ort_int4_acc4_decode_ms']:.1f} | "
-              f"{lat['torch_fp32_decode_ms']:.1f} | {lat['ort_int4_decode_speedup']:.2f}× | "
-              f"{lat['ort_int4_acc4_decode_speedup']:.2f}× |",
-              f"| prefill 512 tokens, ms | {lat['ort_int4_prefill512_ms']:.0f} | "
-              f"{lat['ort_int4_acc4_prefill512_ms']:.0f} | {lat['torch_fp32_prefill512_ms']:.0f} | "
-              f"{lat['ort_int4_prefill_speedup']:.2f}× | {lat['ort_int4_acc4_prefill_speedup']:.2f}× |", "",
-              f"Bytes read per decoded token ≈ the graph's weight initializers, {per_token:,} B; measured read "
-              f"bandwidth {gbs:.1f} GB/s → bound {lat['bound_ms']:.1f} ms/token; the int4 graphs run at "
-              f"{100 * lat['ort_int4_fraction_of_bound']:.0f}% (fp32 compute) and "
-              f"{100 * lat['ort_int4_acc4_fraction_of_bound']:.0f}% (int8 activations) of that bound. Target "
-              "(issue 4): ≥ 3× faster decode than PyTorch fp32 eager."]
+              f"run, same process). PyTorch fp32 eager: decode {lat['torch_fp32_decode_ms']:.1f} ms/token, prefill "
+              f"{lat['torch_fp32_prefill512_ms']:.0f} ms.", "",
+              "| int4 graph | nodes | decode ms/token | decode speed-up vs torch | prefill 512 ms | prefill speed-up "
+              "| share of bandwidth bound |", "|---|---|---|---|---|---|---|"]
+    for name, g in lat["graphs"].items():
+        lines.append(f"| {LABELS[name]} | {g['nodes']:,} | {g['decode_ms']:.1f} | {g['decode_speedup']:.2f}× | "
+                     f"{g['prefill512_ms']:.0f} | {g['prefill_speedup']:.2f}× | {100 * g['fraction_of_bound']:.0f}% |")
+    lines += ["", f"Bytes read per decoded token ≈ the graph's weight initializers, {per_token:,} B; measured read "
+              f"bandwidth {gbs:.1f} GB/s → bound {lat['bound_ms']:.1f} ms/token. Target (issue 4): ≥ 3× faster "
+              "decode than PyTorch fp32 eager. Fused graphs: `--fuse-attention` (one GroupQueryAttention per layer; "
+              "no left-padded batches)."]
     text = "\n".join(lines) + "\n"
     replace_section(REPO / "BENCHMARKS.md", "ONNX export and validation (issue 4)", text)
     (REPO / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)

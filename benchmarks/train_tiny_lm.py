@@ -4,6 +4,10 @@ SmolLM2's weights lie on a 4-bit grid (dequantized from Q4_1), so quantization c
 mislead; this model is the float check. Deterministic for a seed (single process, fixed data order).
 
     python benchmarks/train_tiny_lm.py --out ~/.cache/compress/models/tiny-austen-lm [--steps 1200]
+    python benchmarks/train_tiny_lm.py --moe --out ~/.cache/compress/models/tiny-austen-moe
+
+`--moe` trains a Mixtral-style model (8 experts, top-2) with the auxiliary balance loss turned low
+(`--aux-coef`, default 0.001) so that real load imbalance remains for the MoE tools to work on.
 
 Writes an HF model directory (config, safetensors, tokenizer) atomically, plus train_log.json.
 """
@@ -52,12 +56,21 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=384)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); 1 is faster on a "
+                                                             "busy machine")
+    ap.add_argument("--moe", action="store_true", help="Mixtral-style sparse MoE FFNs instead of dense ones")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--expert-ffn", type=int, default=384, help="hidden width of one expert")
+    ap.add_argument("--aux-coef", type=float, default=0.001, help="router load-balance loss weight (kept low)")
     a = ap.parse_args()
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     from compress.atomic import atomic_dir
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     files = sorted(p for p in a.data.glob("*.txt") if p.name != HELD_OUT)
     texts = [p.read_text(encoding="utf-8") for p in files]
@@ -66,11 +79,16 @@ def main() -> None:
     n = (len(ids) - 1) // a.seq_len
     windows = ids[: n * a.seq_len].reshape(n, a.seq_len)
     ffn = int(a.hidden * 8 / 3) // 64 * 64
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=a.hidden, intermediate_size=ffn,
-                         num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0, rms_norm_eps=1e-5)
-    model = LlamaForCausalLM(config)
+    common = dict(vocab_size=len(tokenizer), hidden_size=a.hidden, num_hidden_layers=a.layers,
+                  num_attention_heads=a.hidden // 64, num_key_value_heads=2, max_position_embeddings=1024,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-5)
+    if a.moe:
+        config = MixtralConfig(**common, intermediate_size=a.expert_ffn, num_local_experts=a.experts,
+                               num_experts_per_tok=a.top_k, router_aux_loss_coef=a.aux_coef,
+                               output_router_logits=True, sliding_window=None)
+        model = MixtralForCausalLM(config)
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common, intermediate_size=ffn))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warm = max(1, a.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -91,6 +109,7 @@ def main() -> None:
             log.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - t0, 1)})
             print(log[-1], flush=True)
     model.eval()
+    model.config.output_router_logits = False  # inference default; training needed it for the balance loss
     with atomic_dir(a.out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -45,6 +45,7 @@ class ExportRequest:
     min_top1: float | None = None
     arch: str | None = None
     trust_pickle: bool = False
+    fuse_attention: bool = False  # decoders: one GroupQueryAttention per layer (ONNX Runtime contrib op)
 
 
 def _check(req: ExportRequest) -> None:
@@ -52,6 +53,9 @@ def _check(req: ExportRequest) -> None:
 
     if req.fmt not in FORMATS:
         raise UserError(f"--format {req.fmt}: use one of {', '.join(FORMATS)}")
+    if req.fuse_attention and req.fmt == "qdq":
+        raise UserError("--fuse-attention writes ONNX Runtime's GroupQueryAttention, which TensorRT does not run: "
+                        "use it with --format fp32, fp16 or int4")
     if req.fmt in QUANTIZED and not is_artifact(Path(req.model)):
         hint = "--target ort" if req.fmt == "int4" else "--target trt"
         raise UserError(f"--format {req.fmt} exports a quantized artifact's own codes: pass a directory written by "
@@ -102,6 +106,32 @@ def run_export(req: ExportRequest, progress=None) -> dict:
 def _export(loaded, tmp: Path, req: ExportRequest) -> dict:
     """Write OUT/model.onnx (+ config/tokenizer); quantized formats rewrite the float graph of the dequantized
     artifact with its own codes."""
+    meta = _export_graph(loaded, tmp, req)
+    if req.fuse_attention:
+        meta.setdefault("extra", {})["fusion"] = _fuse(loaded, tmp / "model.onnx")
+        (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _fuse(loaded, graph: Path) -> dict:
+    """Rewrite OUT/model.onnx with fused attention (validation then runs on the fused graph)."""
+    import onnx
+
+    from exporters.fuse_gqa import fuse_attention
+
+    if loaded.kind != "decoder":
+        raise UserError(f"--fuse-attention applies to decoders with a KV cache, not a {loaded.kind}")
+    model = onnx.load(str(graph))
+    record = fuse_attention(model, loaded.module.config)
+    external = any(f.name != graph.name and f.name.startswith("model.onnx") for f in graph.parent.iterdir())
+    for f in graph.parent.glob("model.onnx*"):
+        f.unlink()
+    onnx.save(model, str(graph), save_as_external_data=external, location="model.onnx.data" if external else None)
+    return record.to_dict()
+
+
+def _export_graph(loaded, tmp: Path, req: ExportRequest) -> dict:
+    """The unfused graph: float export, or the float graph of the dequantized artifact rewritten with its codes."""
     from exporters.onnx import export_float
 
     if req.fmt not in QUANTIZED:
@@ -187,6 +217,9 @@ def summary_markdown(result: dict) -> str:
         lines += [f"Quantized layers carry the artifact's own codes ({rw['kind']}): {len(rw['layers'])} layers, "
                   f"bits {rw['bits']}; weight bytes {rw['weight_bytes_before']:,} → {rw['weight_bytes_after']:,}."]
         lines += [f"- {n}" for n in rw.get("notes", [])] + [""]
+    fusion = exp.get("extra", {}).get("fusion")
+    if fusion:
+        lines += [f"Attention fused: {n}." for n in fusion["notes"]] + [""]
     if result.get("validation") is None:
         lines.append("Not validated (--no-validate).")
         return "\n".join(lines) + "\n"

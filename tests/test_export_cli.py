@@ -109,3 +109,40 @@ def test_a_trt_artifact_with_a_quantized_embedding_passes_check_trt(tmp_path, mo
     run_export(ExportRequest(model=str(tmp_path / "art"), out=tmp_path / "q", fmt="qdq", validate=False))
     report = check_trt(tmp_path / "q" / "model.onnx", lint=False)
     assert report.passed, report.rows()
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int4"])
+def test_fused_attention_keeps_the_io_and_validates(tmp_path, monkeypatch, fmt):
+    import onnx
+
+    from compress.quantize.run import QuantizeRequest, run_quantize
+    from exporters.run import ExportRequest, run_export
+
+    monkeypatch.setattr("compress.models.load_model", lambda *a, **k: build("llama-hd16"))
+    model = "tiny"
+    if fmt == "int4":
+        model = str(tmp_path / "art")
+        run_quantize(QuantizeRequest(model="tiny", bits=4, target="ort", embeddings="quantize", evaluate=False,
+                                     out=tmp_path / "art"))
+    plain = run_export(ExportRequest(model=model, out=tmp_path / "plain", fmt=fmt, data="self", tokens=32,
+                                     seq_len=16))
+    fused = run_export(ExportRequest(model=model, out=tmp_path / "fused", fmt=fmt, data="self", tokens=32,
+                                     seq_len=16, fuse_attention=True))
+    assert fused["passed"], fused["validation"]
+    graphs = {k: onnx.load(str(tmp_path / k / "model.onnx")).graph for k in ("plain", "fused")}
+    ops = [n.op_type for n in graphs["fused"].node]
+    layers = build("llama-hd16").module.config.num_hidden_layers
+    assert ops.count("GroupQueryAttention") == layers and "Softmax" not in ops
+    assert len(graphs["fused"].node) < len(graphs["plain"].node) / 2
+    for part in ("input", "output"):
+        assert [i.name for i in getattr(graphs["fused"], part)] == [i.name for i in getattr(graphs["plain"], part)]
+    assert fused["export"]["extra"]["fusion"]["layers"] == layers
+    assert plain["passed"]
+
+
+def test_fused_attention_is_refused_for_tensorrt_graphs(tmp_path, tiny):
+    r = CliRunner().invoke(app, ["export", "tiny", "--onnx", str(tmp_path / "o"), "--format", "qdq",
+                                 "--fuse-attention"])
+    assert r.exit_code == 2 and "TensorRT" in r.stderr
+    r = CliRunner().invoke(app, ["export", "tiny", "--onnx", str(tmp_path / "o"), "--fuse-attention"])
+    assert r.exit_code == 2 and "multiple of 16" in r.stderr and not (tmp_path / "o").exists()

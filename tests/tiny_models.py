@@ -26,6 +26,8 @@ def build(family: str) -> LoadedModel:
 
     if family == "llama":
         m = _decoder(tf.LlamaConfig(**COMMON))
+    elif family == "llama-hd16":  # head_dim 16: what ONNX Runtime's GroupQueryAttention needs at least
+        m = _decoder(tf.LlamaConfig(**{**COMMON, "hidden_size": 64}))
     elif family == "qwen2":
         m = _decoder(tf.Qwen2Config(**COMMON))
     elif family == "qwen3":
