@@ -690,8 +690,14 @@ def _linearize(model: str, share: str, data: str | None, tokens: int, out: Path 
 @app.command("export")
 def export_(
     model: str = typer.Argument(..., help="Zoo name, HF dir, or an artifact directory from `compress quantize`."),
-    onnx_out: Path = typer.Option(..., "--onnx", help="Output directory (model.onnx, config, tokenizer, "
-                                                      "validation.json, README.md); complete or absent."),
+    onnx_out: Path = typer.Option(None, "--onnx", help="Output directory (model.onnx, config, tokenizer, "
+                                                       "validation.json, README.md); complete or absent."),
+    gguf_out: Path = typer.Option(None, "--gguf", help="Write a llama.cpp GGUF instead (llama-family decoders): the "
+                                                       "plan's per-layer types as Q4_0/Q5_0/Q8_0 from the artifact's "
+                                                       "own codes (make it with --target gguf), run in llama.cpp to "
+                                                       "validate (extra `llamacpp`)."),
+    float_type: str = typer.Option("F16", "--float-type", help="--gguf: type of matrices kept in float (F16, F32, "
+                                                              "BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0)."),
     fmt: str = typer.Option("fp32", "--format", help="fp32 | fp16 | int4 (ORT MatMulNBits with the artifact's own "
                                                      "codes; make it with --target ort) | qdq (TensorRT-style "
                                                      "DequantizeLinear; make it with --target trt)."),
@@ -725,10 +731,17 @@ def export_(
     trust_pickle: bool = TRUST,
     debug: bool = DEBUG,
 ) -> None:
-    """Export to ONNX and validate against the original; a failed validation exits 1 (it never just warns)."""
+    """Export to ONNX (or GGUF) and validate against the original; a failed validation exits 1 (never just warns)."""
+    from compress.errors import UserError
     from exporters.run import ExportRequest, run_export
 
+    if gguf_out is not None and onnx_out is None:
+        return _export_gguf(model, gguf_out, float_type, do_validate, data, tokens, seq_len, seed, max_kl, min_top1,
+                            json_out, debug)
+
     def go():
+        if (onnx_out is None) == (gguf_out is None):
+            raise UserError("export: pass exactly one of --onnx OUT_DIR or --gguf OUT.gguf")
         req = ExportRequest(model=model, out=onnx_out, fmt=fmt, opset=opset, validate=do_validate, data=data,
                             tokens=tokens, seq_len=seq_len, seed=seed, requantize=requantize,
                             accuracy_level=accuracy_level, max_kl=max_kl, fuse_attention=fuse_attention,
@@ -742,6 +755,42 @@ def export_(
             verdict = {True: "validated", False: "VALIDATION FAILED", None: "not validated"}[result["passed"]]
             stdout.print(f"wrote {result['out']} ({result['size_bytes']:,} bytes, export {result['export_seconds']} s"
                          f", validation {result.get('validation_seconds', '-')} s): {verdict}")
+        return result["passed"] is not False
+
+    if not run_command(go, debug):
+        raise typer.Exit(1)
+
+
+def _export_gguf(model: str, out: Path, float_type: str, do_validate: bool, data: str | None, tokens: int,
+                 seq_len: int, seed: int, max_kl: float | None, min_top1: float | None, json_out: bool,
+                 debug: bool) -> None:
+    from exporters.gguf_run import GgufRequest, run_gguf_export
+
+    def go():
+        req = GgufRequest(model=model, out=out, float_type=float_type, validate=do_validate, data=data, tokens=tokens,
+                          seq_len=seq_len, seed=seed, max_kl=max_kl, min_top1=min_top1)
+        with progress_bar(not json_out) as p:
+            if p is not None:
+                p.add_task("GGUF export + llama.cpp validation", total=None)
+            result = run_gguf_export(req)
+        if json_out:
+            print_json(result)
+            return result["passed"] is not False
+        if result["not_exact"]:
+            stdout.print(result["not_exact"])
+        rows = []
+        for ref, v in (result.get("validation") or {}).items():
+            limit = ", ".join(x for x in (f"KL ≤ {v['kl_max']}" if v["kl_max"] is not None else "",
+                                          f"top-1 ≥ {v['top1_min']}" if v["top1_min"] is not None else "") if x)
+            rows.append([ref, f"{v['kl_mean']:.4f}", f"{v['kl_p99']:.4f}", f"{v['top1_agreement']:.3f}",
+                         limit or "reported", "yes" if v["passed"] else "NO"])
+        if rows:
+            stdout.print(table("llama.cpp vs torch", ["reference", "KL mean", "KL p99", "top-1", "threshold", "pass"],
+                               rows))
+        verdict = {True: "validated in llama.cpp", False: "VALIDATION FAILED", None: "not validated"}[result["passed"]]
+        stdout.print(f"wrote {result['out']} ({result['size_bytes']:,} bytes, {result['bpw']} bits/weight, "
+                     f"{result['export']['file_type']}; export {result['export_seconds']} s, validation "
+                     f"{result.get('validation_seconds', '-')} s): {verdict}")
         return result["passed"] is not False
 
     if not run_command(go, debug):

@@ -17,7 +17,9 @@ FORMAT = "compress-packed-v1"
 # Other artifact formats, loaded by their own package: format -> "module:function(path, manifest)".
 LOADERS = {"compress-pruned-v1": "compress.prune.artifact:load_pruned",
            "compress-width-v1": "compress.prune.width:load_width_pruned",
-           "compress-reparam-v1": "compress.reparam.artifact:load_reparam"}
+           "compress-reparam-v1": "compress.reparam.artifact:load_reparam",
+           "compress-moe-v1": "compress.moe.balanced:load_balanced",
+           "compress-moe-pruned-v1": "compress.moe.prune_artifact:load_moe_pruned"}
 
 
 def is_artifact(path: Path) -> bool:

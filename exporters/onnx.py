@@ -123,15 +123,41 @@ def _export_transformers(loaded: LoadedModel, tmp: Path, task: str, opset: int |
     if not hasattr(module, "config"):
         raise UserError(f"{loaded.spec}: a {loaded.kind} without a transformers config cannot go through optimum; "
                         "export the module with example inputs instead")
+    custom = None
+    if _is_moe(module):
+        module, custom = _moe_ready(module)
     patched = "forward" in module.__dict__
     try:
         with _quiet(), _export_errors(module):
-            onnx_export_from_model(module, tmp, opset=opset, task=task, do_validation=False)
+            onnx_export_from_model(module, tmp, opset=opset, task=task, do_validation=False,
+                                   custom_onnx_configs=custom)
     finally:
         if not patched:  # optimum restores forward as an instance attribute; drop it, the class method is the same
             module.__dict__.pop("forward", None)
     if loaded.tokenizer is not None and hasattr(loaded.tokenizer, "save_pretrained"):
         loaded.tokenizer.save_pretrained(tmp)
+
+
+def _is_moe(module: nn.Module) -> bool:
+    from compress.moe.layout import MOE_FAMILIES
+
+    return getattr(getattr(module, "config", None), "model_type", None) in MOE_FAMILIES
+
+
+def _moe_ready(module: nn.Module) -> tuple[nn.Module, dict | None]:
+    """A copy whose sparse MoE blocks run every expert under a dense routing matrix (tracing keeps all of the
+    routing, not the experts the dummy input happened to hit), and an ONNX config for families optimum lacks."""
+    import copy
+
+    from compress.moe.export_ready import export_friendly
+
+    twin = export_friendly(copy.deepcopy(module))
+    if module.config.model_type != "mixtral":
+        return twin, None
+    from optimum.exporters.onnx.model_configs import MistralOnnxConfig  # Mixtral's attention is Mistral's
+
+    return twin, {"model": MistralOnnxConfig(module.config, task="text-generation", use_past=True,
+                                             use_past_in_inputs=True)}
 
 
 def _export_module(module: nn.Module, path: Path, example: tuple[torch.Tensor, ...], opset: int | None) -> None:

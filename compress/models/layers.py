@@ -7,9 +7,12 @@ the head) is found structurally, so wrapped models (e.g. `model.language_model.l
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from compress.moe.layout import MoeLayer
 
 # How skipping a sublayer is done, per residual style:
 #  zero      pre-norm residual (x + f(norm(x))): the sublayer's output is replaced by zeros.
@@ -47,11 +50,18 @@ GPT2_STYLE = Adapter("gpt2", {
     "attn": SublayerSpec(("attn",), "attn", "zero"),
     "mlp": SublayerSpec(("mlp",), "mlp", "zero"),
 })
+MIXTRAL_STYLE = Adapter("mixtral", {
+    "attn": SublayerSpec(("self_attn",), "self_attn", "zero"),
+    "mlp": SublayerSpec(("block_sparse_moe",), "block_sparse_moe", "zero"),
+})
 FAMILIES: dict[str, Adapter] = {
     **{f: LLAMA_STYLE for f in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "gemma3_text",
                                 "olmo", "olmo2", "phi3", "granite", "smollm3")},
     **{f: BERT_STYLE for f in ("bert", "roberta", "xlm-roberta", "camembert", "electra")},
     "gpt2": GPT2_STYLE,
+    # mixture-of-experts families: the "mlp" sublayer is the sparse block (router + experts + shared experts)
+    "mixtral": MIXTRAL_STYLE,
+    **{f: LLAMA_STYLE for f in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")},
 }
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm")
 ATTN_WORDS = ("attn", "attention")
@@ -79,6 +89,7 @@ class Block:
     linears: list[str]
     norms: list[str]
     params: int
+    moe: MoeLayer | None = None  # router / expert / shared-expert paths and top_k of a sparse MoE block
 
     def linears_of(self, sublayer: str) -> list[str]:
         """The block's Linear modules that belong to one sublayer (e.g. q/k/v/o for "attn")."""
@@ -114,6 +125,9 @@ class LayerMap:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with `num_blocks` and `blocks`."""
         d = asdict(self)
+        for b in d["blocks"]:
+            if b["moe"] is None:  # dense blocks keep their dict shape
+                del b["moe"]
         d["num_blocks"] = self.num_blocks
         d["num_sublayers"] = self.num_sublayers
         return d
@@ -141,6 +155,8 @@ def layer_map(model: nn.Module) -> LayerMap:
         linears = [f"{path}.{n}" for n, m in blk.named_modules() if _is_linear(m)]
         norms = [f"{path}.{n}" for n, m in blk.named_modules() if n and "norm" in type(m).__name__.lower()]
         blocks.append(Block(i, path, sublayers, linears, norms, _count(blk)))
+    for moe in _moe_layers(model, family):
+        blocks[moe.index].moe = moe
     return LayerMap(
         family=family,
         adapter=adapter.name,
@@ -169,6 +185,19 @@ def find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
         raise UserError(f"{type(model).__name__}: no repeated block stack (nn.ModuleList of identical blocks) "
                         "found; this architecture is not supported yet")
     return best[1], best[2]
+
+
+def _moe_layers(model: nn.Module, family: str) -> list[MoeLayer]:
+    """The sparse MoE blocks of a mixture-of-experts family (none for dense models or an all-dense stack)."""
+    from compress.errors import UserError
+    from compress.moe.layout import MOE_FAMILIES, moe_layers
+
+    if family not in MOE_FAMILIES:
+        return []
+    try:
+        return moe_layers(model)
+    except UserError:
+        return []
 
 
 def _generic_adapter(block: nn.Module) -> Adapter:
