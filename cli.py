@@ -941,6 +941,207 @@ def load_(path: Path = typer.Argument(..., help="Artifact directory written by `
     run_command(go, debug)
 
 
+moe_app = typer.Typer(help="Mixture-of-experts models: expert load, rebalancing, expert pruning, placement.",
+                      no_args_is_help=True)
+app.add_typer(moe_app, name="moe")
+MOE_MODEL = typer.Argument(..., help="MoE model: zoo name, HF model directory or artifact directory (mixtral, "
+                                     "qwen2_moe, qwen3_moe, olmoe, deepseek_v3).")
+EVAL_DATA = typer.Option(None, "--eval-data", help="Held-out text (its evaluation split); default: the evaluation "
+                                                   "split of --data.")
+EVAL_TOKENS = typer.Option(2048, "--eval-tokens", help="Held-out tokens for the before/after measurements.")
+
+
+@moe_app.command("stats")
+def moe_stats_(
+    model: str = MOE_MODEL,
+    data: str = DATA,
+    tokens: int = TOKENS,
+    seq_len: int = SEQ_LEN,
+    seed: int = SEED,
+    out: Path = typer.Option(None, "--out", help="Directory to write: stats.json, load.png (layer × expert "
+                                                 "heatmap), coactivation.png (worst layer)."),
+    json_out: bool = JSON,
+    debug: bool = DEBUG,
+) -> None:
+    """Per layer: tokens per expert, max/mean load, CV, router entropy and dead experts."""
+    from compress.moe.run import MoeStatsRequest, run_stats
+
+    def go():
+        req = MoeStatsRequest(model=model, data=data, tokens=tokens, seq_len=seq_len, seed=seed, out=out)
+        with progress_bar(not json_out) as p:
+            result = run_stats(req, progress=p)
+        if json_out:
+            print_json(result)
+            return
+        stdout.print(table(f"{model}: expert load over {result['tokens']:,} tokens (worst layer "
+                           f"{result['worst_layer']}, max/mean {result['max_over_mean']:.3f})",
+                           ["layer", "experts", "top-k", "max/mean", "CV", "router H", "log E", "dead"],
+                           [[s["index"], s["num_experts"], s["top_k"], s["max_over_mean"], s["cv"],
+                             s["router_entropy"], s["max_entropy"], ",".join(map(str, s["dead"])) or "-"]
+                            for s in result["layers"]]))
+        for s in result["layers"]:
+            stdout.print(f"layer {s['index']} tokens per expert: {' '.join(map(str, s['load']))}", highlight=False)
+        if result.get("out"):
+            stdout.print(f"wrote {result['out']}/ ({', '.join(result['files'])})")
+
+    run_command(go, debug)
+
+
+@moe_app.command("rebalance")
+def moe_rebalance_(
+    model: str = MOE_MODEL,
+    data: str = DATA,
+    method: str = typer.Option("bip", "--method", help="bip (LP-dual of the capacity-constrained assignment) | "
+                                                       "greedy (DeepSeek-V3's aux-loss-free sign update)."),
+    capacity: float = typer.Option(1.1, "--capacity", help="Most tokens one expert may take, as a multiple of the "
+                                                           "mean load (≥ 1.0)."),
+    eval_data: str = EVAL_DATA,
+    tokens: int = typer.Option(2048, "--tokens", help="Calibration tokens the bias is fitted on."),
+    eval_tokens: int = EVAL_TOKENS,
+    seq_len: int = SEQ_LEN,
+    seed: int = SEED,
+    max_iter: int = typer.Option(100, "--max-iter", help="Sweeps (bip) or steps (greedy) per layer."),
+    out: Path = typer.Option(..., "--out", help="Artifact directory to write (compress-moe-v1 + "
+                                                "moe_rebalance.json); complete or absent."),
+    json_out: bool = JSON,
+    debug: bool = DEBUG,
+) -> None:
+    """Balance expert load with a selection-only bias per layer (weights unchanged), fitted on calibration windows
+    and measured on held-out ones: max/mean load before/after, KL and top-1 vs the original."""
+    from compress.moe.run import RebalanceRequest, run_rebalance
+
+    def go():
+        req = RebalanceRequest(model=model, data=data, method=method, capacity=capacity, eval_data=eval_data,
+                               tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
+                               max_iter=max_iter, out=out)
+        with progress_bar(not json_out) as p:
+            result = run_rebalance(req, progress=p)
+        if json_out:
+            print_json(result)
+            return
+        s = result["summary"]
+        stdout.print(table(f"{model}: {method} rebalancing at capacity {capacity:g} ({result['fit_seconds']} s); "
+                           "max/mean load per layer, before → after (CV and dead experts: held-out)",
+                           ["layer", "calibration", "held-out", "CV", "dead", "sweeps"],
+                           [[r["index"], _arrow(r["calib_before"], r["calib_after"]), _arrow(r["before"], r["after"]),
+                             _arrow(r["cv_before"], r["cv_after"]), _arrow(r["dead_before"], r["dead_after"]),
+                             r["iterations"]] for r in result["layers"]]))
+        _print_moe_metrics(result, "after rebalancing (held-out windows)")
+        stdout.print(f"held-out max/mean worst {s['max_over_mean_worst_before']:.3f} → "
+                     f"{s['max_over_mean_worst_after']:.3f}, mean {s['max_over_mean_mean_before']:.3f} → "
+                     f"{s['max_over_mean_mean_after']:.3f}")
+        for note in result["notes"]:
+            stdout.print(f"note: {note}")
+        stdout.print(f"wrote {result['out']}")
+
+    run_command(go, debug)
+
+
+@moe_app.command("prune")
+def moe_prune_(
+    model: str = MOE_MODEL,
+    experts: str = typer.Option(..., "--experts", help="Routed experts to remove: P% of all of them (e.g. 25%) or "
+                                                       "a count (e.g. 8); every layer keeps at least its top-k."),
+    data: str = DATA,
+    schedule: str = typer.Option("uniform", "--schedule", help="How the removals spread over layers: uniform | "
+                                                               "descending | ascending | pyramid | adaptive "
+                                                               "(exact DP on measured ΔKL)."),
+    merge: bool = typer.Option(False, "--merge", help="Fold each dropped expert into its most similar kept one "
+                                                      "instead of discarding it."),
+    importance: str = typer.Option("usefulness", "--importance", help="usefulness (routed mass × output norm) | kl "
+                                                                      "(ΔKL with the expert masked) | random."),
+    eval_data: str = EVAL_DATA,
+    tokens: int = typer.Option(2048, "--tokens", help="Calibration tokens the experts are scored on."),
+    eval_tokens: int = EVAL_TOKENS,
+    seq_len: int = SEQ_LEN,
+    seed: int = SEED,
+    out: Path = typer.Option(..., "--out", help="Artifact directory to write (compress-moe-pruned-v1 + "
+                                                "moe_prune.json); complete or absent."),
+    json_out: bool = JSON,
+    debug: bool = DEBUG,
+) -> None:
+    """Remove (or merge) the least useful routed experts; reports kept experts per layer and KL / top-1 vs the
+    original on held-out windows."""
+    from compress.moe.run import MoePruneRequest, run_prune
+
+    def go():
+        req = MoePruneRequest(model=model, experts=experts, data=data, schedule=schedule, merge=merge,
+                              importance=importance, eval_data=eval_data, tokens=tokens, eval_tokens=eval_tokens,
+                              seq_len=seq_len, seed=seed, out=out)
+        with progress_bar(not json_out) as p:
+            result = run_prune(req, progress=p)
+        if json_out:
+            print_json(result)
+            return
+        stdout.print(table(f"{model}: removed {result['removed']} of {result['total']} routed experts "
+                           f"({schedule}, {importance}{', merged' if merge else ''}) in {result['prune_seconds']} s",
+                           ["layer", "experts", "dropped", "merged into", "max/mean held-out"],
+                           [[r["index"], _arrow(r["experts_before"], r["kept"]),
+                             ",".join(map(str, r["dropped"])) or "-",
+                             " ".join(f"{d}→{k}" for d, k in r["merged_into"].items()) or "-",
+                             _arrow(r["before"], r["after"])] for r in result["layers"]]))
+        _print_moe_metrics(result, "after pruning (held-out windows)",
+                           [["params", result["params_after"], result["params_before"]]])
+        stdout.print(f"wrote {result['out']}")
+
+    run_command(go, debug)
+
+
+@moe_app.command("place")
+def moe_place_(
+    model: str = MOE_MODEL,
+    data: str = DATA,
+    devices: int = typer.Option(..., "--devices", help="Expert-parallel devices per layer."),
+    replicas: int = typer.Option(0, "--replicas", help="Extra copies of hot experts per layer."),
+    eval_data: str = EVAL_DATA,
+    tokens: int = typer.Option(2048, "--tokens", help="Calibration tokens the loads are measured on."),
+    eval_tokens: int = typer.Option(2048, "--eval-tokens", help="Held-out tokens both plans are checked on."),
+    seq_len: int = SEQ_LEN,
+    seed: int = SEED,
+    out: Path = typer.Option(None, "--out", help="JSON file to write the plan to."),
+    json_out: bool = JSON,
+    debug: bool = DEBUG,
+) -> None:
+    """Place experts (and replicas) on devices from the routed load, against round-robin: busiest device / mean
+    per layer, on the calibration load and on held-out load."""
+    from compress.moe.run import PlaceRequest, run_place
+
+    def go():
+        req = PlaceRequest(model=model, data=data, devices=devices, replicas=replicas, eval_data=eval_data,
+                           tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, out=out)
+        with progress_bar(not json_out) as p:
+            result = run_place(req, progress=p)
+        if json_out:
+            print_json(result)
+            return
+        s = result["summary"]
+        stdout.print(table(f"{model}: {devices} devices, {replicas} replicas per layer; busiest device / mean",
+                           ["layer", "experts", "copies", "ours", "round-robin", "held-out ours",
+                            "held-out round-robin"],
+                           [[r["index"], r["experts"], r["copies"], r["ours"], r["round_robin"], r["heldout_ours"],
+                             r["heldout_round_robin"]] for r in result["layers"]]
+                           + [["mean", None, None, s["ours_mean"], s["round_robin_mean"], s["heldout_ours_mean"],
+                               s["heldout_round_robin_mean"]]]))
+        if result.get("out"):
+            stdout.print(f"wrote {result['out']}")
+
+    run_command(go, debug)
+
+
+def _arrow(before, after) -> str:
+    def f(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    return f"{f(before)} → {f(after)}"
+
+
+def _print_moe_metrics(result: dict, title: str, extra: list | None = None) -> None:
+    m = result["metrics"]
+    rows = (extra or []) + [["ppl", m["ppl"], m["ppl_ref"]], ["kl_mean", m["kl_mean"], None],
+                            ["kl_p99", m["kl_p99"], None], ["top1_agreement", m["top1_agreement"], None]]
+    stdout.print(table(title, ["metric", "value", "original"], rows))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
