@@ -770,9 +770,7 @@ def _export_gguf(model: str, out: Path, float_type: str, do_validate: bool, data
         req = GgufRequest(model=model, out=out, float_type=float_type, validate=do_validate, data=data, tokens=tokens,
                           seq_len=seq_len, seed=seed, max_kl=max_kl, min_top1=min_top1)
         with progress_bar(not json_out) as p:
-            if p is not None:
-                p.add_task("GGUF export + llama.cpp validation", total=None)
-            result = run_gguf_export(req)
+            result = run_gguf_export(req, progress=p)
         if json_out:
             print_json(result)
             return result["passed"] is not False

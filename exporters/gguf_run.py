@@ -59,7 +59,7 @@ def check_request(req: GgufRequest) -> None:
         resolve_text_files(req.data)
 
 
-def run_gguf_export(req: GgufRequest) -> dict:
+def run_gguf_export(req: GgufRequest, progress=None) -> dict:
     """Write OUT.gguf (atomically) and validate it in llama.cpp; the summary also goes to OUT.gguf.json."""
     from compress.artifact import is_artifact, load_artifact
     from compress.atomic import write_text
@@ -74,6 +74,8 @@ def run_gguf_export(req: GgufRequest) -> dict:
                     "export_seconds": report.seconds, "size_bytes": report.file_bytes, "bpw": report.bpw,
                     "not_exact": report.approximation_note()}
     if req.validate:
+        if progress is not None:  # added only now: bad input fails above with one line and no bar
+            progress.add_task("llama.cpp validation", total=None)
         result["validation"] = _validate(loaded, req, artifact)
         result["validation_seconds"] = round(sum(v["seconds"] for v in result["validation"].values()), 2)
         result["passed"] = all(v["passed"] for v in result["validation"].values())
