@@ -709,7 +709,7 @@ def export_(
                                                                 "refusing; then validated against the original only."),
     accuracy_level: int = typer.Option(0, "--accuracy-level", help="int4: MatMulNBits compute. 0 = fp32 (exact; "
                                                                    "validated to kernel rounding); 4 = int8 "
-                                                                   "activations (about 1.6× faster decode on CPU; "
+                                                                   "activations (1.3–1.8× faster decode on CPU; "
                                                                    "validated vs the artifact by KL ≤ 0.01, top-1 "
                                                                    "≥ 0.9, cosine ≥ 0.999)."),
     fuse_attention: bool = typer.Option(False, "--fuse-attention", help="Decoders: fuse each attention into ONNX "
