@@ -244,6 +244,11 @@ def to_matmulnbits(model: onnx.ModelProto | str | Path, loaded, out_path: Path |
             record.notes.append(f"{head} is tied to {emb}, which the graph does not read through a Gather")
     record.notes.append("scales are stored as float32 (MatMulNBits needs the activation dtype): "
                         "2 bytes more per group than the artifact's fp16 scales")
+    eight = sum(1 for v in record.layers.values() if v.startswith("MatMulNBits") and v.endswith("(bits 8)"))
+    if eight and not accuracy_level:
+        record.notes.append(f"{eight} MatMulNBits layer(s) run 8-bit codes with fp32 activations, which ONNX Runtime "
+                            "CPU computes slowly (measured 15x a 4-bit layer; BENCHMARKS.md): decode with "
+                            "--accuracy-level 4, or plan with --target ort (5/6-bit layers go into 8-bit containers)")
     record.weight_bytes_after = weight_bytes(m)
     record.opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
     save_model_atomic(m, out_path)

@@ -309,6 +309,11 @@ def _token_windows(inputs: Any, graph: str) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- statistics
 
+# Top-1 agreement over a handful of positions is not evidence (decode steps see one token per window: one flip of
+# two near-tied logits reads 0.5); it is reported there and gated only from this many positions on.
+MIN_TOP1_TOKENS = 32
+
+
 def _acc(accs: dict[str, _Acc], name: str, logits: bool = False) -> _Acc:
     if name not in accs:
         accs[name] = _Acc(name, logits)
@@ -355,7 +360,7 @@ class _Acc:
             c.top1 = self.same_top1 / max(self.tokens, 1)
             if c.kl_mean > tol.kl_max:
                 c.failures.append(f"KL {c.kl_mean:.2e} > {tol.kl_max:.0e}")
-            if c.top1 < tol.top1_min:
+            if c.top1 < tol.top1_min and self.tokens >= MIN_TOP1_TOKENS:
                 c.failures.append(f"top-1 {c.top1:.4f} < {tol.top1_min}")
         elif c.cosine < tol.cos_min:
             c.failures.append(f"cosine {c.cosine:.6f} < {tol.cos_min}")

@@ -191,3 +191,21 @@ def test_mobilenet_v2_from_the_zoo_gives_finite_logits():
     assert (loaded.kind, loaded.tokenizer) == ("cnn", None)
     logits = loaded.module(random_images(2))
     assert logits.shape == (2, 1000) and torch.isfinite(logits).all()
+
+
+def test_top1_is_gated_only_over_enough_positions():
+    import numpy as np
+    import torch
+
+    from exporters.validate import DEFAULT_TOLERANCE, MIN_TOP1_TOKENS, _Acc
+
+    tol = DEFAULT_TOLERANCE["int4"]
+    ref = torch.tensor([[0.0, 1.0, 0.999]] * 2)
+    flipped = ref[:, [0, 2, 1]].numpy()  # near-tied logits swap: top-1 differs on every position, KL tiny
+    few = _Acc("decode1/logits", logits=True)
+    few.add(ref, flipped)
+    c = few.check(tol)
+    assert c.top1 == 0.0 and not any("top-1" in f for f in c.failures)
+    many = _Acc("prefill/logits", logits=True)
+    many.add(ref.repeat(MIN_TOP1_TOKENS, 1), np.tile(flipped, (MIN_TOP1_TOKENS, 1)))
+    assert any("top-1" in f for f in many.check(tol).failures)
