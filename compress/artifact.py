@@ -78,6 +78,7 @@ def load_artifact(path: Path):
     with no_init_weights():
         model = cls.from_config(config, dtype=torch.float32)
     model.eval()
+    _restructure(model, manifest, path)
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
     lmap = layer_map(model)
@@ -87,6 +88,18 @@ def load_artifact(path: Path):
     if hasattr(model, "tie_weights") and not any(n == lmap.embeddings for n in specs):
         model.tie_weights()
     return loaded_from(model, path, manifest)
+
+
+def _restructure(model: torch.nn.Module, manifest: dict[str, Any], path: Path) -> None:
+    """Structure a quantized artifact inherited from its source artifact (MoE experts cut, router selection bias)."""
+    if "experts_per_layer" in manifest:
+        from compress.moe.prune_artifact import restructure_pruned
+
+        restructure_pruned(model, manifest, path)
+    if "moe_balance" in manifest:
+        from compress.moe.balanced import restructure_balanced
+
+        restructure_balanced(model, manifest, path)
 
 
 def load_weights(model: torch.nn.Module, path: Path, what: str = "the manifest") -> None:

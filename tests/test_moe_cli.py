@@ -170,3 +170,21 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, need
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], r.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("verb, extra", [("rebalance", ["--method", "bip"]), ("prune", ["--experts", "25%"])])
+def test_moe_artifacts_chain_into_quantize(tmp_path, verb, extra):
+    from compress.quantize.run import QuantizeRequest, run_quantize
+
+    r = invoke(verb, "tiny-moe", *SMALL, *extra, "--out", str(tmp_path / "m"))
+    assert r.exit_code == 0, r.output
+    source = load_artifact(tmp_path / "m")
+    run_quantize(QuantizeRequest(model=str(tmp_path / "m"), bits=8, evaluate=False, out=tmp_path / "q"))
+    quantized = load_artifact(tmp_path / "q")
+    src_blocks = [type(source.module.get_submodule(m.path)).__name__ for m in moe_layers(source.module)]
+    assert [type(quantized.module.get_submodule(m.path)).__name__ for m in moe_layers(quantized.module)] == src_blocks
+    assert [m.num_experts for m in moe_layers(quantized.module)] == [m.num_experts for m in moe_layers(source.module)]
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = source.module(input_ids=ids).logits, quantized.module(input_ids=ids).logits
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9  # 8-bit weights: the same routing and predictions

@@ -260,7 +260,7 @@ def load_balanced(path: Path, manifest: dict[str, Any]) -> LoadedModel:
     from transformers import AutoConfig
     from transformers.modeling_utils import no_init_weights
 
-    from compress.artifact import MANIFEST, load_weights, loaded_from
+    from compress.artifact import load_weights, loaded_from
     from compress.models.load import _model_class
 
     path = Path(path)
@@ -268,18 +268,25 @@ def load_balanced(path: Path, manifest: dict[str, Any]) -> LoadedModel:
     with no_init_weights():
         model = _model_class(config, str(path)).from_config(config, dtype=torch.float32)
     model.eval()
-    try:
-        biases = manifest["moe_balance"]["selection_bias"]
-        apply_bias(model, {p: torch.tensor(q) for p, q in biases.items()})
-    except (KeyError, TypeError) as exc:
-        raise UserError(f"{path}/{MANIFEST}: moe_balance.selection_bias is missing or malformed ({exc}); "
-                        "re-save the model with save_balanced") from exc
+    restructure_balanced(model, manifest, path)
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
     load_weights(model, path)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return loaded_from(model, path, manifest)
+
+
+def restructure_balanced(model, manifest: dict[str, Any], path: Path | str = "artifact") -> None:
+    """Swap a freshly built model's sparse blocks for balanced ones with the manifest's selection biases."""
+    from compress.artifact import MANIFEST
+
+    try:
+        biases = manifest["moe_balance"]["selection_bias"]
+        apply_bias(model, {p: torch.tensor(q) for p, q in biases.items()})
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{path}/{MANIFEST}: moe_balance.selection_bias is missing or malformed ({exc}); "
+                        "re-save the model with save_balanced") from exc
 
 
 def _groups(module: nn.Module) -> tuple[int, int] | None:

@@ -53,14 +53,27 @@ def load_moe_pruned(path: Path, manifest: dict[str, Any]):
     from transformers.modeling_utils import no_init_weights
 
     from compress.models.load import _model_class
-    from compress.moe.layout import moe_family, moe_layers
-    from compress.moe.prune import slice_block, sync_config
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     with no_init_weights():
         model = _model_class(config, str(path)).from_config(config, dtype=torch.float32)
     model.eval()
+    restructure_pruned(model, manifest, path)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    load_weights(model, path)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return loaded_from(model, path, manifest)
+
+
+
+def restructure_pruned(model, manifest: dict[str, Any], path: Path | str = "artifact") -> None:
+    """Cut a freshly built model's experts to the counts in `manifest["experts_per_layer"]` (in place)."""
+    from compress.moe.layout import moe_family, moe_layers
+    from compress.moe.prune import slice_block, sync_config
+
     family, _ = moe_family(model)
     try:
         counts = {int(i): int(n) for i, n in manifest["experts_per_layer"].items()}
@@ -76,12 +89,6 @@ def load_moe_pruned(path: Path, manifest: dict[str, Any]):
         if n < layers[i].num_experts:
             slice_block(model.get_submodule(layers[i].path), family, list(range(n)))
     sync_config(model)
-    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
-    load_weights(model, path)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    return loaded_from(model, path, manifest)
 
 
 register()
