@@ -803,6 +803,9 @@ def validate_(
     loose: bool = typer.Option(False, "--quantized", help="The graph is quantized: judge by KL/top-1 only."),
     max_kl: float = typer.Option(None, "--max-kl", help="Fail when mean KL(reference ‖ graph) exceeds this."),
     min_top1: float = typer.Option(None, "--min-top1", help="Fail when top-1 agreement is below this."),
+    min_cos: float = typer.Option(None, "--min-cosine", help="Fail when the cosine of a non-logit output (KV cache, "
+                                                            "embeddings) is below this (int8-activation graphs: "
+                                                            "0.999, as export uses)."),
     data: str = DATA,
     tokens: int = typer.Option(512, "--tokens", help="Held-out tokens."),
     seq_len: int = typer.Option(256, "--seq-len", help="Window length."),
@@ -821,7 +824,7 @@ def validate_(
         ref = load_artifact(Path(reference)) if is_artifact(Path(reference)) else load_model(reference)
         kwargs = {"fmt": "fp32", "elementwise": False} if loose else {}
         inputs = validation_inputs(ref, data, tokens, seq_len, seed)
-        report = validate(onnx_dir, ref, inputs, kl_max=max_kl, top1_min=min_top1, **kwargs)
+        report = validate(onnx_dir, ref, inputs, kl_max=max_kl, top1_min=min_top1, cos_min=min_cos, **kwargs)
         if json_out:
             print_json(report.to_dict())
         else:
