@@ -20,6 +20,10 @@ LOADERS = {"compress-pruned-v1": "compress.prune.artifact:load_pruned",
            "compress-reparam-v1": "compress.reparam.artifact:load_reparam",
            "compress-moe-v1": "compress.moe.balanced:load_balanced",
            "compress-moe-pruned-v1": "compress.moe.prune_artifact:load_moe_pruned"}
+# Manifest fields describing structure beyond config.json -> "module:function(model, manifest, path)" that rebuilds
+# it. A quantized artifact made from such an artifact keeps the fields, and load_artifact applies them first.
+STRUCTURE = {"experts_per_layer": "compress.moe.prune_artifact:restructure_pruned",
+             "moe_balance": "compress.moe.balanced:restructure_balanced"}
 
 
 def is_artifact(path: Path) -> bool:
@@ -52,10 +56,7 @@ def save_dir(loaded, out: Path, fmt: str, fields: dict[str, Any], weights_format
 
 def load_artifact(path: Path):
     """Rebuild the model skeleton from config + specs and load the packed weights into it."""
-    from transformers import AutoConfig
-
     from compress.models.layers import layer_map
-    from compress.models.load import _model_class
     from compress.quantize.apply import apply_plan
     from compress.quantize.spec import QuantSpec
 
@@ -71,15 +72,9 @@ def load_artifact(path: Path):
         return getattr(importlib.import_module(module), fn)(path, manifest)
     if manifest.get("format") != FORMAT:
         raise UserError(f"{path}: unknown artifact format {manifest.get('format')!r} (expected {FORMAT})")
-    config = AutoConfig.from_pretrained(path)
-    cls = _model_class(config, str(path))
-    from transformers.modeling_utils import no_init_weights
-
-    with no_init_weights():
-        model = cls.from_config(config, dtype=torch.float32)
-    model.eval()
+    model = skeleton(path)
     _restructure(model, manifest, path)
-    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
     lmap = layer_map(model)
     specs = {n: QuantSpec(**d) for n, d in manifest["modules"].items()}
@@ -92,14 +87,38 @@ def load_artifact(path: Path):
 
 def _restructure(model: torch.nn.Module, manifest: dict[str, Any], path: Path) -> None:
     """Structure a quantized artifact inherited from its source artifact (MoE experts cut, router selection bias)."""
-    if "experts_per_layer" in manifest:
-        from compress.moe.prune_artifact import restructure_pruned
+    import importlib
 
-        restructure_pruned(model, manifest, path)
-    if "moe_balance" in manifest:
-        from compress.moe.balanced import restructure_balanced
+    for key, target in STRUCTURE.items():
+        if key in manifest:
+            module, fn = target.split(":")
+            getattr(importlib.import_module(module), fn)(model, manifest, path)
 
-        restructure_balanced(model, manifest, path)
+
+def skeleton(path: Path) -> torch.nn.Module:
+    """The model of DIR/config.json in fp32 with uninitialised weights, in eval mode: what every loader fills."""
+    from transformers import AutoConfig
+    from transformers.modeling_utils import no_init_weights
+
+    from compress.models.load import _model_class
+
+    config = AutoConfig.from_pretrained(path)
+    with no_init_weights():
+        model = _model_class(config, str(path)).from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def rebuild(path: Path, manifest: dict[str, Any], restructure, what: str = "the manifest"):
+    """A LoadedModel from an artifact dir: skeleton from config, `restructure(model)` (the format's structural
+    edits), weights loaded strictly, tied weights restored."""
+    model = skeleton(path)
+    restructure(model)
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    load_weights(model, path, what)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return loaded_from(model, path, manifest)
 
 
 def load_weights(model: torch.nn.Module, path: Path, what: str = "the manifest") -> None:

@@ -50,18 +50,8 @@ def atomic_file(target: Path) -> Iterator[Path]:
 
 def write_text(target: Path, text: str) -> None:
     """Write `text` to `target` through a temporary sibling file and an atomic rename."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(target: Path, obj: Any) -> None:

@@ -257,24 +257,10 @@ def save_balanced(loaded: LoadedModel, out: Path, result: RebalanceResult | None
 
 def load_balanced(path: Path, manifest: dict[str, Any]) -> LoadedModel:
     """Rebuild a model saved by `save_balanced`: skeleton from config, balanced blocks swapped in, weights loaded."""
-    from transformers import AutoConfig
-    from transformers.modeling_utils import no_init_weights
-
-    from compress.artifact import load_weights, loaded_from
-    from compress.models.load import _model_class
+    from compress.artifact import rebuild
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    with no_init_weights():
-        model = _model_class(config, str(path)).from_config(config, dtype=torch.float32)
-    model.eval()
-    restructure_balanced(model, manifest, path)
-    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
-    load_weights(model, path)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    return loaded_from(model, path, manifest)
+    return rebuild(path, manifest, lambda model: restructure_balanced(model, manifest, path))
 
 
 def restructure_balanced(model, manifest: dict[str, Any], path: Path | str = "artifact") -> None:

@@ -1,9 +1,6 @@
 """Artifact dirs of expert-pruned MoE models: remaining weights, config, tokenizer and compress.json with the kept
 expert ids per layer; the loader rebuilds the skeleton from config, cuts every MoE layer to its stored expert count
 and loads the weights.
-
-`compress.artifact.load_artifact` finds the loader through `compress.artifact.LOADERS`; `register()` (also run at
-import) adds this format there.
 """
 
 from __future__ import annotations
@@ -11,20 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from compress.artifact import MANIFEST, load_weights, loaded_from, save_dir
+from compress.artifact import MANIFEST, rebuild, save_dir
 from compress.errors import UserError
 
 FORMAT = "compress-moe-pruned-v1"
-LOADER = "compress.moe.prune_artifact:load_moe_pruned"
-
-
-def register() -> None:
-    """Make `compress load` / load_artifact understand this format."""
-    from compress import artifact
-
-    artifact.LOADERS.setdefault(FORMAT, LOADER)
 
 
 def save_moe_pruned(loaded, plan: Any, out: Path, manifest: dict[str, Any] | None = None) -> Path:
@@ -49,24 +36,8 @@ def save_moe_pruned(loaded, plan: Any, out: Path, manifest: dict[str, Any] | Non
 
 def load_moe_pruned(path: Path, manifest: dict[str, Any]):
     """Rebuild a model saved by `save_moe_pruned`: skeleton from config, experts cut to the stored counts, weights."""
-    from transformers import AutoConfig
-    from transformers.modeling_utils import no_init_weights
-
-    from compress.models.load import _model_class
-
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    with no_init_weights():
-        model = _model_class(config, str(path)).from_config(config, dtype=torch.float32)
-    model.eval()
-    restructure_pruned(model, manifest, path)
-    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
-    load_weights(model, path)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    return loaded_from(model, path, manifest)
-
+    return rebuild(path, manifest, lambda model: restructure_pruned(model, manifest, path))
 
 
 def restructure_pruned(model, manifest: dict[str, Any], path: Path | str = "artifact") -> None:
@@ -89,6 +60,3 @@ def restructure_pruned(model, manifest: dict[str, Any], path: Path | str = "arti
         if n < layers[i].num_experts:
             slice_block(model.get_submodule(layers[i].path), family, list(range(n)))
     sync_config(model)
-
-
-register()

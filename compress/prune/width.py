@@ -591,12 +591,8 @@ def save_width_pruned(loaded, record: dict, out_dir: Path, manifest: dict[str, A
 def load_width_pruned(path: Path, manifest: dict[str, Any] | None = None):
     """Rebuild a model saved by `save_width_pruned`: skeleton from config, every block sliced to its stored shape,
     then the weights loaded strictly. Returns a LoadedModel."""
-    from transformers import AutoConfig
-    from transformers.modeling_utils import no_init_weights
-
-    from compress.artifact import MANIFEST, load_weights, loaded_from
+    from compress.artifact import MANIFEST, rebuild
     from compress.models.layers import layer_map
-    from compress.models.load import _model_class
 
     path = Path(path)
     if manifest is None:
@@ -606,29 +602,23 @@ def load_width_pruned(path: Path, manifest: dict[str, Any] | None = None):
             raise UserError(f"{path}/{MANIFEST}: cannot read the manifest ({exc})") from exc
     if manifest.get("format") != FORMAT:
         raise UserError(f"{path}: artifact format {manifest.get('format')!r} is not {FORMAT}")
-    config = AutoConfig.from_pretrained(path)
-    with no_init_weights():
-        model = _model_class(config, str(path)).from_config(config, dtype=torch.float32)
-    model.eval()
-    lmap = layer_map(model)
-    layout = layout_of(model, lmap)
-    shapes = {int(k): v for k, v in manifest.get("per_layer_shapes", {}).items()}
-    if sorted(shapes) != list(range(lmap.num_blocks)):
-        raise UserError(f"{path}/{MANIFEST}: per_layer_shapes cover blocks {sorted(shapes)}, but config.json has "
-                        f"{lmap.num_blocks} blocks")
-    for b in lmap.blocks:
-        blk = model.get_submodule(b.path)
-        want, have = shapes[b.index], block_shape(blk, layout)
-        ok = (want["head_dim"] == have["head_dim"] and want["kv_heads"] <= have["kv_heads"]
-              and want["intermediate"] <= have["intermediate"] and want["kv_heads"] > 0
-              and want["heads"] * have["kv_heads"] == have["heads"] * want["kv_heads"])
-        if not ok:
-            raise UserError(f"{path}/{MANIFEST}: block {b.index} shape {want} does not fit the model in config.json "
-                            f"({have})")
-        slice_block(blk, layout, list(range(want["kv_heads"])), list(range(want["intermediate"])))
-    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
-    load_weights(model, path, "per_layer_shapes")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    return loaded_from(model, path, manifest)
+
+    def slice_to_shapes(model) -> None:
+        lmap = layer_map(model)
+        layout = layout_of(model, lmap)
+        shapes = {int(k): v for k, v in manifest.get("per_layer_shapes", {}).items()}
+        if sorted(shapes) != list(range(lmap.num_blocks)):
+            raise UserError(f"{path}/{MANIFEST}: per_layer_shapes cover blocks {sorted(shapes)}, but config.json "
+                            f"has {lmap.num_blocks} blocks")
+        for b in lmap.blocks:
+            blk = model.get_submodule(b.path)
+            want, have = shapes[b.index], block_shape(blk, layout)
+            ok = (want["head_dim"] == have["head_dim"] and want["kv_heads"] <= have["kv_heads"]
+                  and want["intermediate"] <= have["intermediate"] and want["kv_heads"] > 0
+                  and want["heads"] * have["kv_heads"] == have["heads"] * want["kv_heads"])
+            if not ok:
+                raise UserError(f"{path}/{MANIFEST}: block {b.index} shape {want} does not fit the model in "
+                                f"config.json ({have})")
+            slice_block(blk, layout, list(range(want["kv_heads"])), list(range(want["intermediate"])))
+
+    return rebuild(path, manifest, slice_to_shapes, "per_layer_shapes")

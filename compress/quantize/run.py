@@ -48,11 +48,6 @@ class QuantizeRequest:
 CANDIDATE = re.compile(r"^(\d+)(?:g(\d+))?([asp])?$")
 
 
-# Manifest fields of a source artifact that describe structure beyond config.json (MoE expert counts, selection
-# bias): a quantized artifact made from it keeps them, and load_artifact rebuilds that structure first.
-STRUCTURE_KEYS = ("experts_per_layer", "moe_balance")
-
-
 def parse_candidates(text: str, group_size: int = 32, symmetric: bool = True, method: str = "rtn") -> list[QuantSpec]:
     """'8g128,6,4a' -> specs: bits, optional g<group> (else --group-size), optional a|s|p (else --symmetric);
     p = symmetric with positive scales (TensorRT's rule)."""
@@ -146,7 +141,7 @@ def check_request(req: QuantizeRequest) -> None:
 
 def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     """Plan, quantize, evaluate against the original on held-out windows, and save the artifact."""
-    from compress.artifact import save_artifact
+    from compress.artifact import STRUCTURE, save_artifact
     from compress.importance.report import ImportanceReport
     from compress.models import layer_map, load_model
     from compress.plan import Plan
@@ -214,7 +209,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
         if table is not None:
             manifest["distortion"] = table.to_dict()
         source = loaded.extra.get("manifest") or {}
-        manifest.update({k: source[k] for k in STRUCTURE_KEYS if k in source})  # e.g. MoE experts cut, router bias
+        manifest.update({k: source[k] for k in STRUCTURE if k in source})  # e.g. MoE experts cut, router bias
         save_artifact(loaded, specs, Path(req.out), manifest)
         result["out"] = str(req.out)
         result["file_bytes"] = (Path(req.out) / "model.safetensors").stat().st_size
