@@ -8,15 +8,11 @@ import logging
 
 import pytest
 import torch
-from tiny_models import build
+from tiny_models import quantized_artifact, tied
 
-from compress.artifact import load_artifact, save_artifact
 from compress.errors import UserError
-from compress.models import layer_map
-from compress.quantize.apply import apply_plan, quantizable, weight_matrix
-from compress.quantize.hqq import hqq_quantize
 from compress.quantize.modules import PackedWeight
-from compress.quantize.rtn import QuantizedWeight, quantize_rtn
+from compress.quantize.rtn import QuantizedWeight
 from compress.quantize.spec import QuantSpec
 
 ct = pytest.importorskip("compressed_tensors")
@@ -32,20 +28,7 @@ CT_NEW = tuple(int(x) for x in ct.__version__.split(".")[:2]) >= (0, 18)
 
 def _artifact(tmp, menu: list[QuantSpec], embedding: QuantSpec | None):
     """A tiny tied Llama quantized with `menu` cycled over its Linears, saved and loaded back (as test_export_quant)."""
-    loaded = build("llama")
-    model = loaded.module
-    model.config.tie_word_embeddings = True
-    model.tie_weights()
-    lmap = layer_map(model)
-    names = [n for n in quantizable(model, lmap) if n != lmap.embeddings]
-    specs = {n: menu[i % len(menu)] for i, n in enumerate(names)}
-    if embedding is not None:
-        specs[lmap.embeddings] = embedding
-    quantized = {n: (hqq_quantize if s.method == "hqq" else quantize_rtn)(weight_matrix(model.get_submodule(n)), s)
-                 for n, s in specs.items() if not s.is_float}
-    apply_plan(model, lmap, specs, quantized)
-    save_artifact(loaded, specs, tmp / "art", {"plan": {}})
-    return load_artifact(tmp / "art")
+    return quantized_artifact(tied("llama"), tmp / "art", menu, embedding)
 
 
 def _logits(model) -> torch.Tensor:

@@ -11,13 +11,9 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from tiny_models import build
+from tiny_models import quantized_artifact, tied
 
-from compress.artifact import load_artifact, save_artifact
 from compress.errors import UserError
-from compress.models import layer_map
-from compress.quantize.apply import apply_plan, quantizable, weight_matrix
-from compress.quantize.hqq import hqq_quantize
 from compress.quantize.modules import PackedWeight
 from compress.quantize.rtn import quantize_rtn
 from compress.quantize.spec import QuantSpec
@@ -37,20 +33,7 @@ IDS = np.random.default_rng(0).integers(0, 64, (2, 9))
 
 def _artifact(tmp, menu: list[QuantSpec], embedding: QuantSpec | None, family: str = "llama"):
     """A tiny model with tied embeddings quantized with `menu` cycled over its Linears, saved and loaded back."""
-    loaded = build(family)
-    model = loaded.module
-    model.config.tie_word_embeddings = True
-    model.tie_weights()
-    lmap = layer_map(model)
-    names = [n for n in quantizable(model, lmap) if n != lmap.embeddings]
-    specs = {n: menu[i % len(menu)] for i, n in enumerate(names)}
-    if embedding is not None:
-        specs[lmap.embeddings] = embedding
-    quantized = {n: (hqq_quantize if s.method == "hqq" else quantize_rtn)(weight_matrix(model.get_submodule(n)), s)
-                 for n, s in specs.items()}
-    apply_plan(model, lmap, specs, quantized)
-    save_artifact(loaded, specs, tmp / "art", {"plan": {}})
-    return load_artifact(tmp / "art")
+    return quantized_artifact(tied(family), tmp / "art", menu, embedding)
 
 
 def _float_onnx(tmp, art) -> str:

@@ -12,14 +12,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from tiny_models import quantized_artifact
 
 import exporters.gguf as eg
-from compress.artifact import load_artifact, save_artifact
 from compress.errors import UserError
-from compress.models import layer_map
 from compress.models.load import LoadedModel
-from compress.quantize.apply import apply_plan, quantizable, weight_matrix
-from compress.quantize.hqq import hqq_quantize
 from compress.quantize.modules import PackedWeight
 from compress.quantize.rtn import quantize_rtn
 from compress.quantize.spec import QuantSpec
@@ -70,18 +67,8 @@ def _tiny(tokenizer, tied: bool = True, family: str = "llama") -> LoadedModel:
 
 def _artifact(tmp: Path, loaded: LoadedModel, menu: list[QuantSpec], embedding: QuantSpec | None) -> LoadedModel:
     """`menu` cycled over the block Linears (and `embedding` on the tied embedding), saved and loaded back."""
-    loaded = LoadedModel(copy.deepcopy(loaded.module), loaded.tokenizer, "decoder", "llama", loaded.spec)
-    model = loaded.module
-    lmap = layer_map(model)
-    names = [n for n in quantizable(model, lmap) if n != lmap.embeddings]
-    specs = {n: menu[i % len(menu)] for i, n in enumerate(names)}
-    if embedding is not None:
-        specs[lmap.embeddings] = embedding
-    quantized = {n: (hqq_quantize if s.method == "hqq" else quantize_rtn)(weight_matrix(model.get_submodule(n)), s)
-                 for n, s in specs.items()}
-    apply_plan(model, lmap, specs, quantized)
-    save_artifact(loaded, specs, tmp, {"plan": {}})
-    return load_artifact(tmp)
+    copied = LoadedModel(copy.deepcopy(loaded.module), loaded.tokenizer, "decoder", "llama", loaded.spec)
+    return quantized_artifact(copied, tmp, menu, embedding)
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,36 @@ def build(family: str) -> LoadedModel:
     return LoadedModel(m, None, "decoder", m.config.model_type, f"tiny-{family}")
 
 
+def tied(family: str = "llama") -> LoadedModel:
+    """`build(family)` with the LM head tied to the embedding."""
+    loaded = build(family)
+    loaded.module.config.tie_word_embeddings = True
+    loaded.module.tie_weights()
+    return loaded
+
+
+def quantized_artifact(loaded: LoadedModel, out, menu: list, embedding=None) -> LoadedModel:
+    """`loaded` quantized with the QuantSpecs of `menu` cycled over its Linears (and `embedding` on the embedding),
+    saved as an artifact in `out` and loaded back."""
+    from compress.artifact import load_artifact, save_artifact
+    from compress.models import layer_map
+    from compress.quantize.apply import apply_plan, quantizable, weight_matrix
+    from compress.quantize.hqq import hqq_quantize
+    from compress.quantize.rtn import quantize_rtn
+
+    model = loaded.module
+    lmap = layer_map(model)
+    names = [n for n in quantizable(model, lmap) if n != lmap.embeddings]
+    specs = {n: menu[i % len(menu)] for i, n in enumerate(names)}
+    if embedding is not None:
+        specs[lmap.embeddings] = embedding
+    quantized = {n: (hqq_quantize if s.method == "hqq" else quantize_rtn)(weight_matrix(model.get_submodule(n)), s)
+                 for n, s in specs.items() if not s.is_float}
+    apply_plan(model, lmap, specs, quantized)
+    save_artifact(loaded, specs, out, {"plan": {}})
+    return load_artifact(out)
+
+
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "gpt2", "bert"]
 
 
