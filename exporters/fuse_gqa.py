@@ -19,6 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from compress.errors import UserError
+from exporters.graph import drop_dead_nodes, drop_unused_initializers
 
 MS_DOMAIN = "com.microsoft"
 
@@ -51,10 +52,6 @@ def rotary_caches(config, max_positions: int | None = None) -> tuple[np.ndarray,
     n = max_positions or config.max_position_embeddings
     freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv_freq.float())
     return (freqs.cos() * scaling).numpy(), (freqs.sin() * scaling).numpy()
-
-
-def _producer(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in graph.node for o in n.output}
 
 
 def _proj_output(graph: onnx.GraphProto, layer: int, proj: str) -> str:
@@ -133,7 +130,8 @@ def fuse_attention(model: onnx.ModelProto, config) -> FuseRecord:
         ordered.append(n)
     del g.node[:]
     g.node.extend(ordered)
-    _drop_dead(g)
+    drop_dead_nodes(model)
+    drop_unused_initializers(model)
     _toposort(g)
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
@@ -141,25 +139,6 @@ def fuse_attention(model: onnx.ModelProto, config) -> FuseRecord:
     rec.notes.append(f"{rec.layers} attentions fused into GroupQueryAttention: {rec.nodes_before:,} → "
                      f"{rec.nodes_after:,} nodes; positions from the attention mask (no left padding)")
     return rec
-
-
-def _drop_dead(g: onnx.GraphProto) -> None:
-    """Remove nodes nothing reads, and initializers no node reads."""
-    needed = {o.name for o in g.output}
-    alive = []
-    for n in reversed(list(g.node)):
-        if any(o in needed for o in n.output):
-            alive.append(n)
-            needed.update(n.input)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    needed.update(i for sn in a.g.node for i in sn.input)
-    alive.reverse()
-    del g.node[:]
-    g.node.extend(alive)
-    keep_init = [t for t in g.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(keep_init)
 
 
 def _toposort(g: onnx.GraphProto) -> None:

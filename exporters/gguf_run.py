@@ -97,8 +97,7 @@ def _validate(loaded, req: GgufRequest, artifact: bool) -> dict:
     if base:
         reports["vs original float"] = _compare(
             req.out, load_model(base), windows, req.threads,
-            kl_max=req.max_kl if req.max_kl is not None else None,
-            top1_min=req.min_top1 if req.min_top1 is not None else None)
+            kl_max=req.max_kl, top1_min=req.min_top1)
     return reports
 
 

@@ -235,6 +235,24 @@ def replace_node(model: onnx.ModelProto, old: onnx.NodeProto, new: list[onnx.Nod
     raise RuntimeError(f"node {old.name} not in graph")
 
 
+def drop_dead_nodes(model: onnx.ModelProto) -> None:
+    """Remove nodes whose outputs nothing reads (e.g. a Transpose that fed a rewritten MatMul, or a whole attention
+    subgraph replaced by one fused node): one walk back from the graph outputs over the topologically sorted nodes."""
+    g = model.graph
+    needed = {o.name for o in g.output}
+    alive = []
+    for n in reversed(list(g.node)):
+        if any(o in needed for o in n.output):
+            alive.append(n)
+            needed.update(n.input)
+            for a in n.attribute:  # subgraphs (If/Loop) read outer names too
+                if a.type == onnx.AttributeProto.GRAPH:
+                    needed.update(i for sn in a.g.node for i in sn.input)
+    alive.reverse()
+    del g.node[:]
+    g.node.extend(alive)
+
+
 def drop_unused_initializers(model: onnx.ModelProto) -> list[str]:
     """Remove initializers no node (or graph output) reads; returns their names."""
     used = {i for n in model.graph.node for i in n.input}

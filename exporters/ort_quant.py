@@ -27,6 +27,7 @@ from exporters.graph import (
     RewriteRecord,
     WeightSite,
     all_names,
+    drop_dead_nodes,
     drop_unused_initializers,
     ensure_opset,
     load_model,
@@ -237,7 +238,7 @@ def to_matmulnbits(model: onnx.ModelProto | str | Path, loaded, out_path: Path |
             record.shared.append(f"{head} and {key} read one copy of the codes, scales and zero points")
         if not counted:  # a module whose initializer feeds several nodes counts once
             record.count_bits(label)
-    _drop_dead_nodes(m)
+    drop_dead_nodes(m)
     drop_unused_initializers(m)
     for head, emb in tied.items():
         if emb not in gathers:
@@ -304,19 +305,3 @@ def _gather_node(m, names, site: WeightSite, inits: dict, blocks: dict) -> None:
                                 name=unique_name(names, f"{site.module}/GatherBlockQuantized"), gather_axis=0,
                                 quantize_axis=1, block_size=blocks["block_size"], bits=blocks["bits"]))
     replace_node(m, site.node, new)
-
-
-def _drop_dead_nodes(m: onnx.ModelProto) -> None:
-    """Remove nodes (e.g. a Transpose that fed a rewritten MatMul) whose outputs nothing reads."""
-    while True:
-        used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
-        for n in m.graph.node:
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    used |= {i for sn in a.g.node for i in sn.input}
-        dead = [n for n in m.graph.node if not any(o in used for o in n.output)]
-        if not dead:
-            return
-        keep = [n for n in m.graph.node if not any(n is d for d in dead)]
-        del m.graph.node[:]
-        m.graph.node.extend(keep)

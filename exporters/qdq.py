@@ -27,6 +27,7 @@ from exporters.graph import (
     RewriteRecord,
     WeightSite,
     all_names,
+    drop_dead_nodes,
     drop_unused_initializers,
     load_model,
     max_logit_diff,
@@ -35,7 +36,7 @@ from exporters.graph import (
     unique_name,
     weight_bytes,
 )
-from exporters.ort_quant import _drop_dead_nodes, codes_of, locate, quantized_targets
+from exporters.ort_quant import codes_of, locate, quantized_targets
 
 QDQ_OPSET = 21
 BIG = 1 << 16  # initializers above this many bytes are set aside while the opset converter runs
@@ -138,7 +139,7 @@ def to_qdq(model: onnx.ModelProto | str | Path, loaded, out_path: Path | str, re
         record.layers[emb] = f"DequantizeLinear → Transpose → Gather ({gathers[emb].spec.label()})"
         if emb in head_of:
             record.shared.append(f"{emb} reads the codes of its tied head {head_of[emb]} (stored once)")
-    _drop_dead_nodes(m)
+    drop_dead_nodes(m)
     drop_unused_initializers(m)
     record.weight_bytes_after = weight_bytes(m)
     save_model_atomic(m, out_path)
