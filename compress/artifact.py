@@ -43,7 +43,7 @@ def save_dir(loaded, out: Path, fmt: str, fields: dict[str, Any], weights_format
 
     out = Path(out)
     state = _dedupe({k: v.contiguous() for k, v in loaded.module.state_dict().items()})
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, expected_bytes=sum(v.numel() * v.element_size() for v in state.values())) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": weights_format or fmt})
         loaded.module.config.save_pretrained(tmp)
         if loaded.tokenizer is not None:
@@ -56,11 +56,13 @@ def save_dir(loaded, out: Path, fmt: str, fields: dict[str, Any], weights_format
 
 def load_artifact(path: Path):
     """Rebuild the model skeleton from config + specs and load the packed weights into it."""
+    from compress.integrity import check_before_use
     from compress.models.layers import layer_map
     from compress.quantize.apply import apply_plan
     from compress.quantize.spec import QuantSpec
 
     path = Path(path)
+    check_before_use(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except ValueError as exc:
@@ -100,11 +102,12 @@ def skeleton(path: Path) -> torch.nn.Module:
     from transformers import AutoConfig
     from transformers.modeling_utils import no_init_weights
 
-    from compress.models.load import _model_class
+    from compress.models.load import _model_class, check_remote_code
 
-    config = AutoConfig.from_pretrained(path)
+    remote = check_remote_code(path, str(path))
+    config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
     with no_init_weights():
-        model = _model_class(config, str(path)).from_config(config, dtype=torch.float32)
+        model = _model_class(config, str(path)).from_config(config, dtype=torch.float32, trust_remote_code=remote)
     return model.eval()
 
 
@@ -126,7 +129,12 @@ def load_weights(model: torch.nn.Module, path: Path, what: str = "the manifest")
     otherwise one UserError naming the directory and a tensor that does not match `what`."""
     from safetensors.torch import load_file
 
-    state = load_file(str(Path(path) / "model.safetensors"))
+    weights = Path(path) / "model.safetensors"
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own types on truncated or corrupted files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"{weights}: unreadable ({first}); the file is truncated or damaged, re-create it") from exc
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # size mismatch

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from compress.errors import UserError
+from compress.errors import EnvironmentFault, UserError
+from compress.progress import PlainProgress, attach
 
 T = TypeVar("T")
 stderr = Console(stderr=True)
@@ -22,7 +23,8 @@ stdout = Console()
 
 
 def run_command(fn: Callable[[], T], debug: bool) -> T:
-    """Run a verb: bad input -> one line on stderr and exit 2; other failures -> one line and exit 1."""
+    """Run a verb: bad input -> one line on stderr and exit 2; a failing environment or other failures -> one line
+    and exit 1."""
     try:
         return fn()
     except UserError as exc:
@@ -30,6 +32,11 @@ def run_command(fn: Callable[[], T], debug: bool) -> T:
             raise
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except EnvironmentFault as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
@@ -42,14 +49,23 @@ def run_command(fn: Callable[[], T], debug: bool) -> T:
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool = True) -> Iterator[Progress | None]:
-    """A rich progress display on stderr, or None when disabled."""
+def progress_bar(enabled: bool = True) -> Iterator[Progress | PlainProgress | None]:
+    """Bars on stderr in a terminal, one line per finished phase otherwise (CI logs), or None when disabled; the
+    display is made current, so library phases (`compress.progress.phase`) report to it."""
     if not enabled:
         yield None
         return
+    if not stderr.is_terminal:
+        plain = PlainProgress()
+        try:
+            with attach(plain):
+                yield plain
+        finally:
+            plain.stop()
+        return
     p = Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                  console=stderr, transient=False)
-    with p:
+    with p, attach(p):
         yield p
 
 
@@ -59,8 +75,9 @@ def print_json(obj: Any) -> None:
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
-    """A rich table with right-aligned numbers."""
-    t = Table(title=title, title_justify="left")
+    """A rich table with right-aligned numbers, at least as wide as its title (up to the terminal), so the title
+    wraps between words only when the terminal is narrower."""
+    t = Table(title=title, title_justify="left", min_width=min(len(title), stdout.width))
     for c in columns:
         t.add_column(c, justify="left" if c in LEFT else "right")
     for r in rows:
@@ -75,6 +92,8 @@ def fmt(v: Any) -> str:
     if isinstance(v, float):
         if v != v:
             return "nan"
+        if v == 0:
+            return "0"  # never "-0"
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
     if isinstance(v, int) and abs(v) >= 10000:
         return f"{v:,}"

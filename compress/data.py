@@ -3,15 +3,15 @@ fixed-length token windows with a seeded split so calibration and evaluation nev
 
 from __future__ import annotations
 
-import glob
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from compress.errors import UserError
+from compress.inputs import resolve_text_files  # noqa: F401  (re-exported: data specs are checked there)
 from compress.models.load import LoadedModel
+from compress.progress import phase
 
 SPLITS = ("calibration", "evaluation", "all")
 DEFAULT_TOKENS = 2048
@@ -107,25 +107,6 @@ def load_windows(
     return Windows(ids, torch.ones_like(ids), split if not sequential else "all", spec, seed)
 
 
-def resolve_text_files(spec: str) -> list[Path]:
-    """A text file, every *.txt under a directory, the files matching a glob, or a comma-separated list of those."""
-    if "," in spec:
-        return [f for part in spec.split(",") if part.strip() for f in resolve_text_files(part.strip())]
-    if any(ch in spec for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-    else:
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise UserError(f"--data {spec}: no such file or directory; pass a text file, a directory, a glob "
-                            "or 'self'")
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*.txt") if p.is_file())
-    if not files:
-        raise UserError(f"--data {spec}: no text files found (directories are searched for *.txt)")
-    if sum(f.stat().st_size for f in files) == 0:
-        raise UserError(f"--data {spec}: the text is empty")
-    return files
-
-
 def _tokenize(loaded: LoadedModel, text: str) -> list[int]:
     """Decoders: the tokenizer's own convention (BOS if it adds one). Encoders: no specials (added per window)."""
     tok = loaded.tokenizer
@@ -189,5 +170,9 @@ def sample_self(loaded: LoadedModel, n: int, seq_len: int, seed: int, batch: int
     if bos is None:
         raise UserError(f"--data self: {loaded.spec} has no BOS token to start sampling from; pass --data")
     gen = torch.Generator().manual_seed(seed)
-    out = [_sample_batch(model, bos, min(batch, n - start), seq_len, gen) for start in range(0, n, batch)]
+    out = []
+    with phase("sample text", total=n) as advance:  # minutes on a real model: --data FILE skips it
+        for start in range(0, n, batch):
+            out.append(_sample_batch(model, bos, min(batch, n - start), seq_len, gen))
+            advance(len(out[-1]))
     return torch.cat(out)

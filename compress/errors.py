@@ -1,5 +1,9 @@
-"""The one exception type that means "the user's input is wrong" (exit code 2, one line, no traceback)."""
+"""The exception types a verb reports as one line: bad input (exit 2) and a failing environment (exit 1)."""
 
 
 class UserError(Exception):
     """Bad input: the message names the input and what to do about it."""
+
+
+class EnvironmentFault(Exception):
+    """The machine, not the input, stopped the run (disk full): one line naming the path and what was needed."""

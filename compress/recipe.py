@@ -46,6 +46,7 @@ from compress.cache import (
     write_done,
 )
 from compress.errors import UserError
+from compress.outputs import MARKER
 
 FORMAT = "compress-recipe-v1"
 SUMMARY = "compress.json"
@@ -838,15 +839,22 @@ def load_recipe(path: Path) -> Recipe:
 
 
 def run_recipe(path: Path, progress=None, resume: bool = True,
-               on_event: Callable[[dict], None] | None = None) -> dict:
+               on_event: Callable[[dict], None] | None = None, force: bool = False) -> dict:
     """Run every step of the recipe at `path` in order, skipping those already done under the same key (unless
     `resume` is False); write WORKDIR/compress.json and return it. `passed` is False when a gate step failed (the
     steps after it are skipped); any other failure raises (UserError for bad input, StepFailed for a failed
     export/validate check), after writing compress.json with the steps so far and the error.
 
-    `on_event` receives {index, step, status: start|ran|cached|skipped|failed, dir, seconds} per step."""
+    `on_event` receives {index, step, status: start|ran|cached|skipped|failed, dir, seconds} per step. The workdir
+    must be new, empty or an earlier run's (`force` replaces whatever is there)."""
+    from compress.atomic import ensure_workdir
+    from compress.outputs import claim
+
     recipe = load_recipe(path)
-    recipe.workdir.mkdir(parents=True, exist_ok=True)
+    claim(recipe.workdir, force, "dir", f"recipe {recipe.path}: workdir")
+    if force and recipe.workdir.is_dir() and not (recipe.workdir / MARKER).is_file():
+        shutil.rmtree(recipe.workdir)
+    ensure_workdir(recipe.workdir)
     ctx = RunContext(recipe, progress)
     entries: list[dict] = []
     passed = True

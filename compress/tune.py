@@ -69,6 +69,7 @@ def _validate(req: TuneRequest) -> tuple[float, dict[str, float]]:
 
 def run_tune(req: TuneRequest, progress=None, log=print) -> dict:
     """Search, writing OUT/{best/, pareto.json, pareto.png, tune.json} as it goes; returns the summary."""
+    from compress.atomic import ensure_workdir
     from compress.data import load_split
     from compress.importance.context import ScoringContext
     from compress.models import layer_map, load_model
@@ -79,8 +80,7 @@ def run_tune(req: TuneRequest, progress=None, log=print) -> dict:
 
     seconds, limits = _validate(req)
     t0 = time.perf_counter()
-    out = Path(req.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_workdir(Path(req.out))
     target = "ort" if req.objective == "latency" else "torch"
     original = load_model(req.model)
     lmap = layer_map(original.module)
@@ -253,16 +253,11 @@ def _better(point: dict, best: dict | None, objective: str) -> bool:
 
 
 def _promote(out: Path, point: dict) -> None:
-    """The candidate just measured becomes OUT/best (renamed into place; the old best removed after)."""
-    import os
-    import shutil
+    """The candidate just measured becomes OUT/best (swapped into place in one step; the old best removed after)."""
+    from compress.atomic import move_into
 
-    staging, best, old = out / ".candidate", out / "best", out / ".best-old"
-    if best.exists():
-        os.replace(best, old)
-    os.replace(staging, best)
-    shutil.rmtree(old, ignore_errors=True)
-    point["path"] = str(best)
+    move_into(out / ".candidate", out / "best")
+    point["path"] = str(out / "best")
 
 
 def _discard(out: Path, point: dict) -> None:
@@ -303,7 +298,7 @@ def _plot(path: Path, state: dict, key: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from evals.plots import _save_png
+    from evals.plots import save_png
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     scale = 1e6 if key == "size_bytes" else 1.0
@@ -322,4 +317,4 @@ def _plot(path: Path, state: dict, key: str) -> None:
     ax.set_title(f"compress tune {Path(str(state['model'])).name}: {len(state['points'])} candidates", fontsize=9,
                  loc="left")
     ax.legend(fontsize=7)
-    _save_png(fig, path)
+    save_png(fig, path)

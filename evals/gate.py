@@ -15,6 +15,7 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 from compress.errors import UserError
+from compress.outputs import signature
 
 # threshold key -> (metric read from the candidate, comparison, what it means)
 THRESHOLDS: dict[str, tuple[str, str, str]] = {
@@ -201,14 +202,16 @@ def junit_xml(result: GateResult) -> str:
         else:
             ET.SubElement(case, "system-out").text = c.message
     ET.indent(suite)
-    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suite, encoding="unicode") + "\n"
+    return ('<?xml version="1.0" encoding="utf-8"?>\n' + f"<!-- {signature()} -->\n"
+            + ET.tostring(suite, encoding="unicode") + "\n")
 
 
 def markdown(result: GateResult) -> str:
     """A Markdown summary fit for a CI job summary: verdict line and one table row per threshold."""
     verdict = "PASSED" if result.passed else "FAILED"
     failed = sum(not c.passed for c in result.checks)
-    lines = [f"### compress gate: {verdict} ({len(result.checks) - failed}/{len(result.checks)} thresholds)", "",
+    lines = [f"<!-- {signature()} -->",
+             f"### compress gate: {verdict} ({len(result.checks) - failed}/{len(result.checks)} thresholds)", "",
              f"Candidate `{result.candidate}` against baseline `{result.baseline}`.", "",
              "| | threshold | metric | candidate | limit | baseline | margin |", "|---|---|---|---|---|---|---|"]
     for c in result.checks:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from compress.importance.report import ImportanceReport
@@ -33,7 +32,7 @@ def plot_importance(report: ImportanceReport, path: Path) -> None:
         ax.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("block")
     fig.suptitle(f"{report.model}: importance per block ({report.divergence})", fontsize=10)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def plot_bits(result: dict, path: Path) -> None:
@@ -64,7 +63,7 @@ def plot_bits(result: dict, path: Path) -> None:
         ax2.set_ylabel("divergence if only this unit is quantized")
         ax2.legend(fontsize=6, loc="upper right", ncol=2)
     ax.set_title(f"{result['model']}: bits per unit ({result['plan']['meta'].get('allocator', '')})", fontsize=9)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def _label_bpw(label: str) -> float:
@@ -81,15 +80,16 @@ def _label_bpw(label: str) -> float:
                                                                                                else int(group) * 64)
 
 
-def _save_png(fig, path: Path) -> None:
-    """Write the figure to a temporary sibling and rename it into place; close it."""
+def save_png(fig, path: Path) -> None:
+    """Write the figure atomically as PNG (marked as this tool's in its Software field); close it."""
     import matplotlib.pyplot as plt
 
+    from compress.atomic import atomic_file
+    from compress.outputs import signature
+
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp.name, dpi=110)
-    plt.close(fig)
-    Path(tmp.name).chmod(0o644)
-    Path(tmp.name).replace(path)
+    try:
+        with atomic_file(Path(path)) as tmp:
+            fig.savefig(tmp, dpi=110, format="png", metadata={"Software": signature()})
+    finally:
+        plt.close(fig)

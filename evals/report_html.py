@@ -12,6 +12,8 @@ import html
 import math
 from dataclasses import dataclass, field
 
+from compress.outputs import signature
+
 
 class Raw(str):
     """HTML that is already escaped (built by this module)."""
@@ -233,7 +235,7 @@ def page(title: str, meta: str, sections: list[Section]) -> str:
                      f'<p class="src">{esc(s.source)}</p>'
                      + (f'<p class="summary">{esc(s.summary)}</p>' if s.summary else "")
                      + "".join(s.body) + "</section>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+    return ("<!DOCTYPE html>\n" f"<!-- {signature()} -->\n" "<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n"

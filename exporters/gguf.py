@@ -20,6 +20,7 @@ from torch import nn
 from compress.atomic import atomic_file
 from compress.errors import UserError
 from compress.models.load import LoadedModel
+from compress.outputs import signature
 from compress.quantize.modules import PackedWeight, QuantEmbedding, QuantLinear, TiedQuantHead
 from exporters.gguf_blocks import BLOCK, QUANT_TYPES, WRITABLE, Encoded, dequantize, encode_packed, quantize_float
 from exporters.gguf_vocab import add_tokenizer
@@ -246,6 +247,7 @@ def _add_metadata(writer: gguf.GGUFWriter, config, spec: str, file_type: LlamaFi
     n_head = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     writer.add_name(Path(str(spec)).name or "model")
+    writer.add_string("general.quantized_by", signature())  # early in the header: how --gguf knows a file is ours
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(int(config.num_hidden_layers))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compress.errors import UserError
+from compress.progress import phase
 
 # llama.cpp vs the torch model it came from. Its Q4/Q5/Q8 dot products run on 8-bit activations: the SmolLM2
 # source Q4_1 file in llama.cpp vs its own dequantized weights measures KL 0.0034, top-1 0.963 (ANCHORS.md).
@@ -64,6 +65,7 @@ def run_gguf_export(req: GgufRequest, progress=None) -> dict:
     from compress.artifact import is_artifact, load_artifact
     from compress.atomic import write_text
     from compress.models import load_model
+    from compress.outputs import stamp
     from exporters.gguf import export_gguf
 
     check_request(req)
@@ -74,14 +76,14 @@ def run_gguf_export(req: GgufRequest, progress=None) -> dict:
                     "export_seconds": report.seconds, "size_bytes": report.file_bytes, "bpw": report.bpw,
                     "not_exact": report.approximation_note()}
     if req.validate:
-        if progress is not None:  # added only now: bad input fails above with one line and no bar
-            progress.add_task("llama.cpp validation", total=None)
-        result["validation"] = _validate(loaded, req, artifact)
+        with phase("llama.cpp validation", progress=progress):
+            result["validation"] = _validate(loaded, req, artifact)
         result["validation_seconds"] = round(sum(v["seconds"] for v in result["validation"].values()), 2)
         result["passed"] = all(v["passed"] for v in result["validation"].values())
     else:
         result["passed"] = None
-    write_text(Path(str(req.out) + ".json"), json.dumps(result, indent=2) + "\n")
+    write_text(Path(str(req.out) + ".json"), json.dumps({**result, "written_by": stamp()["written_by"]}, indent=2)
+               + "\n")
     return result
 
 

@@ -249,7 +249,8 @@ def to_matmulnbits(model: onnx.ModelProto | str | Path, loaded, out_path: Path |
     if eight and not accuracy_level:
         record.notes.append(f"{eight} MatMulNBits layer(s) run 8-bit codes with fp32 activations, which ONNX Runtime "
                             "CPU computes slowly (measured 15x a 4-bit layer; BENCHMARKS.md): decode with "
-                            "--accuracy-level 4, or plan with --target ort (5/6-bit layers go into 8-bit containers)")
+                            "--accuracy-level 4, or plan without 8-bit candidates (e.g. --target ort --candidates "
+                            "4,4g64,2; a torch-target plan's 5/6-bit layers land in 8-bit containers too)")
     record.weight_bytes_after = weight_bytes(m)
     record.opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
     save_model_atomic(m, out_path)

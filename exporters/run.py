@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compress.errors import UserError
+from compress.progress import phase
 
 FORMATS = ("fp32", "fp16", "int4", "qdq")
 QUANTIZED = ("int4", "qdq")
@@ -88,7 +89,8 @@ def run_export(req: ExportRequest, progress=None) -> dict:
     result: dict = {"model": req.model, "format": req.fmt, "out": str(req.out)}
     with atomic_dir(Path(req.out)) as tmp:
         t0 = time.perf_counter()
-        result["export"] = _export(loaded, tmp, req)
+        with phase(f"export {req.fmt} graph", progress=progress):  # ~1-2 minutes for a 135 M decoder
+            result["export"] = _export(loaded, tmp, req)
         result["export_seconds"] = round(time.perf_counter() - t0, 2)
         if req.validate:
             t1 = time.perf_counter()

@@ -66,11 +66,19 @@ class Check:
     kl_p99: float | None = None
     top1: float | None = None
     failures: list[str] = field(default_factory=list)
+    gated: bool = True  # False when no threshold applied: the numbers are reported, not judged
 
     @property
     def passed(self) -> bool:
         """True when no criterion failed."""
         return not self.failures
+
+    @property
+    def verdict(self) -> str:
+        """'pass', 'FAIL: why', or 'reported' when no threshold applied."""
+        if self.failures:
+            return "FAIL: " + ", ".join(self.failures)
+        return "pass" if self.gated else "reported"
 
 
 @dataclass
@@ -104,6 +112,7 @@ class ValidationReport:
         d["passed"] = self.passed
         for c, cd in zip(self.checks, d["checks"], strict=True):
             cd["passed"] = c.passed
+            cd["verdict"] = c.verdict
         return d
 
     def rows(self) -> list[list[str]]:
@@ -112,8 +121,7 @@ class ValidationReport:
             return "-" if v is None else format(v, fmt)
 
         return [[c.name, num(c.max_abs), num(c.mean_abs), num(c.atol), num(c.cosine, ".6f"), num(c.kl_mean),
-                 num(c.kl_p99), num(c.top1, ".4f"), "pass" if c.passed else "FAIL: " + ", ".join(c.failures)]
-                for c in self.checks]
+                 num(c.kl_p99), num(c.top1, ".4f"), c.verdict] for c in self.checks]
 
 
 def validate(
@@ -362,8 +370,12 @@ class _Acc:
                 c.failures.append(f"KL {c.kl_mean:.2e} > {tol.kl_max:.0e}")
             if c.top1 < tol.top1_min and self.tokens >= MIN_TOP1_TOKENS:
                 c.failures.append(f"top-1 {c.top1:.4f} < {tol.top1_min}")
-        elif c.cosine < tol.cos_min:
-            c.failures.append(f"cosine {c.cosine:.6f} < {tol.cos_min}")
+            judged = tol.kl_max != float("inf") or (tol.top1_min > 0 and self.tokens >= MIN_TOP1_TOKENS)
+        else:
+            if c.cosine < tol.cos_min:
+                c.failures.append(f"cosine {c.cosine:.6f} < {tol.cos_min}")
+            judged = tol.cos_min > -1
+        c.gated = atol is not None or judged
         return c
 
 
@@ -371,10 +383,13 @@ class _Acc:
 
 def _resolve(path: Path, fmt: str | None) -> tuple[Path, str]:
     """The graph file (an export directory's model.onnx) and its float format (argument, export.json, else fp32)."""
+    from compress.integrity import check_before_use
     from exporters.onnx import MODEL_FILE, read_export
 
     if not path.exists():
         raise UserError(f"ONNX model not found: {path}")
+    if path.is_dir():
+        check_before_use(path)
     graph = path / MODEL_FILE if path.is_dir() else path
     if not graph.is_file():
         raise UserError(f"{path} has no {MODEL_FILE}: pass an export directory or an .onnx file")

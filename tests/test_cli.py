@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -76,3 +77,27 @@ def test_models_list_json():
 def test_debug_shows_the_traceback():
     result = _run(["inspect", "nonesuch", "--debug"])
     assert result.exit_code != 0 and result.exception is not None
+
+
+@pytest.mark.parametrize("argv", [["quantize", "no-such-model", "--bits", "4"],
+                                  ["eval", "smollm2-135m", "--data", "no-such-dir/"],
+                                  ["export", "no/such/dir", "--onnx", "out-x"],
+                                  ["prune", "smollm2-135m", "--blocks", "2", "--data", "nothing.txt"]])
+def test_bad_paths_are_answered_before_torch_is_imported(argv, tmp_path):
+    """A wrong path costs a fraction of a second: checked before torch/transformers load (-X importtime lists
+    every module the process imported)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "from cli import main; main()", *argv],
+                          cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2, proc.stderr[-500:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "import time:" in line}
+    assert not {"torch", "transformers"} & imported, sorted(imported)[:20]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_version():
+    result = _run(["--version"])
+    assert result.exit_code == 0 and result.stdout.startswith("compress ")

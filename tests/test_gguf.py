@@ -34,7 +34,6 @@ MENU = [QuantSpec(4), QuantSpec(5), QuantSpec(8), QuantSpec(3), QuantSpec(6), Qu
         QuantSpec(4, 32, False), QuantSpec(5, 32, False), QuantSpec(4, 16), QuantSpec(4, 32, False, "hqq"),
         QuantSpec(8, 32, False), QuantSpec(6, 32, False), QuantSpec(4, 0)]
 EXACT_BY_TYPE = {"q4g32s": "Q4_0", "q5g32s": "Q5_0", "q8g32s": "Q8_0"}
-AUSTEN_LM = Path("~/.cache/compress/models/tiny-austen-lm").expanduser()
 
 
 def _tokenizer():
@@ -229,7 +228,7 @@ def test_tokenizer_fields_copied_from_a_matching_gguf(tmp_path, mixed, float_mod
 
 def test_output_is_atomic(tmp_path, float_model, monkeypatch):
     out = tmp_path / "model.gguf"
-    out.write_bytes(b"old")
+    out.write_bytes(b"old, written by compress")  # an earlier output of ours: it may be replaced, not lost
 
     def boom(self, **kwargs):
         raise RuntimeError("disk full")
@@ -237,7 +236,7 @@ def test_output_is_atomic(tmp_path, float_model, monkeypatch):
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         export_gguf(float_model, out)
-    assert out.read_bytes() == b"old"
+    assert out.read_bytes() == b"old, written by compress"
     assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
 
 
@@ -275,13 +274,16 @@ def test_llamacpp_runs_the_export_like_torch(tmp_path, tok, float_model, exact, 
 
 
 @needs_llamacpp
-@pytest.mark.slow
-@pytest.mark.skipif(not (AUSTEN_LM / "config.json").is_file(), reason=f"{AUSTEN_LM} not present")
-def test_tiny_austen_lm_in_llamacpp(tmp_path):
+def test_hf_model_directory_with_its_tokenizer_in_llamacpp(tmp_path, tok):
+    """A float decoder saved as an HF directory with its own tokenizer (no source GGUF): the vocabulary is built
+    from the HF tokenizer and llama.cpp tokenizes and predicts as torch does."""
     from compress.models import load_model
     from evals.llamacpp import _open, compare_with_reference
 
-    loaded = load_model(str(AUSTEN_LM))
+    saved = _tiny(tok)
+    saved.module.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    loaded = load_model(str(tmp_path / "hf"))
     report = export_gguf(loaded, tmp_path / "austen.gguf", float_type="Q8_0")
     assert report.tokenizer == "HF tokenizer" and report.file_type == "Q8_0"
     ids = torch.tensor([loaded.tokenizer(TEXT)["input_ids"]])

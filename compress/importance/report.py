@@ -56,11 +56,11 @@ class ImportanceReport:
         """JSON-ready dict (adds `num_blocks`)."""
         return {**asdict(self), "num_blocks": self.num_blocks}
 
-    def save(self, path: Path) -> None:
-        """Write the report as JSON atomically."""
+    def save(self, path: Path, sign: bool = False) -> None:
+        """Write the report as JSON atomically (`sign`: marked as this tool's, for a path the user named)."""
         from compress.atomic import write_json
 
-        write_json(Path(path), self.to_dict())
+        write_json(Path(path), self.to_dict(), sign=sign)
 
     @classmethod
     def load(cls, path: Path) -> ImportanceReport:

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from compress.errors import UserError
+from compress.inputs import check_model
 from compress.models import zoo
 
 # Families whose encoders we evaluate by mean-pooled embeddings (sentence-transformers style).
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "camembert"}
-WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth"}
 
 
 @dataclass
@@ -46,24 +46,17 @@ def load_model(spec: str, arch: str | None = None, trust_pickle: bool = False) -
         if zoo.ZOO[spec].kind == "cnn":
             return _load_cnn(zoo.pull(spec), spec)
         return _load_dir(zoo.pull(spec), spec)
+    check_model(spec)
     path = Path(spec).expanduser()
-    if not path.exists():
-        if "/" not in spec and "." not in spec:
-            raise UserError(f"unknown model '{spec}': not a zoo name ({', '.join(zoo.ZOO)}) and no such file or "
-                            "directory; see `compress models list`")
-        raise UserError(f"model not found: {spec} does not exist; pass a zoo name, an HF model directory or a .gguf")
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{spec} is not a model directory (no config.json); pass an HF model directory "
-                            "saved with save_pretrained, a .gguf file or a zoo name")
         return _load_dir(path, spec)
     if path.suffix == ".gguf":
+        from compress.models.gguf_check import check_gguf
+
+        check_gguf(path)
         model, tokenizer = load_gguf(path)
         return _wrap(model, tokenizer, spec, path.parent)
-    if path.suffix in WEIGHT_SUFFIXES:
-        return _load_weights_file(path, spec, arch, trust_pickle)
-    raise UserError(f"cannot load {spec}: expected a zoo name, an HF model directory, a .gguf file or a "
-                    f"weights file ({', '.join(sorted(WEIGHT_SUFFIXES))}) with a config")
+    return _load_weights_file(path, spec, arch, trust_pickle)
 
 
 def load_gguf(path: Path) -> tuple[nn.Module, Any]:
@@ -83,19 +76,51 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
     from transformers import AutoConfig
 
     from compress.artifact import is_artifact, load_artifact
+    from compress.integrity import check_before_use
 
+    check_before_use(path)
     if is_artifact(path):
         loaded = load_artifact(path)
         loaded.spec = spec
         return loaded
 
+    remote = check_remote_code(path, spec)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
     except (ValueError, KeyError, OSError) as exc:
         raise UserError(f"{spec}: unreadable config.json ({_first_line(exc)})") from exc
     model_cls = _model_class(config, spec)
-    model = model_cls.from_pretrained(path, dtype=torch.float32).eval()
+    try:
+        model = model_cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=remote).eval()
+    except Exception as exc:
+        if not _damaged(exc):
+            raise
+        raise UserError(f"{spec}: weights unreadable ({_first_line(exc)}); the files are truncated or damaged, "
+                        "re-create or re-download them") from exc
     return _wrap(model, _load_tokenizer(path), spec, path)
+
+
+def check_remote_code(path: Path, spec: str) -> bool:
+    """True when DIR/config.json names code of its own (auto_map) and the user allowed it; UserError when it names
+    code the user did not allow. Nothing from the directory runs before this check."""
+    from compress.trust import remote_code_allowed
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{spec}: unreadable config.json ({_first_line(exc)})") from exc
+    wants = isinstance(config, dict) and bool(config.get("auto_map"))
+    if wants and not remote_code_allowed():
+        raise UserError(f"{spec}: config.json asks to run the model directory's own Python code (auto_map); pass "
+                        "--trust-remote-code only if you trust that code")
+    return wants
+
+
+def _damaged(exc: BaseException) -> bool:
+    """True for the errors safetensors/torch raise on truncated or corrupted weight files."""
+    text = f"{type(exc).__name__} {exc}"
+    return any(k in text for k in ("SafetensorError", "HeaderTooLarge", "incomplete metadata", "MetadataIncomplete",
+                                   "InvalidHeader", "buffer length", "unexpected EOF", "PytorchStreamReader"))
 
 
 def _load_cnn(path: Path, spec: str) -> LoadedModel:
@@ -117,12 +142,17 @@ def _load_weights_file(path: Path, spec: str, arch: str | None, trust_pickle: bo
     if config_dir is None:
         raise UserError(f"{spec} has no architecture: put its config.json beside it or pass --arch "
                         "(a zoo name or an HF model directory)")
-    config = AutoConfig.from_pretrained(config_dir)
-    model = _model_class(config, spec).from_config(config).eval()
+    remote = check_remote_code(config_dir, spec)
+    config = AutoConfig.from_pretrained(config_dir, trust_remote_code=remote)
+    model = _model_class(config, spec).from_config(config, trust_remote_code=remote).eval()
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as exc:
+            raise UserError(f"{spec}: unreadable safetensors file ({_first_line(exc)}); it is truncated or damaged"
+                            ) from exc
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=not trust_pickle)

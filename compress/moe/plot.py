@@ -16,7 +16,7 @@ def plot_load(stats: MoeStats, path: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
 
-    from evals.plots import _save_png
+    from evals.plots import save_png
 
     grid = [[n / (sum(s.load) / s.num_experts) if sum(s.load) else 0.0 for n in s.load] for s in stats.layers]
     n_exp = max(s.num_experts for s in stats.layers)
@@ -29,7 +29,7 @@ def plot_load(stats: MoeStats, path: Path, title: str = "") -> Path:
     ax.set_xlabel("expert")
     ax.set_ylabel("layer (max/mean)")
     ax.set_title(title or f"expert load over {stats.tokens} tokens", fontsize=9, loc="left")
-    _save_png(fig, Path(path))
+    save_png(fig, Path(path))
     return Path(path)
 
 
@@ -40,7 +40,7 @@ def plot_coactivation(stats: MoeStats, path: Path, layer: int | None = None) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from evals.plots import _save_png
+    from evals.plots import save_png
 
     s = stats.worst if layer is None else next(x for x in stats.layers if x.index == layer)
     # the diagonal is the load (already in plot_load) and would swamp the pairs: drawn grey
@@ -54,5 +54,5 @@ def plot_coactivation(stats: MoeStats, path: Path, layer: int | None = None) -> 
     ax.set_yticks(ticks, [str(e) for e in ticks], fontsize=7)
     ax.set_xlabel("expert")
     ax.set_title(f"layer {s.index} co-activation\n(max/mean load {s.max_over_mean:.2f})", fontsize=9, loc="left")
-    _save_png(fig, Path(path))
+    save_png(fig, Path(path))
     return Path(path)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compress.errors import UserError
+from compress.progress import phase
 
 if TYPE_CHECKING:
     from compress.data import Windows
@@ -212,11 +213,9 @@ def load_moe(spec: str, fresh: bool = False) -> tuple[LoadedModel, list[MoeLayer
 
 @contextlib.contextmanager
 def _phase(progress: Any, name: str) -> Iterator[None]:
-    """One indeterminate progress line per phase (nothing when `progress` is None)."""
-    task = progress.add_task(name, total=1) if progress is not None else None
-    yield
-    if progress is not None:
-        progress.update(task, completed=1)
+    """One progress line per phase (nothing when `progress` is None)."""
+    with phase(name, progress=progress):
+        yield
 
 
 def _windows(spec: str | None, loaded: LoadedModel, split: str, tokens: int, seq_len: int | None,
@@ -455,5 +454,5 @@ def run_place(req: PlaceRequest, progress: Any = None) -> dict[str, Any]:
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if req.out is not None:
         result["out"] = str(req.out)
-        write_json(Path(req.out), result)
+        write_json(Path(req.out), result, sign=True)
     return result

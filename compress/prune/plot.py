@@ -13,7 +13,7 @@ def plot_removed(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from evals.plots import _save_png
+    from evals.plots import save_png
 
     if result["mode"] == "width":
         _plot_width(result, path, plt)
@@ -53,12 +53,12 @@ def plot_removed(result: dict, path: Path) -> None:
         ax2.xaxis.get_major_locator().set_params(integer=True)
         ax2.set_xlabel("removal step")
         ax2.set_ylabel(f"calibration {result.get('divergence', 'kl')}")
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def _plot_width(result: dict, path: Path, plt) -> None:
     """Bars per block: the share of attention (KV groups) and FFN channels removed."""
-    from evals.plots import _save_png
+    from evals.plots import save_png
 
     rows = result["removed"]
     x = [d["block"] for d in rows]
@@ -71,12 +71,12 @@ def _plot_width(result: dict, path: Path, plt) -> None:
     ax.legend(fontsize=7)
     ax.set_title(f"{Path(str(result['model'])).name}: width {result['requested']} ({result['method']}), params "
                  f"{result['params_after']:,} of {result['params_before']:,}", fontsize=9, loc="left")
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def _plot_sparsity(result: dict, path: Path, plt) -> None:
     """Bars per block: the share of the block Linears' weights that are zero."""
-    from evals.plots import _save_png
+    from evals.plots import save_png
 
     rows = result["removed"]
     x = [d["block"] for d in rows]
@@ -88,4 +88,4 @@ def _plot_sparsity(result: dict, path: Path, plt) -> None:
     sp = result["sparsity"]
     ax.set_title(f"{Path(str(result['model'])).name}: sparsity {result['requested']} {sp['pattern']} "
                  f"({result['method']}), {sp['sparsity']:.1%} overall", fontsize=9, loc="left")
-    _save_png(fig, path)
+    save_png(fig, path)

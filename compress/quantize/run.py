@@ -188,6 +188,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     if table is not None:
         result["distortion"] = {u.name: {c.label(): d for c, d in zip(table.candidates, row, strict=True)}
                                 for u, row in zip(table.units, table.distortion, strict=True)}
+        result["distortion_measure"] = table.measure
     if req.show_plan:
         result["specs"] = {n: s.label() for n, s in plan.resolve(names).items()}
         return result

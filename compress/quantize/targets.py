@@ -20,6 +20,11 @@ from compress.quantize.spec import QuantSpec
 
 TARGETS = ("torch", "ort", "trt", "gguf")
 DEFAULT_CANDIDATES = {"torch": "8,6,5,4,3", "ort": "8,4,4g64,2", "trt": "8g0,4,4g64", "gguf": "8,5,4"}
+# One line per target for --help and messages (the module docstring has the whole rule).
+SUMMARY = {"torch": "any width, group and symmetry",
+           "ort": "2/4/8-bit, power-of-two groups >= 16; embedding 4/8-bit",
+           "trt": "symmetric, positive scales; INT8 per channel, INT4 block-wise; the embedding too",
+           "gguf": "Q4_0, Q5_0, Q8_0"}
 EMBEDDING = "embedding"
 LINEAR = "linear"
 

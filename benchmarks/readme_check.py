@@ -1,0 +1,90 @@
+"""Run every command of the README's ```bash blocks, in order, as a newcomer would after `make demo`; write which
+passed, their exit codes and wall times to BENCHMARKS.md.
+
+    python benchmarks/readme_check.py [--workdir DIR] [--timeout 1800] [--only SUBSTRING]
+
+Commands run with bash in a scratch directory holding `examples/` and `benchmarks/` (links to the checkout) and
+the demo's artifact (made first, with the Makefile's own demo command), with `.venv/bin` first on PATH. Lines that
+set up the machine (`make ...`, `pip ...`, `source ...`) are skipped, and so is the GPU section (no GPU here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tests"))
+SKIP = ("make ", "pip ", "source ", ".venv/bin/pip ")
+
+
+def commands() -> list[str]:
+    """The README's shell lines (continuations joined, comments kept out), in order."""
+    from test_readme import readme_commands
+
+    return readme_commands((REPO / "README.md").read_text())
+
+
+def demo_command() -> str:
+    """The Makefile's demo quantization, as a shell line."""
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if "compress quantize" in ln)
+    return "compress" + line.split("compress", 1)[1]
+
+
+def main() -> None:
+    from markdown import replace_section
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--only", default=None, help="run only the lines containing this (and report them alone)")
+    a = ap.parse_args()
+    work = a.workdir or Path(tempfile.mkdtemp(prefix="readme-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("examples", "benchmarks"):
+        if not (work / name).exists():
+            (work / name).symlink_to(REPO / name)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "GITHUB_STEP_SUMMARY": str(work / "step-summary.md")}
+    lines = [demo_command(), *[c for c in commands() if not c.startswith(SKIP)]]
+    if a.only:
+        lines = [c for c in lines if a.only in c]
+    rows = []
+    for cmd in lines:
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(["bash", "-c", cmd], cwd=work, env=env, capture_output=True, text=True,
+                                  timeout=a.timeout)
+            rc, tail = proc.returncode, (proc.stderr.strip().splitlines() or [""])[-1]
+        except subprocess.TimeoutExpired:
+            rc, tail = "timeout", f"killed after {a.timeout} s"
+        seconds = time.perf_counter() - t0
+        rows.append((cmd, rc, seconds, tail))
+        print(f"[{'ok' if rc == 0 else rc}] {seconds:7.1f} s  {cmd}", flush=True)
+        if rc != 0:
+            print(f"      {tail}", flush=True)
+    passed = sum(r[1] == 0 for r in rows)
+    bar = "\\|"
+    table = "\n".join(f"| `{c.replace('|', bar)}` | {'pass' if rc == 0 else f'exit {rc}'} | {s:.0f} |"
+                      for c, rc, s, _ in rows)
+    failures = "\n".join(f"- `{c}`: {t}" for c, rc, _, t in rows if rc != 0) or "- none"
+    body = (f"Written by `python benchmarks/readme_check.py{' --only ' + a.only if a.only else ''}` on "
+            f"{time.strftime('%Y-%m-%d')} ({os.cpu_count()} cores, models cached): every README command in order, "
+            f"from a scratch directory holding only `examples/`. {passed} of {len(rows)} passed; total "
+            f"{sum(r[2] for r in rows) / 60:.1f} min.\n\n| command | result | seconds |\n|---|---|---|\n{table}\n\n"
+            f"Failures (last line of stderr):\n{failures}")
+    if not a.only:
+        replace_section(REPO / "BENCHMARKS.md", "README examples, run as written (issue 19)", body)
+    print(f"{passed}/{len(rows)} passed in {work}")
+    raise SystemExit(0 if passed == len(rows) else 1)
+
+
+if __name__ == "__main__":
+    main()
