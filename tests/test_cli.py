@@ -56,7 +56,7 @@ def test_bare_weights_file_needs_a_config(tmp_path):
 
 def test_unknown_scorer_and_missing_data_fail_before_loading_and_write_nothing(tmp_path):
     out = tmp_path / "scores.json"
-    _assert_user_error(_run(["score", "nonesuch-model", "--methods", "lim,bogus", "--out", str(out)]),
+    _assert_user_error(_run(["score", "smollm2-135m", "--methods", "lim,bogus", "--out", str(out)]),
                        "unknown scorer 'bogus'")
     _assert_user_error(_run(["score", "smollm2-135m", "--data", str(tmp_path / "no.txt"), "--out", str(out)]),
                        "no such file")

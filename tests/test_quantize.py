@@ -184,6 +184,7 @@ def test_artifact_reloads_to_the_same_outputs(tmp_path):
 ])
 def test_quantize_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, args, needle):
     monkeypatch.setattr("compress.models.load_model", lambda *a, **k: _tiny_loaded())
+    monkeypatch.setattr("compress.inputs.check_model", lambda *a, **k: None)  # "tiny" stands for _tiny_loaded()
     plans = {"PLAN_MISSING_MODULE": {"rules": {"model.layers.99.mlp.up_proj": {"bits": 4}}},
              "PLAN_BAD_SCHEMA": {"layers": [4, 4]}, "PLAN_NOT_JSON": None}
     for i, a in enumerate(args):

@@ -91,9 +91,9 @@ def test_bad_input(tmp_path):
         with pytest.raises(UserError, match="--time-budget"):
             parse_duration(bad)
     (tmp_path / "g.yaml").write_text("max_klx: 1\n")
-    r = runner.invoke(app, ["tune", "x", "--gate", str(tmp_path / "g.yaml"), "--out", str(tmp_path / "o")])
+    r = runner.invoke(app, ["tune", "smollm2-135m", "--gate", str(tmp_path / "g.yaml"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "unknown key 'max_klx'" in r.stderr and not (tmp_path / "o").exists()
     (tmp_path / "g.yaml").write_text("max_kl: 1\n")
-    r = runner.invoke(app, ["tune", "x", "--gate", str(tmp_path / "g.yaml"), "--out", str(tmp_path / "o"),
+    r = runner.invoke(app, ["tune", "smollm2-135m", "--gate", str(tmp_path / "g.yaml"), "--out", str(tmp_path / "o"),
                             "--objective", "speed"])
     assert r.exit_code == 2 and "--objective speed" in r.stderr
