@@ -322,6 +322,9 @@ def quantize(
 
     def go():
         claim_outputs(force, dirs={"--out": out}, files={"--plot": plot})
+        if plot is not None and not layerwise:
+            raise UserError("--plot draws the width --layerwise chose per unit; a --bits or --plan run has no "
+                            "allocation to draw: drop --plot or add --layerwise")
         allow_remote_code(trust_remote_code)
         _precheck(model, data, arch)
         from compress.quantize.run import QuantizeRequest, run_quantize

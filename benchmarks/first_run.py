@@ -42,6 +42,7 @@ def main() -> None:
                           text=True).stdout.strip()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
     env["COMPRESS_CACHE"] = str(root / "cache")  # an empty model cache: the pull is part of the first run
+    env["COMPRESS_TEST_TEXT"] = str(REPO.parent / "shared" / "data" / "text" / "austen")  # the tests' data
     rows = []
     for label in ("first `make demo` (new .venv, empty model cache)", "second `make demo` (everything cached)"):
         seconds, rc, tail = timed(["make", "demo"], clone, env)
