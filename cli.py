@@ -234,8 +234,8 @@ def eval_(
         allow_remote_code(trust_remote_code)
         _precheck(model, data, arch, reference=reference)
         from compress.data import load_windows, resolve_text_files
+        from compress.evaluate import evaluate
         from compress.models import load_model
-        from evals.evaluate import evaluate
         sequential = False
         if protocol is not None:
             if protocol != "anchors":
@@ -1018,8 +1018,8 @@ def load_(path: Path = typer.Argument(..., help="Artifact directory written by `
     def go():
         _precheck(paths={"PATH": path})
         from compress.artifact import is_artifact
+        from compress.metrics import weight_footprint
         from compress.models import load_model
-        from evals.metrics import weight_footprint
         if not is_artifact(path):
             raise UserError(f"{path} is not a compress artifact (no compress.json); write one with "
                             "`compress quantize --out DIR`")

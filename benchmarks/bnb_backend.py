@@ -55,12 +55,12 @@ def main() -> None:
     a = ap.parse_args()
 
     from compress.data import load_windows
+    from compress.evaluate import evaluate
     from compress.models import layer_map, load_model
     from compress.plan import Plan
     from compress.quantize.bnb import fused_cpu_kernel, hf_quantization_config, to_bitsandbytes
     from compress.quantize.pipeline import quantize
     from compress.quantize.spec import QuantSpec
-    from evals.evaluate import evaluate
 
     torch.set_num_threads(2)
     load_start = os.getloadavg()[0]

@@ -31,8 +31,8 @@ def main() -> None:
 
     from compress.artifact import load_artifact
     from compress.data import load_windows
+    from compress.metrics import kl_per_token, log_softmax_chunked, top1_agreement
     from compress.quantize.compressed_tensors import write_compressed_tensors
-    from evals.metrics import kl_per_token, log_softmax_chunked, top1_agreement
 
     torch.set_num_threads(2)
     work = a.work or Path(tempfile.mkdtemp(prefix="compress-ct-bench-"))

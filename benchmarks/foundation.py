@@ -74,8 +74,8 @@ def main() -> None:
     from test_real_models import q4_0_round_trip
 
     from compress.data import load_windows
+    from compress.evaluate import evaluate
     from compress.models import layer_map, load_model
-    from evals.evaluate import evaluate
 
     ref = load_model("smollm2-135m")
     cand = load_model("smollm2-135m")

@@ -54,7 +54,7 @@ BUILD_NOTE = ("llama-cpp-python build: `pip install llama-cpp-python==0.3.36` co
 
 def torch_kl(model, ref_logits: list[torch.Tensor], windows) -> dict:
     """KL(reference ‖ model in torch) and top-1 on the same windows."""
-    from evals.metrics import kl_per_token, log_softmax_chunked, summarize, top1_agreement
+    from compress.metrics import kl_per_token, log_softmax_chunked, summarize, top1_agreement
 
     kl, top1 = [], []
     with torch.inference_mode():
@@ -82,7 +82,7 @@ def llamacpp_quantize(src: Path, out: Path, qtype: str, threads: int) -> float:
     """llama.cpp's own quantizer (default params, allow_requantize) from `src` to `out`; returns seconds."""
     import llama_cpp
 
-    from evals.llamacpp import quiet_stderr
+    from exporters.llamacpp import quiet_stderr
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
@@ -99,7 +99,7 @@ def llamacpp_quantize(src: Path, out: Path, qtype: str, threads: int) -> float:
 def measure(kind: str, name: str, gguf_path: Path, original, windows, ref_logits, a, decode_ids: list[int],
             extra: dict) -> dict:
     """llama.cpp numbers for one GGUF: KL/top-1 on the windows, greedy text, decode ms/token."""
-    from evals.llamacpp import compare_with_reference, llamacpp_decode_speed, llamacpp_generate
+    from exporters.llamacpp import compare_with_reference, llamacpp_decode_speed, llamacpp_generate
 
     cmp = compare_with_reference(gguf_path, original, windows, n_threads=a.threads, ref_logits=ref_logits)
     t0 = time.perf_counter()
@@ -146,7 +146,7 @@ ORT_VARIANTS = {"ort_int4_fused": 0, "ort_int4_fused_acc4": 4}  # engine key →
 
 def export_ort(a, art_dir: Path, work: Path, level: int) -> tuple[dict, object]:
     """`--format int4 --fuse-attention` export of the artifact (accuracy level `level`), its session and facts."""
-    from evals.metrics import kl_per_token, log_softmax_chunked, summarize, top1_agreement
+    from compress.metrics import kl_per_token, log_softmax_chunked, summarize, top1_agreement
     from exporters.graph import decoder_feed, session
     from exporters.run import ExportRequest, run_export
 
@@ -213,7 +213,7 @@ def matmulnbits_probe(k: int, n: int, threads: int, repeats: int = 200) -> dict:
 def decode_benchmark(a, original, art_dir: Path, gguf_path: Path, ids: np.ndarray, work: Path) -> dict:
     """llama.cpp (our GGUF) vs ONNX Runtime int4 + fused attention (same artifact) vs torch fp32 eager, same run."""
     from benchmarks.export_quant import ort_decode_ms, torch_decode_ms
-    from evals.llamacpp import llamacpp_decode_speed
+    from exporters.llamacpp import llamacpp_decode_speed
 
     res: dict = {"artifact": str(art_dir), "gguf": str(gguf_path), "prompt_tokens": int(ids.shape[1]),
                  "warmup": a.warmup, "timed_steps": a.decode_tokens, "rounds": a.decode_rounds, "threads": a.threads,
@@ -303,8 +303,8 @@ def main() -> None:
     from compress.data import load_windows
     from compress.models import load_model
     from compress.quantize.run import QuantizeRequest, run_quantize
-    from evals.llamacpp import reference_logits
     from exporters.gguf import export_gguf
+    from exporters.llamacpp import reference_logits
 
     name = Path(a.model).expanduser().name
     work = a.work / name

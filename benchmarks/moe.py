@@ -63,7 +63,7 @@ def machine(threads: int) -> dict[str, Any]:
 
 def model_facts(model: str, loaded: Any, layers: list, held: Any) -> dict[str, Any]:
     """Size and shape of the model, its training record and its held-out perplexity."""
-    from evals.evaluate import evaluate
+    from compress.evaluate import evaluate
 
     cfg = loaded.module.config
     train = json.loads((Path(model) / "train_log.json").read_text())

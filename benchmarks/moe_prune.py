@@ -50,7 +50,7 @@ def reference_logits(module, windows) -> list[torch.Tensor]:
 @torch.inference_mode()
 def compare(ref_logits: list[torch.Tensor], cand, windows) -> dict[str, float]:
     """KL(ref ‖ cand) mean per token and top-1 agreement over the evaluation windows."""
-    from evals.metrics import kl_per_token, log_softmax_chunked, top1_agreement
+    from compress.metrics import kl_per_token, log_softmax_chunked, top1_agreement
 
     kl, top1 = [], []
     for ids, ref in zip(windows.input_ids, ref_logits, strict=True):

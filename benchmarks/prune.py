@@ -46,12 +46,12 @@ def main() -> None:
     a = ap.parse_args()
 
     from compress.data import load_windows
+    from compress.evaluate import evaluate
     from compress.importance.context import ScoringContext
     from compress.models import layer_map, load_model
     from compress.prune.blocks import remove_blocks, select_blocks
     from compress.prune.run import resolve_amount
     from compress.prune.sublayers import finercut, remove_sublayers
-    from evals.evaluate import evaluate
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from export_quant import torch_decode_ms
@@ -216,10 +216,10 @@ def _sparsity_rows(a, ref, measure, publish) -> None:
 def _encoder(spec: str, methods: list[str], tokens: int) -> dict:
     """2 blocks of the encoder removed by each method: embedding cosine to the original on persuasion.txt."""
     from compress.data import load_windows
+    from compress.evaluate import evaluate
     from compress.importance.context import ScoringContext
     from compress.models import layer_map, load_model
     from compress.prune.blocks import remove_blocks, select_blocks
-    from evals.evaluate import evaluate
 
     ref = load_model(spec)
     lmap = layer_map(ref.module)

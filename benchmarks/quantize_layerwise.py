@@ -34,6 +34,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from compress.data import load_windows
+    from compress.evaluate import evaluate
     from compress.importance import score_model
     from compress.importance.context import ScoringContext
     from compress.models import layer_map, load_model
@@ -44,7 +45,6 @@ def main() -> None:
     from compress.quantize.pipeline import Budget, _rank_order, fixed_bytes, quantize, units_for
     from compress.quantize.run import parse_candidates
     from compress.quantize.spec import QuantSpec
-    from evals.evaluate import evaluate
 
     torch.set_num_threads(2)
     ref = load_model(a.model)

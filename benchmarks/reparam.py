@@ -171,9 +171,9 @@ def main() -> None:
               f"to ONNX and validates ({'passed' if ex['passed'] else 'FAILED'}, export {ex['export_seconds']} s)."]
     # 4. MiniLM --linearize-ffn at 10/25/50%: embedding cosine and encoder latency, one run
     from compress.data import load_split
+    from compress.evaluate import evaluate
     from compress.models import layer_map
     from compress.reparam import linearize_ffn
-    from evals.evaluate import evaluate
 
     austen = REPO.parent / "shared" / "data" / "text" / "austen"
     calib_spec = ",".join(str(p) for p in sorted(austen.glob("*.txt")) if p.name != "persuasion.txt")

@@ -467,7 +467,7 @@ class EvalStep(Step):
     def run(self, p, ctx):
         from compress.atomic import write_json
         from compress.data import load_windows
-        from evals.evaluate import evaluate
+        from compress.evaluate import evaluate
 
         o = p.options
         tokens, seq_len, sequential = o["tokens"], o["seq_len"], False

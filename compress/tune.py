@@ -71,12 +71,12 @@ def run_tune(req: TuneRequest, progress=None, log=print) -> dict:
     """Search, writing OUT/{best/, pareto.json, pareto.png, tune.json} as it goes; returns the summary."""
     from compress.atomic import ensure_workdir
     from compress.data import load_split
+    from compress.evaluate import evaluate
     from compress.importance.context import ScoringContext
     from compress.models import layer_map, load_model
     from compress.quantize.distortion import measure_kl
     from compress.quantize.pipeline import Budget, plan_inputs
     from compress.quantize.run import QuantizeRequest, candidates_for
-    from evals.evaluate import evaluate
 
     seconds, limits = _validate(req)
     t0 = time.perf_counter()
@@ -179,10 +179,10 @@ def _candidate(original, lmap, table, sizes, allowed, cands, units, bits, held, 
                out: Path) -> dict:
     """Plan at `bits`, quantize a copy (RTN), evaluate, gate; the model is kept on disk as OUT/.candidate."""
     from compress.artifact import save_artifact
+    from compress.evaluate import evaluate
     from compress.plan import Plan
     from compress.quantize.allocate import solve_dp
     from compress.quantize.pipeline import Budget, fixed_bytes, quantize
-    from evals.evaluate import evaluate
     from evals.gate import run_gate
 
     budget = Budget.from_args(original.module, bits, None)
@@ -298,7 +298,7 @@ def _plot(path: Path, state: dict, key: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from evals.plots import save_png
+    from compress.plotting import save_png
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     scale = 1e6 if key == "size_bytes" else 1.0

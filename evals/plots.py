@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from compress.importance.report import ImportanceReport
+from compress.plotting import save_png
 
 
 def plot_importance(report: ImportanceReport, path: Path) -> None:
@@ -78,18 +79,3 @@ def _label_bpw(label: str) -> float:
     bits, group, sym, method = int(m.group(1)), m.group(2), m.group(3) == "s", m.group(4) or "rtn"
     return QuantSpec(bits, 0 if group == "ch" else int(group), sym, method).bits_per_weight(4096 if group == "ch"
                                                                                                else int(group) * 64)
-
-
-def save_png(fig, path: Path) -> None:
-    """Write the figure atomically as PNG (marked as this tool's in its Software field); close it."""
-    import matplotlib.pyplot as plt
-
-    from compress.atomic import atomic_file
-    from compress.outputs import signature
-
-    fig.tight_layout()
-    try:
-        with atomic_file(Path(path)) as tmp:
-            fig.savefig(tmp, dpi=110, format="png", metadata={"Software": signature()})
-    finally:
-        plt.close(fig)

@@ -104,7 +104,7 @@ def _validate(loaded, req: GgufRequest, artifact: bool) -> dict:
 
 
 def _compare(gguf_path: Path, reference, windows, threads: int, kl_max: float | None, top1_min: float | None) -> dict:
-    from evals.llamacpp import compare_with_reference
+    from exporters.llamacpp import compare_with_reference
 
     cmp = compare_with_reference(gguf_path, reference, windows, n_threads=threads)
     passed = (kl_max is None or cmp.kl_mean <= kl_max) and (top1_min is None or cmp.top1_agreement >= top1_min)

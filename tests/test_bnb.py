@@ -7,6 +7,7 @@ import torch
 from tiny_models import build
 
 from compress.errors import UserError
+from compress.metrics import weight_footprint
 from compress.models import layer_map
 from compress.quantize.apply import apply_plan, quantizable
 from compress.quantize.bnb import (
@@ -20,7 +21,6 @@ from compress.quantize.bnb import (
     to_bitsandbytes,
 )
 from compress.quantize.spec import QuantSpec
-from evals.metrics import weight_footprint
 
 IDS = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
 

@@ -255,7 +255,7 @@ def test_bad_input_raises_user_error(tmp_path, tok, float_model):
 
 @needs_llamacpp
 def test_llamacpp_runs_the_export_like_torch(tmp_path, tok, float_model, exact, monkeypatch):
-    from evals.llamacpp import _open, compare_with_reference, llamacpp_decode_speed
+    from exporters.llamacpp import _open, compare_with_reference, llamacpp_decode_speed
 
     ids = torch.randint(3, 300, (2, 48), generator=torch.Generator().manual_seed(0))
     export_gguf(float_model, tmp_path / "f32.gguf", float_type="F32")
@@ -278,7 +278,7 @@ def test_hf_model_directory_with_its_tokenizer_in_llamacpp(tmp_path, tok):
     """A float decoder saved as an HF directory with its own tokenizer (no source GGUF): the vocabulary is built
     from the HF tokenizer and llama.cpp tokenizes and predicts as torch does."""
     from compress.models import load_model
-    from evals.llamacpp import _open, compare_with_reference
+    from exporters.llamacpp import _open, compare_with_reference
 
     saved = _tiny(tok)
     saved.module.save_pretrained(tmp_path / "hf")

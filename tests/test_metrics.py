@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tiny_models import build
 from torch import nn
 
-from evals.metrics import (
+from compress.metrics import (
     cosine_distance,
     kl_per_token,
     log_softmax_chunked,

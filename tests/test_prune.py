@@ -27,7 +27,7 @@ def _windows(vocab: int, n: int = 4, length: int = 12) -> Windows:
 
 
 def _kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    from evals.metrics import kl_per_token, log_softmax_chunked
+    from compress.metrics import kl_per_token, log_softmax_chunked
 
     return float(kl_per_token(log_softmax_chunked(ref_logits), logits).mean())
 

@@ -51,7 +51,7 @@ def _logits(module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torc
 
 
 def _kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    from evals.metrics import kl_per_token, log_softmax_chunked
+    from compress.metrics import kl_per_token, log_softmax_chunked
 
     return float(kl_per_token(log_softmax_chunked(ref_logits), logits).mean())
 

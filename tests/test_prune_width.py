@@ -244,7 +244,7 @@ def test_unsupported_inputs_are_refused():
 
 
 def test_table_entry_is_the_real_divergence_of_that_block_pruned():
-    from evals.metrics import kl_per_token, log_softmax_chunked
+    from compress.metrics import kl_per_token, log_softmax_chunked
 
     loaded = _model("gqa")
     lmap = layer_map(loaded.module)

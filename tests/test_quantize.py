@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from cli import app
 from compress.artifact import load_artifact, save_artifact
 from compress.errors import UserError
+from compress.metrics import weight_footprint
 from compress.models import layer_map
 from compress.plan import Plan
 from compress.quantize.allocate import allocate_by_rank, solve_dp
@@ -23,7 +24,6 @@ from compress.quantize.modules import PackedWeight, QuantEmbedding, TiedQuantHea
 from compress.quantize.packing import pack, packed_bytes, unpack
 from compress.quantize.rtn import quantize_rtn
 from compress.quantize.spec import QuantSpec
-from evals.metrics import weight_footprint
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 from cli import app
 from compress.data import load_windows
+from compress.evaluate import evaluate
 from compress.importance import score_model
 from compress.models import layer_map, load_model
 from compress.models.zoo import model_dir
-from evals.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
 ANCHOR_Q4_0_KL = 0.318  # ANCHORS.md: llama.cpp Q4_0 and ORT MatMulNBits int4 block 32 on SmolLM2

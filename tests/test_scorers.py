@@ -12,8 +12,8 @@ from compress.data import Windows
 from compress.errors import UserError
 from compress.importance import parse_methods, score_model
 from compress.importance.zd import zscore_fraction
+from compress.metrics import kl_per_token, log_softmax_chunked
 from compress.models.load import LoadedModel
-from evals.metrics import kl_per_token, log_softmax_chunked
 
 
 def _windows(vocab: int, n: int = 3, length: int = 10) -> Windows:

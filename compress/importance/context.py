@@ -8,10 +8,10 @@ from functools import cached_property
 import torch
 
 from compress.data import Windows
+from compress.metrics import cosine_distance, kl_per_token, log_softmax_chunked
 from compress.models.layers import LayerMap
 from compress.models.load import LoadedModel
 from compress.models.runner import BlockRunner, CachedBatch
-from evals.metrics import cosine_distance, kl_per_token, log_softmax_chunked
 
 KL_NAME = "kl"
 EMB_NAME = "1-cos(mean-pooled embedding)"

@@ -11,8 +11,8 @@ import torch
 
 from compress.importance.context import ScoringContext
 from compress.importance.report import Scores
+from compress.metrics import cosine_distance
 from compress.models.runner import skipped
-from evals.metrics import cosine_distance
 
 DIRECTION = "higher = more important"
 

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from compress.data import Windows
+from compress.metrics import pool_embedding
 from compress.models.layers import LayerMap, Sublayer
 from compress.models.load import LoadedModel
-from evals.metrics import pool_embedding
 
 
 @dataclass

@@ -218,8 +218,8 @@ class BalanceEval:
 def evaluate_balance(model_before: nn.Module | LoadedModel, model_after: nn.Module | LoadedModel,
                      heldout_windows: Windows) -> BalanceEval:
     """Per-layer max/mean load of both models on `heldout_windows`, KL(before ‖ after) mean / p99, top-1 agreement."""
+    from compress.metrics import kl_per_token, log_softmax_chunked, summarize, top1_agreement
     from compress.moe.stats import layer_stats
-    from evals.metrics import kl_per_token, log_softmax_chunked, summarize, top1_agreement
 
     ref, cand = as_module(model_before), as_module(model_after)
     kl, top1 = [], []

@@ -16,7 +16,7 @@ def plot_load(stats: MoeStats, path: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
 
-    from evals.plots import save_png
+    from compress.plotting import save_png
 
     grid = [[n / (sum(s.load) / s.num_experts) if sum(s.load) else 0.0 for n in s.load] for s in stats.layers]
     n_exp = max(s.num_experts for s in stats.layers)
@@ -40,7 +40,7 @@ def plot_coactivation(stats: MoeStats, path: Path, layer: int | None = None) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from evals.plots import save_png
+    from compress.plotting import save_png
 
     s = stats.worst if layer is None else next(x for x in stats.layers if x.index == layer)
     # the diagonal is the load (already in plot_load) and would swamp the pairs: drawn grey

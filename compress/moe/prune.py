@@ -220,7 +220,7 @@ def reference(model: Any, windows: Any, batch_size: int = 4) -> list[tuple[torch
 @torch.inference_mode()
 def mean_kl(model: Any, ref: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Mean per-token KL(reference ‖ model) over the reference batches."""
-    from evals.metrics import kl_per_token
+    from compress.metrics import kl_per_token
 
     module = _module(model)
     total, n = 0.0, 0

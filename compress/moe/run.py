@@ -280,9 +280,9 @@ def run_stats(req: MoeStatsRequest, progress: Any = None) -> dict[str, Any]:
 def run_rebalance(req: RebalanceRequest, progress: Any = None) -> dict[str, Any]:
     """Fit a selection bias per layer on calibration windows, measure load / KL / top-1 against the original on
     held-out windows, save a compress-moe-v1 artifact (+ moe_rebalance.json) when `out` is given."""
+    from compress.evaluate import evaluate
     from compress.moe.balanced import evaluate_balance, rebalance, save_balanced
     from compress.moe.bip import capacity_tokens
-    from evals.evaluate import evaluate
 
     check_rebalance(req)
     t0 = time.perf_counter()
@@ -346,10 +346,10 @@ def _prune_count(req: MoePruneRequest, amount: tuple[float, bool], loaded: Loade
 def run_prune(req: MoePruneRequest, progress: Any = None) -> dict[str, Any]:
     """Drop (or merge) the least useful routed experts by --schedule, measure KL / top-1 against the original on
     held-out windows, save a compress-moe-pruned-v1 artifact (+ moe_prune.json) when `out` is given."""
+    from compress.evaluate import evaluate
     from compress.moe.balanced import evaluate_balance
     from compress.moe.prune import prune_moe
     from compress.moe.prune_artifact import save_moe_pruned
-    from evals.evaluate import evaluate
 
     amount = check_prune(req)
     t0 = time.perf_counter()

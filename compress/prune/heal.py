@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from compress.data import Windows
 from compress.errors import UserError
+from compress.metrics import pool_embedding
 from compress.models.load import LoadedModel
-from evals.metrics import pool_embedding
 
 
 def heal(student: LoadedModel, teacher: LoadedModel, windows: Windows, steps: int, lr: float = 5e-5,

@@ -13,7 +13,7 @@ def plot_removed(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from evals.plots import save_png
+    from compress.plotting import save_png
 
     if result["mode"] == "width":
         _plot_width(result, path, plt)
@@ -58,7 +58,7 @@ def plot_removed(result: dict, path: Path) -> None:
 
 def _plot_width(result: dict, path: Path, plt) -> None:
     """Bars per block: the share of attention (KV groups) and FFN channels removed."""
-    from evals.plots import save_png
+    from compress.plotting import save_png
 
     rows = result["removed"]
     x = [d["block"] for d in rows]
@@ -76,7 +76,7 @@ def _plot_width(result: dict, path: Path, plt) -> None:
 
 def _plot_sparsity(result: dict, path: Path, plt) -> None:
     """Bars per block: the share of the block Linears' weights that are zero."""
-    from evals.plots import save_png
+    from compress.plotting import save_png
 
     rows = result["removed"]
     x = [d["block"] for d in rows]

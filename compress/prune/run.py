@@ -133,11 +133,11 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
     """Choose the units to remove on calibration windows, remove them, evaluate against the original on held-out
     windows and save: blocks as a plain transformers model, sublayers as an artifact dir `compress load` reads."""
     from compress.data import load_split
+    from compress.evaluate import evaluate
     from compress.importance.context import ScoringContext
     from compress.models import layer_map, load_model
     from compress.prune.blocks import remove_blocks, select_blocks
     from compress.prune.sublayers import finercut, remove_sublayers
-    from evals.evaluate import evaluate
 
     mode = check_request(req)
     t0 = time.perf_counter()

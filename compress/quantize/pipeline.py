@@ -9,6 +9,7 @@ from compress.data import Windows
 from compress.errors import UserError
 from compress.importance.context import ScoringContext
 from compress.importance.report import ImportanceReport
+from compress.metrics import weight_footprint
 from compress.models.layers import LayerMap
 from compress.models.load import LoadedModel
 from compress.plan import Plan
@@ -16,7 +17,6 @@ from compress.quantize.allocate import allocate_by_rank, solve_dp
 from compress.quantize.apply import apply_plan, is_tied, quantizable, weight_matrix
 from compress.quantize.distortion import DistortionTable, Unit, measure_kl
 from compress.quantize.spec import QuantSpec
-from evals.metrics import weight_footprint
 
 ALLOCATORS = ("dp", "rank")
 MEASURES = ("full", "fast")

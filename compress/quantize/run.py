@@ -219,9 +219,9 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
 
 def _measure(req: QuantizeRequest, loaded, result: dict, data: _Data, progress) -> None:
     """Size and bpw of the quantized model; with evaluation, its metrics against a fresh copy of the original."""
+    from compress.evaluate import evaluate
+    from compress.metrics import weight_footprint
     from compress.models import load_model
-    from evals.evaluate import evaluate
-    from evals.metrics import weight_footprint
 
     foot = weight_footprint(loaded.module)
     result.update(size_bytes=int(foot["size_bytes"]), bpw=round(float(foot["bpw"]), 4))

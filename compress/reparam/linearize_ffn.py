@@ -138,8 +138,8 @@ def linearize_request(spec: str, ratio: float, data: str | None, tokens: int = 2
     import copy
 
     from compress.data import load_split
+    from compress.evaluate import evaluate
     from compress.models import layer_map, load_model
-    from evals.evaluate import evaluate
 
     loaded = load_model(spec)
     if loaded.kind != "encoder":

@@ -23,8 +23,8 @@ import torch
 
 from compress.data import Windows
 from compress.errors import UserError
+from compress.metrics import kl_per_token, log_softmax_chunked, summarize, top1_agreement
 from compress.models.load import LoadedModel
-from evals.metrics import kl_per_token, log_softmax_chunked, summarize, top1_agreement
 
 
 @dataclass

@@ -10,8 +10,7 @@ import torch
 from compress import __version__
 from compress.data import Windows
 from compress.errors import UserError
-from compress.models.load import LoadedModel
-from evals.metrics import (
+from compress.metrics import (
     cosine_distance,
     kl_per_token,
     log_softmax_chunked,
@@ -23,6 +22,7 @@ from evals.metrics import (
     top1_agreement,
     weight_footprint,
 )
+from compress.models.load import LoadedModel
 
 
 @dataclass
