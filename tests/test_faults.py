@@ -151,10 +151,15 @@ def test_single_files_own_replaced_foreign_refused_empty_accepted(tiny, tmp_path
     _one_line_error(runner.invoke(app, args), 2, str(report), "--force")
     assert report.read_text() == '{"mine": 1}\n'
     plot.write_bytes(b"")  # empty (e.g. a CI step-summary file created for us): written
-    score = ["score", str(tiny), "--methods", "lim", "--tokens", "32", "--seq-len", "16", "--plot", str(plot)]
+    scores = tmp_path / "scores.json"
+    score = ["score", str(tiny), "--methods", "lim", "--tokens", "32", "--seq-len", "16", "--plot", str(plot),
+             "--out", str(scores)]
     assert runner.invoke(app, score).exit_code == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and b"written by compress" in plot.read_bytes()
     assert runner.invoke(app, score).exit_code == 0
+    from compress.importance.report import ImportanceReport
+
+    assert ImportanceReport.load(scores).methods == ["lim"]  # the signed file still reads back
 
 
 def test_force_never_applies_to_root_home_or_the_working_directory(tmp_path, monkeypatch):

@@ -68,6 +68,7 @@ class ImportanceReport:
         try:
             d = json.loads(Path(path).read_text())
             d.pop("num_blocks", None)
+            d.pop("written_by", None)  # the mark `save(sign=True)` adds
             return cls(**d)
         except (OSError, ValueError, TypeError) as exc:
             raise UserError(f"{path}: not an importance report written by `compress score` ({exc})") from exc
