@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import EnvironmentFault, UserError
-from compress.outputs import MARKER, may_replace, protected, refusal, stamp
+from compress.outputs import MARKER, may_replace, nearest_existing, protected, refusal, stamp
 
 _NO_WRITE = {errno.EACCES, errno.EPERM, errno.EROFS}
 _FAULT_ENV = "COMPRESS_FAULT_AT"  # tests only: SIGKILL this process at a named point of the install
@@ -53,7 +53,7 @@ def atomic_dir(target: Path, expected_bytes: int | None = None) -> Iterator[Path
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
-        written = _tree_bytes(tmp)
+        written = _tree_bytes(tmp) if _disk_full(exc) else None
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, Exception) and (err := _translate(exc, target, written)) is not exc:
             raise err from exc
@@ -80,7 +80,7 @@ def atomic_file(target: Path) -> Iterator[Path]:
                 raise UserError(refusal(target))
             os.replace(tmp, target)
     except BaseException as exc:
-        written = os.path.getsize(tmp) if os.path.exists(tmp) else None
+        written = os.path.getsize(tmp) if _disk_full(exc) and os.path.exists(tmp) else None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(exc, Exception) and (err := _translate(exc, target, written)) is not exc:
@@ -158,9 +158,7 @@ def glob_escape(name: str) -> str:
 
 def require_space(target: Path, needed: int) -> None:
     """EnvironmentFault when the filesystem of `target` has less than `needed` bytes free (plus 1%)."""
-    probe = Path(target).parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = nearest_existing(Path(target).parent)
     free = shutil.disk_usage(probe).free
     if free < needed * 1.01:
         raise EnvironmentFault(f"not enough space to write {target}: needs {_mb(needed)}, {_mb(free)} free on "
@@ -242,8 +240,7 @@ def _make_parent(target: Path) -> None:
 def _translate(exc: Exception, target: Path, written: int | None) -> Exception:
     """A full disk -> EnvironmentFault (exit 1); no permission / read-only -> UserError (exit 2); else `exc`."""
     code = getattr(exc, "errno", None)
-    text = str(exc)
-    if code == errno.ENOSPC or "No space left" in text or "os error 28" in text:
+    if _disk_full(exc):
         free = shutil.disk_usage(target.parent).free if target.parent.exists() else 0
         wrote = f"{_mb(written)} were written when it filled, " if written else ""
         return EnvironmentFault(f"no space left on the disk of {target}: {wrote}{_mb(free)} free; free more than "
@@ -252,6 +249,12 @@ def _translate(exc: Exception, target: Path, written: int | None) -> Exception:
         why = "read-only filesystem" if code == errno.EROFS else "permission denied"
         return UserError(f"cannot write {target}: {why}; pass a writable path")
     return exc
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC, also as safetensors' Rust error text."""
+    text = str(exc)
+    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or "os error 28" in text
 
 
 def _fault(point: str) -> None:

@@ -113,9 +113,7 @@ def protected(path: Path) -> str | None:
 
 def _check_writable(path: Path, flag: str) -> None:
     """The nearest existing folder must accept new entries (read-only filesystems, no permission: exit 2 now)."""
-    probe = path.parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = nearest_existing(path.parent)
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: cannot write in {probe} (read-only or no permission); pass a writable path")
 
@@ -125,6 +123,14 @@ def signature() -> str:
     from compress import __version__
 
     return f"{SIGNATURE} {__version__}"
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` or its closest ancestor that exists (where a new output's folders would be created)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def stamp() -> dict:
