@@ -7,13 +7,13 @@ from pathlib import Path
 import typer
 
 import compress  # sets the offline environment before transformers is imported
-from compress.console import print_json, progress_bar, run_command, stderr, stdout, table
 from compress.errors import UserError
 from compress.outputs import claim_outputs
 from compress.progress import phase
 from compress.quantize.targets import DEFAULT_CANDIDATES
 from compress.quantize.targets import SUMMARY as TARGET_SUMMARY
 from compress.trust import allow_remote_code
+from flows.console import print_json, progress_bar, run_command, stderr, stdout, table
 
 app = typer.Typer(help="Make neural networks smaller and faster, measured layer by layer.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -327,7 +327,7 @@ def quantize(
                             "allocation to draw: drop --plot or add --layerwise")
         allow_remote_code(trust_remote_code)
         _precheck(model, data, arch)
-        from compress.quantize.run import QuantizeRequest, run_quantize
+        from flows.quantize import QuantizeRequest, run_quantize
         request = QuantizeRequest(
             model=model, bits=bits, layerwise=layerwise, avg_bits=avg_bits, max_size=max_size,
             candidates=candidates, target=target, group_size=group_size, symmetric=symmetric, method=method,
@@ -451,7 +451,7 @@ def run_(
 
     def go():
         _precheck(paths={"RECIPE": recipe})
-        from compress.recipe import StepFailed, run_recipe
+        from flows.recipe import StepFailed, run_recipe
         def event(e: dict) -> None:
             if not json_out and e["status"] != "start":
                 stderr.print(f"step {e['index']} {e['step']}: {e['status']}"
@@ -533,7 +533,7 @@ def tune(
     def go():
         claim_outputs(force, dirs={"--out": out})
         _precheck(model, data, paths={"--gate": gate_file})
-        from compress.tune import TuneRequest, run_tune
+        from flows.tune import TuneRequest, run_tune
         req = TuneRequest(model=model, gate=gate_file, out=out, time_budget=time_budget, objective=objective,
                           data=data, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, candidates=candidates,
                           min_bits=min_bits, max_bits=max_bits, seed=seed)
@@ -618,7 +618,7 @@ def prune(
         claim_outputs(force, dirs={"--out": out}, files={"--plot": plot})
         allow_remote_code(trust_remote_code)
         _precheck(model, data, arch)
-        from compress.prune.run import PruneRequest, run_prune
+        from flows.prune import PruneRequest, run_prune
         request = PruneRequest(model=model, blocks=blocks, sublayers=sublayers, width=width, sparsity=sparsity,
                                pattern=pattern, granularity=granularity, adaptive=adaptive,
                                importance=importance, heal=heal, heal_lr=heal_lr, method=method, data=data,
@@ -706,7 +706,7 @@ def reparam(
         claim_outputs(force, dirs={"--out": out})
         allow_remote_code(trust_remote_code)
         _precheck(model, data, arch, paths={"--merge-lora": merge_lora})
-        from compress.reparam.run import run_reparam
+        from flows.reparam import run_reparam
         if linearize_ffn is not None:
             return _linearize(model, linearize_ffn, data, tokens, out, json_out, fold_bn or merge_branches or fold_norm
                               or merge_linear or merge_lora is not None)
@@ -747,8 +747,8 @@ def reparam(
 
 def _linearize(model: str, share: str, data: str | None, tokens: int, out: Path | None, json_out: bool,
                other_passes: bool) -> None:
-    from compress.prune.run import width_fraction
     from compress.reparam.linearize_ffn import linearize_request
+    from flows.prune import width_fraction
 
     if other_passes or out is not None:
         raise UserError("--linearize-ffn runs alone and is measured in memory (no loader for its output yet): drop "
@@ -824,7 +824,7 @@ def export_(
             raise UserError("export: pass exactly one of --onnx OUT_DIR or --gguf OUT.gguf")
         claim_outputs(force, dirs={"--onnx": onnx_out})
         _precheck(model, data, arch)
-        from exporters.run import ExportRequest, run_export
+        from flows.export import ExportRequest, run_export
         req = ExportRequest(model=model, out=onnx_out, fmt=fmt, opset=opset, validate=do_validate, data=data,
                             tokens=tokens, seq_len=seq_len, seed=seed, requantize=requantize,
                             accuracy_level=accuracy_level, max_kl=max_kl, fuse_attention=fuse_attention,
@@ -851,7 +851,7 @@ def _export_gguf(model: str, out: Path, float_type: str, do_validate: bool, data
     def go():
         claim_outputs(force, files={"--gguf": out, "--gguf (its .json report)": Path(str(out) + ".json")})
         _precheck(model, data)
-        from exporters.gguf_run import GgufRequest, run_gguf_export
+        from flows.gguf import GgufRequest, run_gguf_export
         req = GgufRequest(model=model, out=out, float_type=float_type, validate=do_validate, data=data, tokens=tokens,
                           seq_len=seq_len, seed=seed, max_kl=max_kl, min_top1=min_top1)
         with progress_bar(not json_out) as p:
@@ -907,8 +907,8 @@ def validate_(
         _precheck(reference=reference, data=data, paths={"ONNX_DIR": onnx_dir})
         from compress.artifact import is_artifact, load_artifact
         from compress.models import load_model
-        from exporters.run import validation_inputs
         from exporters.validate import validate
+        from flows.export import validation_inputs
 
         if loose and max_kl is None and min_top1 is None:
             raise UserError("--quantized judges by KL and top-1 alone: give --max-kl and/or --min-top1 (what the "
@@ -1098,7 +1098,7 @@ def moe_stats_(
     def go():
         claim_outputs(force, dirs={"--out": out})
         _precheck(model, data, eval_data=None)
-        from compress.moe.run import MoeStatsRequest, run_stats
+        from flows.moe import MoeStatsRequest, run_stats
         req = MoeStatsRequest(model=model, data=data, tokens=tokens, seq_len=seq_len, seed=seed, out=out)
         with progress_bar(not json_out) as p:
             result = run_stats(req, progress=p)
@@ -1145,7 +1145,7 @@ def moe_rebalance_(
     def go():
         claim_outputs(force, dirs={"--out": out})
         _precheck(model, data, eval_data=eval_data)
-        from compress.moe.run import RebalanceRequest, run_rebalance
+        from flows.moe import RebalanceRequest, run_rebalance
         req = RebalanceRequest(model=model, data=data, method=method, capacity=capacity, eval_data=eval_data,
                                tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
                                max_iter=max_iter, out=out)
@@ -1202,7 +1202,7 @@ def moe_prune_(
     def go():
         claim_outputs(force, dirs={"--out": out})
         _precheck(model, data, eval_data=eval_data)
-        from compress.moe.run import MoePruneRequest, run_prune
+        from flows.moe import MoePruneRequest, run_prune
         req = MoePruneRequest(model=model, experts=experts, data=data, schedule=schedule, merge=merge,
                               importance=importance, eval_data=eval_data, tokens=tokens, eval_tokens=eval_tokens,
                               seq_len=seq_len, seed=seed, out=out)
@@ -1247,7 +1247,7 @@ def moe_place_(
     def go():
         claim_outputs(force, files={"--out": out})
         _precheck(model, data, eval_data=eval_data)
-        from compress.moe.run import PlaceRequest, run_place
+        from flows.moe import PlaceRequest, run_place
         req = PlaceRequest(model=model, data=data, devices=devices, replicas=replicas, eval_data=eval_data,
                            tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, out=out)
         with progress_bar(not json_out) as p:

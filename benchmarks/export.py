@@ -74,11 +74,11 @@ def main() -> None:
 
     from compress.data import load_windows
     from compress.models import load_model
-    from compress.quantize.run import QuantizeRequest, run_quantize
     from exporters.graph import decoder_feed, session
-    from exporters.run import ExportRequest, run_export
     from exporters.trt_rules import check_trt
     from exporters.validate import validate
+    from flows.export import ExportRequest, run_export
+    from flows.quantize import QuantizeRequest, run_quantize
 
     rows, lines = [], []
     persuasion = str(AUSTEN / "persuasion.txt")

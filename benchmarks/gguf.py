@@ -148,7 +148,7 @@ def export_ort(a, art_dir: Path, work: Path, level: int) -> tuple[dict, object]:
     """`--format int4 --fuse-attention` export of the artifact (accuracy level `level`), its session and facts."""
     from compress.metrics import kl_per_token, log_softmax_chunked, summarize, top1_agreement
     from exporters.graph import decoder_feed, session
-    from exporters.run import ExportRequest, run_export
+    from flows.export import ExportRequest, run_export
 
     onnx_dir = work / f"{art_dir.name}-int4-fused{'-acc4' if level else ''}"
     try:
@@ -302,9 +302,9 @@ def main() -> None:
     from compress.artifact import load_artifact
     from compress.data import load_windows
     from compress.models import load_model
-    from compress.quantize.run import QuantizeRequest, run_quantize
     from exporters.gguf import export_gguf
     from exporters.llamacpp import reference_logits
+    from flows.quantize import QuantizeRequest, run_quantize
 
     name = Path(a.model).expanduser().name
     work = a.work / name

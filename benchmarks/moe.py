@@ -90,7 +90,7 @@ def load_table(stats: Any) -> list[dict[str, Any]]:
 
 def rebalance_runs(model: str, a: argparse.Namespace, work: Path, held_hash: str) -> dict[str, Any]:
     """run_rebalance for every (method, capacity); the first is saved (for the export)."""
-    from compress.moe.run import RebalanceRequest, run_rebalance
+    from flows.moe import RebalanceRequest, run_rebalance
 
     runs = []
     for i, (method, cap) in enumerate(REBALANCE):
@@ -115,7 +115,7 @@ def rebalance_runs(model: str, a: argparse.Namespace, work: Path, held_hash: str
 
 def calibration_sweep(model: str, a: argparse.Namespace, held_hash: str) -> list[dict[str, Any]]:
     """BIP at capacity 1.1 fitted on other numbers of calibration tokens: worst max/mean on both splits."""
-    from compress.moe.run import RebalanceRequest, run_rebalance
+    from flows.moe import RebalanceRequest, run_rebalance
 
     rows = []
     for tokens in a.sweep_tokens:
@@ -137,8 +137,8 @@ def placement_section(loaded: Any, layers: list, calib: Any, held: Any, devices:
     from moe_prune import placement
 
     from compress.moe.place import place_experts, round_robin
-    from compress.moe.run import _ratio, device_loads
     from compress.moe.stats import moe_stats
+    from flows.moe import _ratio, device_loads
 
     out = placement(held_loads, devices)
     calib_loads = [[float(x) for x in s.load] for s in moe_stats(loaded, calib).layers]
@@ -164,7 +164,7 @@ def worst_check(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_one(label: str, artifact: str, out: Path) -> dict[str, Any]:
-    from exporters.run import ExportRequest, run_export
+    from flows.export import ExportRequest, run_export
 
     t = time.perf_counter()
     try:
@@ -184,8 +184,8 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
 
     from compress.data import load_windows
     from compress.moe.prune import expert_stats
-    from compress.moe.run import MoePruneRequest, load_moe, run_prune
     from compress.moe.stats import moe_stats
+    from flows.moe import MoePruneRequest, load_moe, run_prune
 
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()

@@ -50,8 +50,8 @@ def main() -> None:
     from compress.importance.context import ScoringContext
     from compress.models import layer_map, load_model
     from compress.prune.blocks import remove_blocks, select_blocks
-    from compress.prune.run import resolve_amount
     from compress.prune.sublayers import finercut, remove_sublayers
+    from flows.prune import resolve_amount
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from export_quant import torch_decode_ms
@@ -169,8 +169,8 @@ def _width_rows(a, ref, measure, publish) -> None:
     from compress.data import load_windows
     from compress.importance.context import ScoringContext
     from compress.models import layer_map
-    from compress.prune.run import width_fraction
     from compress.prune.width_run import prune_width_request
+    from flows.prune import width_fraction
 
     calib = load_windows(CALIB, ref, split="calibration", tokens=1024)
     for adaptive in (False, True):
@@ -192,8 +192,8 @@ def _sparsity_rows(a, ref, measure, publish) -> None:
     from compress.data import load_windows
     from compress.importance.context import ScoringContext
     from compress.models import layer_map
-    from compress.prune.run import width_fraction
     from compress.prune.sparsity_run import prune_sparsity_request
+    from flows.prune import width_fraction
 
     calib = load_windows(CALIB, ref, split="calibration", tokens=1024)
     frac = width_fraction(a.sparsity, "--sparsity")

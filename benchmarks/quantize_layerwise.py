@@ -43,8 +43,8 @@ def main() -> None:
     from compress.quantize.apply import quantizable
     from compress.quantize.distortion import error_energy, measure_kl
     from compress.quantize.pipeline import Budget, _rank_order, fixed_bytes, quantize, units_for
-    from compress.quantize.run import parse_candidates
     from compress.quantize.spec import QuantSpec
+    from flows.quantize import parse_candidates
 
     torch.set_num_threads(2)
     ref = load_model(a.model)

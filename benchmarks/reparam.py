@@ -88,8 +88,8 @@ def main() -> None:
     work = a.work or Path(tempfile.mkdtemp(prefix="compress-reparam-bench-"))
     from compress.models import load_model
     from compress.reparam.repvgg import TinyRepVGG
-    from compress.reparam.run import run_reparam
-    from exporters.run import ExportRequest, run_export
+    from flows.export import ExportRequest, run_export
+    from flows.reparam import run_reparam
 
     lines = [f"Written by `python benchmarks/reparam.py` on {time.strftime('%Y-%m-%d')} ({platform.machine()}, "
              f"torch {torch.__version__}, 2 threads). Latency: median of 20 forwards after 3 warm-up, before and "
@@ -151,7 +151,7 @@ def main() -> None:
               f"64²: {rl[0]:.1f} → {rl[1]:.1f} ms (**{rl[0] / rl[1]:.2f}×** faster)."]
 
     # 3. SmolLM2 --fold-norm: exact, then quantized and exported
-    from compress.quantize.run import QuantizeRequest, run_quantize
+    from flows.quantize import QuantizeRequest, run_quantize
 
     norm_dir = work / "smollm2-normfold"
     nf = run_reparam("smollm2-135m", ["fold-norm"], norm_dir)

@@ -157,7 +157,7 @@ def test_quantize_backend_bnb_maps_the_plan_and_saves_a_transformers_checkpoint(
     from tiny_models import build
 
     from compress.errors import UserError
-    from compress.quantize.run import QuantizeRequest, run_quantize
+    from flows.quantize import QuantizeRequest, run_quantize
 
     monkeypatch.setattr("compress.models.load_model", lambda *a, **k: build("llama"))
     result = run_quantize(QuantizeRequest(model="tiny", bits=4, backend="bnb", evaluate=False, out=tmp_path / "b"))

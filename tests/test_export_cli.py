@@ -62,8 +62,8 @@ def test_bad_export_input_exits_2_and_writes_nothing(tmp_path, tiny, args, needl
 
 @pytest.mark.parametrize("target, fmt", [("ort", "int4"), ("trt", "qdq")])
 def test_quantized_artifact_exports_with_its_own_codes_and_validates_twice(tmp_path, monkeypatch, target, fmt):
-    from compress.quantize.run import QuantizeRequest, run_quantize
-    from exporters.run import ExportRequest, run_export
+    from flows.export import ExportRequest, run_export
+    from flows.quantize import QuantizeRequest, run_quantize
 
     monkeypatch.setattr("compress.models.load_model", lambda *a, **k: build("llama"))
     art = tmp_path / "art"
@@ -80,8 +80,8 @@ def test_quantized_artifact_exports_with_its_own_codes_and_validates_twice(tmp_p
 def test_int8_activations_set_the_accuracy_level_and_validate_by_distribution(tmp_path, monkeypatch):
     import onnx
 
-    from compress.quantize.run import QuantizeRequest, run_quantize
-    from exporters.run import ExportRequest, run_export
+    from flows.export import ExportRequest, run_export
+    from flows.quantize import QuantizeRequest, run_quantize
 
     monkeypatch.setattr("compress.models.load_model", lambda *a, **k: build("llama"))
     art = tmp_path / "art"
@@ -100,9 +100,9 @@ def test_int8_activations_set_the_accuracy_level_and_validate_by_distribution(tm
 
 
 def test_a_trt_artifact_with_a_quantized_embedding_passes_check_trt(tmp_path, monkeypatch):
-    from compress.quantize.run import QuantizeRequest, run_quantize
-    from exporters.run import ExportRequest, run_export
     from exporters.trt_rules import check_trt
+    from flows.export import ExportRequest, run_export
+    from flows.quantize import QuantizeRequest, run_quantize
 
     monkeypatch.setattr("compress.models.load_model", lambda *a, **k: build("llama"))
     run_quantize(QuantizeRequest(model="tiny", bits=4, target="trt", embeddings="quantize", evaluate=False,
@@ -116,8 +116,8 @@ def test_a_trt_artifact_with_a_quantized_embedding_passes_check_trt(tmp_path, mo
 def test_fused_attention_keeps_the_io_and_validates(tmp_path, monkeypatch, fmt):
     import onnx
 
-    from compress.quantize.run import QuantizeRequest, run_quantize
-    from exporters.run import ExportRequest, run_export
+    from flows.export import ExportRequest, run_export
+    from flows.quantize import QuantizeRequest, run_quantize
 
     monkeypatch.setattr("compress.models.load_model", lambda *a, **k: build("llama-hd16"))
     model = "tiny"

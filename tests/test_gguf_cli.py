@@ -21,7 +21,7 @@ def tiny(monkeypatch):
 
 @pytest.fixture
 def artifact(tmp_path, tiny):
-    from compress.quantize.run import QuantizeRequest, run_quantize
+    from flows.quantize import QuantizeRequest, run_quantize
 
     out = tmp_path / "art"
     run_quantize(QuantizeRequest(model="tiny", bits=4, target="gguf", embeddings="quantize", evaluate=False, out=out))

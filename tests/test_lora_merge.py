@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from tiny_models import build
 
 from compress.errors import UserError
-from compress.reparam.run import run_reparam
+from flows.reparam import run_reparam
 
 IDS = torch.randint(1, 64, (2, 10), generator=torch.Generator().manual_seed(0))
 

@@ -178,7 +178,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, need
 
 @pytest.mark.parametrize("verb, extra", [("rebalance", ["--method", "bip"]), ("prune", ["--experts", "25%"])])
 def test_moe_artifacts_chain_into_quantize(tmp_path, verb, extra):
-    from compress.quantize.run import QuantizeRequest, run_quantize
+    from flows.quantize import QuantizeRequest, run_quantize
 
     r = invoke(verb, "tiny-moe", *SMALL, *extra, "--out", str(tmp_path / "m"))
     assert r.exit_code == 0, r.output

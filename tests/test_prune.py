@@ -15,8 +15,8 @@ from compress.importance.context import ScoringContext
 from compress.models import layer_map, load_model
 from compress.models.load import LoadedModel
 from compress.prune.blocks import remove_blocks, select_blocks
-from compress.prune.run import resolve_amount
 from compress.prune.sublayers import remove_sublayers
+from flows.prune import resolve_amount
 
 runner = CliRunner()
 
@@ -158,7 +158,7 @@ def test_finercut_artifact_exports_to_onnx_without_the_removed_ops(tmp_path):
     import onnx
 
     from compress.prune.artifact import save_pruned
-    from exporters.run import ExportRequest, run_export
+    from flows.export import ExportRequest, run_export
 
     full, loaded = build("llama"), build("llama")
     removed = remove_sublayers(loaded.module, layer_map(loaded.module), [(1, "attn"), (2, "mlp")], "decoder")

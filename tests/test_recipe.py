@@ -11,7 +11,7 @@ import pytest
 from tiny_models import build
 
 from compress.errors import UserError
-from compress.recipe import StepFailed, load_recipe, run_recipe
+from flows.recipe import StepFailed, load_recipe, run_recipe
 
 STEPS = """\
   - prune: {{blocks: 1, method: bi}}
@@ -108,7 +108,7 @@ def test_a_changed_option_reruns_that_step_and_the_later_ones_only(first_run, tm
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_an_interrupted_step_leaves_no_done_json_and_the_next_run_resumes(first_run, tmp_path, tiny_dir,
                                                                           monkeypatch, error):
-    import compress.quantize.run as qrun
+    import flows.quantize as qrun
 
     root = _copy(first_run, tmp_path)
     (root / "recipe.yaml").write_text(recipe_text(tiny_dir, avg_bits=4.5))

@@ -13,7 +13,7 @@ from compress.errors import UserError
 from compress.models.load import LoadedModel
 from compress.reparam import bn_fold, merge_linear, norm_fold, repvgg
 from compress.reparam.check import compare, equivalence, outputs
-from compress.reparam.run import run_reparam
+from flows.reparam import run_reparam
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0, var_low: float = 0.5) -> nn.Module:

@@ -8,9 +8,9 @@ import torch
 from compress.errors import UserError
 from compress.quantize.allocate import allocate_by_rank, solve_dp
 from compress.quantize.rtn import quantize_rtn
-from compress.quantize.run import QuantizeRequest, run_quantize
 from compress.quantize.spec import QuantSpec
 from compress.quantize.targets import EMBEDDING, LINEAR, problem
+from flows.quantize import QuantizeRequest, run_quantize
 
 
 @pytest.mark.parametrize("target, spec, role, ok", [
@@ -59,7 +59,7 @@ def test_positive_scale_codes_use_the_range_and_every_scale_is_positive():
 
 
 def test_trt_turns_symmetric_candidates_into_positive_scale_ones():
-    from compress.quantize.run import candidates_for
+    from flows.quantize import candidates_for
 
     labels = [c.label() for c in candidates_for(QuantizeRequest(model="x", target="trt"))]
     assert labels == ["q8gchs", "q4g32p", "q4g64p"]

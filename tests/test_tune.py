@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from compress.errors import UserError
-from compress.tune import TuneRequest, parse_duration, run_tune
+from flows.tune import TuneRequest, parse_duration, run_tune
 
 runner = CliRunner()
 COMMON = ["--tokens", "64", "--eval-tokens", "64", "--seq-len", "16", "--candidates", "8,4,2", "--time-budget", "5m"]
@@ -63,7 +63,7 @@ def test_no_passing_candidate_exits_1_and_names_the_closest(tiny_dir, tmp_path):
 
 
 def test_an_interrupt_keeps_the_best_so_far_and_the_pareto_set(tiny_dir, tmp_path, monkeypatch):
-    import compress.tune as tune
+    import flows.tune as tune
 
     real, calls = tune._candidate, []
 

@@ -162,7 +162,7 @@ def check_prune(req: MoePruneRequest) -> tuple[float, bool]:
     """Check everything that needs no model; return the parsed --experts amount (value, is a percentage)."""
     from compress.moe.prune import IMPORTANCES
     from compress.moe.schedule import SCHEDULES
-    from compress.prune.run import parse_amount
+    from flows.prune import parse_amount
 
     amount = parse_amount(req.experts, "--experts")
     if req.schedule not in SCHEDULES:

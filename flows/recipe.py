@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from compress import __version__
-from compress.cache import (
+from compress.errors import UserError
+from compress.outputs import MARKER
+from flows.cache import (
     content_key,
     data_fingerprint,
     file_fingerprint,
@@ -45,8 +47,6 @@ from compress.cache import (
     read_done,
     write_done,
 )
-from compress.errors import UserError
-from compress.outputs import MARKER
 
 FORMAT = "compress-recipe-v1"
 SUMMARY = "compress.json"
@@ -279,19 +279,19 @@ class PruneStep(Step):
 
     @property
     def options(self):
-        from compress.prune.run import PruneRequest
+        from flows.prune import PruneRequest
 
         return PruneRequest
 
     def plan(self, p, state, recipe_dir):
-        from compress.prune import run as prune_run
+        import flows.prune as prune_run
 
         prune_run.check_request(prune_run.PruneRequest(model="-", **p.options))
         p.inputs["model"] = state.model
         state.model = p.index
 
     def run(self, p, ctx):
-        from compress.prune import run as prune_run
+        import flows.prune as prune_run
 
         req = prune_run.PruneRequest(model=ctx.model(p.inputs["model"]), out=p.dir / "model", arch=ctx.recipe.arch,
                                      trust_pickle=ctx.recipe.trust_pickle, **p.options)
@@ -307,12 +307,12 @@ class QuantizeStep(Step):
 
     @property
     def options(self):
-        from compress.quantize.run import QuantizeRequest
+        from flows.quantize import QuantizeRequest
 
         return QuantizeRequest
 
     def plan(self, p, state, recipe_dir):
-        from compress.quantize import run as quantize_run
+        import flows.quantize as quantize_run
 
         o = p.options
         needs_scores = o["layerwise"] and o["allocator"] == "rank" and o["scores"] is None
@@ -334,7 +334,7 @@ class QuantizeStep(Step):
         state.model = p.index
 
     def run(self, p, ctx):
-        from compress.quantize import run as quantize_run
+        import flows.quantize as quantize_run
 
         opts = dict(p.options)
         if "scores" in p.inputs:
@@ -352,12 +352,12 @@ class ExportStep(Step):
 
     @property
     def options(self):
-        from exporters.run import ExportRequest
+        from flows.export import ExportRequest
 
         return ExportRequest
 
     def plan(self, p, state, recipe_dir):
-        from exporters.run import ACCURACY_LEVELS, FORMATS, QUANTIZED
+        from flows.export import ACCURACY_LEVELS, FORMATS, QUANTIZED
 
         o = p.options
         if o["fmt"] not in FORMATS:
@@ -376,7 +376,7 @@ class ExportStep(Step):
         state.onnx = p.index
 
     def run(self, p, ctx):
-        from exporters import run as export_run
+        import flows.export as export_run
 
         req = export_run.ExportRequest(model=ctx.model(p.inputs["model"]), out=p.dir / "onnx", arch=ctx.recipe.arch,
                                        trust_pickle=ctx.recipe.trust_pickle, **p.options)
@@ -417,8 +417,8 @@ class ValidateStep(Step):
             p.options["reference"] = _resolve_spec(ref, recipe_dir)
 
     def run(self, p, ctx):
-        from exporters.run import QUANTIZED, validation_inputs
         from exporters.validate import validate
+        from flows.export import QUANTIZED, validation_inputs
 
         o = p.options
         export = ctx.step(p.inputs["onnx"])

@@ -76,7 +76,7 @@ def run_tune(req: TuneRequest, progress=None, log=print) -> dict:
     from compress.models import layer_map, load_model
     from compress.quantize.distortion import measure_kl
     from compress.quantize.pipeline import Budget, plan_inputs
-    from compress.quantize.run import QuantizeRequest, candidates_for
+    from flows.quantize import QuantizeRequest, candidates_for
 
     seconds, limits = _validate(req)
     t0 = time.perf_counter()
@@ -90,7 +90,7 @@ def run_tune(req: TuneRequest, progress=None, log=print) -> dict:
                                            candidates=req.candidates, target=target))
     if req.candidates is None:
         from compress.quantize.apply import quantizable
-        from compress.quantize.run import fitting_defaults
+        from flows.quantize import fitting_defaults
 
         cands, _ = fitting_defaults(cands, original.module, quantizable(original.module, lmap))
     top = Budget.from_args(original.module, req.max_bits, None)
@@ -222,7 +222,7 @@ def _ort_latency(artifact: Path, out: Path) -> float:
     import numpy as np
 
     from exporters.graph import decoder_feed, session
-    from exporters.run import ExportRequest, run_export
+    from flows.export import ExportRequest, run_export
 
     graph_dir = out / ".candidate-onnx"
     run_export(ExportRequest(model=str(artifact), out=graph_dir, fmt="int4", validate=False))
