@@ -151,34 +151,11 @@ def score(
         claim_outputs(force, files={"--out": out, "--plot": plot})
         allow_remote_code(trust_remote_code)
         _precheck(model, data, arch)
-        from compress.data import load_windows, resolve_text_files
-        from compress.importance import ALIASES, SCORERS, parse_methods, score_model
-        from compress.models import load_model
-        names = parse_methods(methods)
-        if check:
-            names = [*names, *[m for m in ("hessian", "fisher", "sensitivity") if m not in names]]
-        if data not in (None, "self"):
-            resolve_text_files(data)
-        loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
-        if loaded.kind != "decoder" and "fisher" in names:
-            if not check:
-
-                raise UserError(f"--methods fisher: {model} is an encoder; fisher needs a language-model loss")
-            names.remove("fisher")
-        needs_data = any(SCORERS[ALIASES.get(m, m)].needs_data for m in names)
-        windows = None
+        from flows.score import ScoreRequest, run_score
+        req = ScoreRequest(model=model, methods=methods, check=check, data=data, tokens=tokens, seq_len=seq_len,
+                           seed=seed, out=out, plot=plot, arch=arch, trust_pickle=trust_pickle)
         with progress_bar(not json_out) as p:
-            if needs_data:
-                with phase("prepare data"):
-                    windows = load_windows(data, loaded, split="calibration", tokens=tokens, seq_len=seq_len,
-                                           seed=seed)
-            report = score_model(loaded, windows, names, progress=p)
-        if out is not None:
-            report.save(out, sign=True)
-        if plot is not None:
-            from evals.plots import plot_importance
-
-            plot_importance(report, plot)
+            report = run_score(req, progress=p)
         if json_out:
             print_json(report.to_dict())
             return
@@ -229,35 +206,19 @@ def eval_(
     """Perplexity, KL(reference ‖ model) mean/median/p99, top-1 agreement, embedding cosine, size and bpw."""
 
     def go():
-        nonlocal tokens, seq_len
         claim_outputs(force, files={"--out": out})
         allow_remote_code(trust_remote_code)
         _precheck(model, data, arch, reference=reference)
-        from compress.data import load_windows, resolve_text_files
-        from compress.evaluate import evaluate
-        from compress.models import load_model
-        sequential = False
-        if protocol is not None:
-            if protocol != "anchors":
-                raise UserError(f"unknown --protocol '{protocol}': the only one is 'anchors'")
-            tokens, seq_len, sequential = 3072, 512, True
-        if data not in (None, "self"):
-            resolve_text_files(data)
-        cand = load_model(model, arch=arch, trust_pickle=trust_pickle)
-        ref = load_model(reference, arch=arch, trust_pickle=trust_pickle) if reference else None
+        from flows.evaluation import EvalRequest, check_request, run_eval
+        req = EvalRequest(model=model, reference=reference, data=data, tokens=tokens, seq_len=seq_len, seed=seed,
+                          split=split, protocol=protocol, out=out, arch=arch, trust_pickle=trust_pickle)
+        check_request(req)
         with progress_bar(not json_out) as p:
-            with phase("prepare data"):  # self-sampled text comes from the reference: never the candidate's own
-                windows = load_windows(data, ref or cand, split=split, tokens=tokens, seq_len=seq_len, seed=seed,
-                                       sequential=sequential)
-            report = evaluate(cand, ref, windows, progress=p)
-        if out is not None:
-            from compress.atomic import write_json
-
-            write_json(out, report.to_dict(), sign=True)
+            report = run_eval(req, progress=p)["candidate"]
         if json_out:
-            print_json(report.to_dict())
+            print_json(report)
             return
-        d = report.to_dict()
+        d = report
         keys = ["ppl", "ppl_ref", "kl_mean", "kl_median", "kl_p99", "top1_agreement", "emb_cosine", "size_bytes",
                 "bpw", "tokens"]
         stdout.print(table(f"{model} vs {reference or '(no reference)'}", ["metric", "value"],

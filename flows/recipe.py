@@ -47,6 +47,8 @@ from flows.cache import (
     read_done,
     write_done,
 )
+from flows.evaluation import EvalRequest
+from flows.score import ScoreRequest
 
 FORMAT = "compress-recipe-v1"
 SUMMARY = "compress.json"
@@ -60,31 +62,6 @@ class StepFailed(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Options of the steps that have no request dataclass of their own
-
-
-@dataclass
-class ScoreOptions:
-    """`score`: importance scores of the current model (`compress score`)."""
-
-    methods: str = "lim,zd,ablation"
-    check: bool = False
-    data: str | None = None
-    tokens: int = 2048
-    seq_len: int | None = None
-    seed: int = 0
-
-
-@dataclass
-class EvalOptions:
-    """`eval`: the current model against `reference` (default: the recipe's model), and the baseline."""
-
-    reference: str | None = None
-    protocol: str | None = None
-    data: str | None = None
-    tokens: int = 2048
-    seq_len: int | None = None
-    seed: int = 0
-    split: str = "evaluation"
 
 
 @dataclass
@@ -240,7 +217,8 @@ def register_step(cls: type[Step]) -> type[Step]:
 @register_step
 class ScoreStep(Step):
     name = "score"
-    options = ScoreOptions
+    options = ScoreRequest
+    reserved = (*Step.reserved, "plot", "sign")
     outputs = ("scores.json",)
 
     def plan(self, p, state, recipe_dir):
@@ -251,25 +229,10 @@ class ScoreStep(Step):
         state.scores.append((p.index, state.model))
 
     def run(self, p, ctx):
-        from compress.data import load_windows
-        from compress.importance import ALIASES, SCORERS, parse_methods, score_model
+        from flows.score import ScoreRequest, run_score
 
-        o = p.options
-        names = parse_methods(o["methods"])
-        if o["check"]:
-            names = [*names, *[m for m in ("hessian", "fisher", "sensitivity") if m not in names]]
-        loaded = ctx.load(ctx.model(p.inputs["model"]))
-        if loaded.kind != "decoder" and "fisher" in names:
-            if not o["check"]:
-                raise UserError(f"methods fisher: {loaded.spec} is an encoder; fisher needs a language-model loss")
-            names.remove("fisher")
-        windows = None
-        if any(SCORERS[ALIASES.get(m, m)].needs_data for m in names):
-            windows = load_windows(o["data"], loaded, split="calibration", tokens=o["tokens"], seq_len=o["seq_len"],
-                                   seed=o["seed"])
-        report = score_model(loaded, windows, names, progress=ctx.progress)
-        report.save(p.dir / "scores.json")
-        return report.to_dict()
+        req = ScoreRequest(model=ctx.model(p.inputs["model"]), out=p.dir / "scores.json", sign=False, **p.options)
+        return run_score(req, progress=ctx.progress, load=ctx.load).to_dict()
 
 
 @register_step
@@ -444,18 +407,16 @@ class ValidateStep(Step):
 @register_step
 class EvalStep(Step):
     name = "eval"
-    options = EvalOptions
+    options = EvalRequest
+    reserved = (*Step.reserved, "baseline", "sign")
     model_fields = ("reference",)
     outputs = ("eval.json", "baseline.json")
 
     def plan(self, p, state, recipe_dir):
-        from compress.data import SPLITS
+        from flows.evaluation import check_request
 
         o = p.options
-        if o["protocol"] not in (None, "anchors"):
-            raise UserError(f"{p.where}: unknown protocol '{o['protocol']}': the only one is 'anchors'")
-        if o["split"] not in SPLITS:
-            raise UserError(f"{p.where}: split {o['split']}: use one of {', '.join(SPLITS)}")
+        check_request(EvalRequest(model="-", **o))
         p.inputs["model"] = state.model
         if o["reference"] in (None, ORIGINAL):
             o["reference"] = None
@@ -466,24 +427,15 @@ class EvalStep(Step):
 
     def run(self, p, ctx):
         from compress.atomic import write_json
-        from compress.data import load_windows
-        from compress.evaluate import evaluate
+        from flows.evaluation import run_eval
 
-        o = p.options
-        tokens, seq_len, sequential = o["tokens"], o["seq_len"], False
-        if o["protocol"] == "anchors":
-            tokens, seq_len, sequential = 3072, 512, True
-        ref_spec = o["reference"] or ctx.model(p.inputs["reference"])
-        cand = ctx.load(ctx.model(p.inputs["model"]))
-        ref = ctx.load(ref_spec)
-        # windows from the reference: the candidate's report and the baseline share them (gate checks the hash)
-        windows = load_windows(o["data"], ref, split=o["split"], tokens=tokens, seq_len=seq_len, seed=o["seed"],
-                               sequential=sequential)
-        report = evaluate(cand, ref, windows, ctx.progress).to_dict()
-        baseline = evaluate(ref, ref, windows, ctx.progress).to_dict()
-        write_json(p.dir / "eval.json", jsonable(report))
-        write_json(p.dir / "baseline.json", jsonable(baseline))
-        return {"candidate": report, "baseline": baseline}
+        o = {**p.options, "reference": p.options["reference"] or ctx.model(p.inputs["reference"])}
+        # one set of windows (from the reference) for the candidate and the baseline: gate checks they match
+        result = run_eval(EvalRequest(model=ctx.model(p.inputs["model"]), baseline=True, **o), ctx.progress,
+                          load=ctx.load)
+        write_json(p.dir / "eval.json", jsonable(result["candidate"]))
+        write_json(p.dir / "baseline.json", jsonable(result["baseline"]))
+        return result
 
 
 @register_step

@@ -78,6 +78,25 @@ def test_a_recipe_runs_end_to_end_and_records_every_step(first_run):
     assert on_disk["outputs"]["onnx"].endswith("onnx") and on_disk["outputs"]["model"].endswith("model")
 
 
+def test_compress_eval_and_the_recipe_eval_step_measure_the_same(first_run, tiny_dir):
+    """One function behind both: the same candidate, reference and options give the same report (same windows)."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    root, summary, _ = first_run
+    step = summary["steps"][1]  # the quantized model the eval step measured (export does not change it)
+    model = root / "work" / step["dir"] / "model"
+    res = CliRunner().invoke(app, ["eval", str(model), "--reference", str(tiny_dir), "--tokens", "32", "--seq-len",
+                                   "16", "--json"])
+    assert res.exit_code == 0, res.output
+    cli_report = json.loads(res.stdout)
+    step_report = summary["steps"][3]["record"]["candidate"]
+    assert cli_report["provenance"]["windows_sha256"] == step_report["provenance"]["windows_sha256"]
+    for key in ("kl_mean", "kl_median", "top1_agreement", "ppl", "ppl_ref", "tokens"):
+        assert cli_report[key] == pytest.approx(step_report[key], rel=1e-6), key
+
+
 def test_a_second_run_is_all_cached_and_faster(first_run, tmp_path):
     root = _copy(first_run, tmp_path)  # keys do not depend on where the workdir is
     t0 = time.perf_counter()

@@ -1,0 +1,43 @@
+"""Options shared by many verbs, defined once: every request dataclass inherits the groups it takes, the CLI builds
+its typer options from the same names, and a recipe step accepts the same keys."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ModelOptions:
+    """Which model, and how to load it: a zoo name, HF directory, .gguf or weights file (`arch` gives a bare
+    weights file its config; `trust_pickle` lets a pickled checkpoint run code)."""
+
+    model: str
+    arch: str | None = None
+    trust_pickle: bool = False
+
+    def loader(self) -> Callable[[str], Any]:
+        """A function spec -> LoadedModel with this request's arch and trust flags."""
+        from compress.models import load_model
+
+        return lambda spec: load_model(spec, arch=self.arch, trust_pickle=self.trust_pickle)
+
+
+@dataclass
+class DataOptions:
+    """Which text, and how much of it: `data` is a file, directory, glob or 'self' (sampled from the model);
+    `tokens` whole windows of `seq_len` (None: 512 decoders, 256 encoders); `seed` fixes split and sampling."""
+
+    data: str | None = None
+    tokens: int = 2048
+    seq_len: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class OutputOptions:
+    """Where the result goes (`out`, None: not saved)."""
+
+    out: Path | None = None
