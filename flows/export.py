@@ -16,6 +16,7 @@ from pathlib import Path
 
 from compress.errors import UserError
 from compress.progress import phase
+from flows.options import DataOptions, ModelOptions, OutputOptions
 
 FORMATS = ("fp32", "fp16", "int4", "qdq")
 QUANTIZED = ("int4", "qdq")
@@ -27,25 +28,20 @@ SUMMARY = "README.md"
 VALIDATION = "validation.json"
 
 
-@dataclass
-class ExportRequest:
+@dataclass(kw_only=True)
+class ExportRequest(OutputOptions, DataOptions, ModelOptions):
     """Everything `compress export` was asked to do."""
 
-    model: str
     out: Path
     fmt: str = "fp32"
     opset: int | None = None
     validate: bool = True
-    data: str | None = None
     tokens: int = 512
     seq_len: int | None = 256
-    seed: int = 0
     requantize: bool = False
     accuracy_level: int = 0  # int4: 0 = fp32 MatMulNBits compute (exact), 4 = int8 activations (faster)
     max_kl: float | None = None
     min_top1: float | None = None
-    arch: str | None = None
-    trust_pickle: bool = False
     fuse_attention: bool = False  # decoders: one GroupQueryAttention per layer (ONNX Runtime contrib op)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from compress.errors import UserError
 from compress.progress import phase
+from flows.options import DataOptions, ModelOptions, OutputOptions
 
 # llama.cpp vs the torch model it came from. Its Q4/Q5/Q8 dot products run on 8-bit activations: the SmolLM2
 # source Q4_1 file in llama.cpp vs its own dequantized weights measures KL 0.0034, top-1 0.963 (ANCHORS.md).
@@ -20,18 +21,15 @@ OWN_TOLERANCE = {"kl_max": 0.02, "top1_min": 0.9}
 FLOAT_TYPES = ("F16", "F32", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 
 
-@dataclass
-class GgufRequest:
+@dataclass(kw_only=True)
+class GgufRequest(OutputOptions, DataOptions, ModelOptions):
     """Everything `compress export --gguf` was asked to do."""
 
-    model: str
     out: Path
     float_type: str = "F16"
     validate: bool = True
-    data: str | None = None
     tokens: int = 512
     seq_len: int | None = 256
-    seed: int = 0
     threads: int = 2
     max_kl: float | None = None
     min_top1: float | None = None
@@ -70,7 +68,8 @@ def run_gguf_export(req: GgufRequest, progress=None) -> dict:
 
     check_request(req)
     artifact = is_artifact(Path(req.model))
-    loaded = load_artifact(Path(req.model)) if artifact else load_model(req.model)
+    loaded = load_artifact(Path(req.model)) if artifact else load_model(req.model, arch=req.arch,
+                                                                         trust_pickle=req.trust_pickle)
     report = export_gguf(loaded, req.out, float_type=req.float_type.upper())
     result: dict = {"model": req.model, "format": "gguf", "out": str(req.out), "export": report.to_dict(),
                     "export_seconds": report.seconds, "size_bytes": report.file_bytes, "bpw": report.bpw,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from compress.errors import UserError
 from compress.progress import phase
+from flows.options import DataOptions, ModelOptions, OutputOptions
 
 if TYPE_CHECKING:
     from compress.data import Windows
@@ -36,68 +37,43 @@ PRUNE_JSON = "moe_prune.json"
 # ------------------------------------------------------------------------------------------------------ requests
 
 
-@dataclass
-class MoeStatsRequest:
+@dataclass(kw_only=True)
+class MoeStatsRequest(OutputOptions, DataOptions, ModelOptions):
     """Everything `compress moe stats` was asked to do."""
 
-    model: str
-    data: str | None = None
-    tokens: int = 2048
-    seq_len: int | None = None
-    seed: int = 0
-    out: Path | None = None  # directory: stats.json, load.png, coactivation.png
 
-
-@dataclass
-class RebalanceRequest:
+@dataclass(kw_only=True)
+class RebalanceRequest(OutputOptions, DataOptions, ModelOptions):
     """Everything `compress moe rebalance` was asked to do."""
 
-    model: str
-    data: str | None = None
     method: str = "bip"  # bip | greedy
     capacity: float = 1.1  # most tokens per expert, as a multiple of the mean load
     eval_data: str | None = None  # held-out text (evaluation split); default: the evaluation split of data
-    tokens: int = 2048
     eval_tokens: int = 2048
-    seq_len: int | None = None
-    seed: int = 0
     max_iter: int = 100
     lr: float = 1e-3  # greedy's step
-    out: Path | None = None
 
 
-@dataclass
-class MoePruneRequest:
+@dataclass(kw_only=True)
+class MoePruneRequest(OutputOptions, DataOptions, ModelOptions):
     """Everything `compress moe prune` was asked to do."""
 
-    model: str
     experts: str  # "25%" of all routed experts, or a count such as "8"
-    data: str | None = None
     schedule: str = "uniform"
     merge: bool = False
     importance: str = "usefulness"  # usefulness | kl | random
     eval_data: str | None = None
-    tokens: int = 2048
     eval_tokens: int = 2048
-    seq_len: int | None = None
-    seed: int = 0
-    out: Path | None = None
 
 
-@dataclass
-class PlaceRequest:
+@dataclass(kw_only=True)
+class PlaceRequest(OutputOptions, DataOptions, ModelOptions):
     """Everything `compress moe place` was asked to do."""
 
-    model: str
     devices: int
-    data: str | None = None
     replicas: int = 0
     eval_data: str | None = None  # held-out text the plans are checked on; default: the evaluation split of data
-    tokens: int = 2048
     eval_tokens: int = 2048
-    seq_len: int | None = None
-    seed: int = 0
-    out: Path | None = None  # JSON file of the plan
 
 
 # ------------------------------------------------------------------------------------------------------ checks
@@ -191,7 +167,8 @@ def check_place(req: PlaceRequest) -> None:
 # ------------------------------------------------------------------------------------------------------ helpers
 
 
-def load_moe(spec: str, fresh: bool = False) -> tuple[LoadedModel, list[MoeLayer]]:
+def load_moe(spec: str, fresh: bool = False, arch: str | None = None,
+             trust_pickle: bool = False) -> tuple[LoadedModel, list[MoeLayer]]:
     """Load `spec` (zoo name, HF dir or artifact dir) and its MoE layers; UserError for a dense model, and for an
     artifact when `fresh` (the verb edits the original model)."""
     from compress.artifact import is_artifact, load_artifact
@@ -199,7 +176,7 @@ def load_moe(spec: str, fresh: bool = False) -> tuple[LoadedModel, list[MoeLayer
     from compress.moe.layout import MOE_FAMILIES, moe_layers
 
     path = Path(spec).expanduser()
-    loaded = load_artifact(path) if is_artifact(path) else load_model(spec)
+    loaded = load_artifact(path) if is_artifact(path) else load_model(spec, arch=arch, trust_pickle=trust_pickle)
     family = getattr(getattr(loaded.module, "config", None), "model_type", None) or loaded.family
     if family not in MOE_FAMILIES:
         raise UserError(f"{spec}: has no experts (a dense {family} model; the moe verbs need one of "
@@ -258,7 +235,8 @@ def run_stats(req: MoeStatsRequest, progress: Any = None) -> dict[str, Any]:
 
     check_stats(req)
     t0 = time.perf_counter()
-    loaded, _ = load_moe(req.model)  # loading and every input check come before any progress line
+    # loading and every input check come before any progress line
+    loaded, _ = load_moe(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
     windows = _windows(req.data, loaded, "all", req.tokens, req.seq_len, req.seed)
     with _phase(progress, "route"):
         stats = moe_stats(loaded, windows)
@@ -286,7 +264,7 @@ def run_rebalance(req: RebalanceRequest, progress: Any = None) -> dict[str, Any]
 
     check_rebalance(req)
     t0 = time.perf_counter()
-    loaded, layers = load_moe(req.model, fresh=True)
+    loaded, layers = load_moe(req.model, fresh=True, arch=req.arch, trust_pickle=req.trust_pickle)
     calib = _windows(req.data, loaded, "calibration", req.tokens, req.seq_len, req.seed)
     heldout = _windows(req.eval_data or req.data, loaded, "evaluation", req.eval_tokens, req.seq_len, req.seed)
     for ly in layers:  # an infeasible capacity (too few calibration tokens) fails here, not mid-fit
@@ -353,7 +331,7 @@ def run_prune(req: MoePruneRequest, progress: Any = None) -> dict[str, Any]:
 
     amount = check_prune(req)
     t0 = time.perf_counter()
-    loaded, layers = load_moe(req.model, fresh=True)
+    loaded, layers = load_moe(req.model, fresh=True, arch=req.arch, trust_pickle=req.trust_pickle)
     percent = _prune_count(req, amount, loaded, layers)
     calib = _windows(req.data, loaded, "calibration", req.tokens, req.seq_len, req.seed)
     heldout = _windows(req.eval_data or req.data, loaded, "evaluation", req.eval_tokens, req.seq_len, req.seed)
@@ -427,7 +405,7 @@ def run_place(req: PlaceRequest, progress: Any = None) -> dict[str, Any]:
 
     check_place(req)
     t0 = time.perf_counter()
-    loaded, layers = load_moe(req.model)
+    loaded, layers = load_moe(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
     _check_devices(req, layers)
     calib = _windows(req.data, loaded, "calibration", req.tokens, req.seq_len, req.seed)
     heldout = _windows(req.eval_data or req.data, loaded, "evaluation", req.eval_tokens, req.seq_len, req.seed)

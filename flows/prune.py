@@ -12,6 +12,7 @@ from pathlib import Path
 
 from compress.errors import UserError
 from compress.prune.blocks import METHODS
+from flows.options import DataOptions, ModelOptions, OutputOptions
 
 AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(%?)\s*$")
 DEFAULT_TOKENS = {"blocks": 2048, "sublayers": 1024, "width": 1024, "sparsity": 1024}
@@ -20,11 +21,10 @@ SHARE_MODES = ("width", "sparsity")  # amounts are a share of every block, not a
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling")
 
 
-@dataclass
-class PruneRequest:
+@dataclass(kw_only=True)
+class PruneRequest(OutputOptions, DataOptions, ModelOptions):
     """Everything `compress prune` was asked to do."""
 
-    model: str
     blocks: str | None = None  # "8" or "25%"
     sublayers: str | None = None
     width: str | None = None  # "25%": attention KV groups and FFN channels of every block
@@ -36,14 +36,8 @@ class PruneRequest:
     heal: int = 0  # distillation steps toward the original after pruning (0: none)
     heal_lr: float = 5e-5
     method: str | None = None  # blocks: bi | ablation | greedy (default); sublayers: greedy (FinerCut) only
-    data: str | None = None
     tokens: int | None = None  # calibration tokens; None: 2048 for blocks, 1024 for sublayers
     eval_tokens: int = 2048
-    seq_len: int | None = None
-    seed: int = 0
-    out: Path | None = None
-    arch: str | None = None
-    trust_pickle: bool = False
     evaluate: bool = True
 
 

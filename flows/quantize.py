@@ -9,13 +9,13 @@ from pathlib import Path
 
 from compress.errors import UserError
 from compress.quantize.spec import BITS, QuantSpec
+from flows.options import DataOptions, ModelOptions, OutputOptions
 
 
-@dataclass
-class QuantizeRequest:
+@dataclass(kw_only=True)
+class QuantizeRequest(OutputOptions, DataOptions, ModelOptions):
     """Everything `compress quantize` was asked to do."""
 
-    model: str
     bits: int | None = None
     layerwise: bool = False
     avg_bits: float | None = None
@@ -34,14 +34,8 @@ class QuantizeRequest:
     embeddings: str | None = None
     plan_file: Path | None = None
     show_plan: bool = False
-    data: str | None = None
     tokens: int = 1024
     eval_tokens: int = 2048
-    seq_len: int | None = None
-    seed: int = 0
-    out: Path | None = None
-    arch: str | None = None
-    trust_pickle: bool = False
     evaluate: bool = True
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compress.errors import UserError
+from flows.options import DataOptions, ModelOptions, OutputOptions
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(s|m|h)?\s*$")
 OBJECTIVES = ("size", "latency")
@@ -31,16 +32,14 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * {"s": 1, None: 1, "m": 60, "h": 3600}[m.group(2)]
 
 
-@dataclass
-class TuneRequest:
+@dataclass(kw_only=True)
+class TuneRequest(OutputOptions, DataOptions, ModelOptions):
     """Everything `compress tune` was asked to do."""
 
-    model: str
     gate: Path
     out: Path
     time_budget: str = "10m"
     objective: str = "size"
-    data: str | None = None
     tokens: int = 1024
     eval_tokens: int = 1024
     seq_len: int | None = 256
@@ -48,7 +47,6 @@ class TuneRequest:
     min_bits: float = 2.5
     max_bits: float = 8.0
     resolution: float = 0.125
-    seed: int = 0
 
 
 def _validate(req: TuneRequest) -> tuple[float, dict[str, float]]:
@@ -82,7 +80,7 @@ def run_tune(req: TuneRequest, progress=None, log=print) -> dict:
     t0 = time.perf_counter()
     out = ensure_workdir(Path(req.out))
     target = "ort" if req.objective == "latency" else "torch"
-    original = load_model(req.model)
+    original = load_model(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
     lmap = layer_map(original.module)
     calib, held = load_split(req.data, original, req.tokens, req.eval_tokens, req.seq_len, req.seed)
     baseline = evaluate(original, original, held).to_dict()
