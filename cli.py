@@ -866,7 +866,8 @@ def validate_(
 
     def go():
         _precheck(reference=reference, data=data, paths={"ONNX_DIR": onnx_dir})
-        from compress.artifact import is_artifact, load_artifact
+        from compress.artifact import is_artifact
+        from compress.artifact_formats import load_artifact
         from compress.models import load_model
         from exporters.validate import validate
         from flows.export import validation_inputs
@@ -952,7 +953,8 @@ def convert(
     def go():
         claim_outputs(force, dirs={"--compressed-tensors": compressed_tensors})
         _precheck(paths={"PATH": path})
-        from compress.artifact import is_artifact, load_artifact
+        from compress.artifact import is_artifact
+        from compress.artifact_formats import load_artifact
         from compress.quantize.compressed_tensors import write_compressed_tensors
         if not is_artifact(path):
             raise UserError(f"{path} is not a compress artifact (no compress.json); write one with "

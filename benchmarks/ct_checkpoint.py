@@ -29,7 +29,7 @@ def main() -> None:
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
-    from compress.artifact import load_artifact
+    from compress.artifact_formats import load_artifact
     from compress.data import load_windows
     from compress.metrics import kl_per_token, log_softmax_chunked, top1_agreement
     from compress.quantize.compressed_tensors import write_compressed_tensors

@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--reference", default="smollm2-135m")
     args = ap.parse_args()
 
-    from compress.artifact import load_artifact
+    from compress.artifact_formats import load_artifact
     from compress.models import load_model
     from exporters.ort_quant import to_matmulnbits
 

@@ -299,7 +299,7 @@ def main() -> None:
     started = {"load_average": os.getloadavg(), "other_benchmarks": others_running(),
                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
-    from compress.artifact import load_artifact
+    from compress.artifact_formats import load_artifact
     from compress.data import load_windows
     from compress.models import load_model
     from exporters.gguf import export_gguf

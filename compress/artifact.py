@@ -1,4 +1,5 @@
-"""Artifact directories: packed weights (safetensors) + config + tokenizer + compress.json; saved atomically."""
+"""Artifact directories: packed weights (safetensors) + config + tokenizer + compress.json, saved atomically; the
+building blocks every format's loader uses (skeleton, strict weight loading). Loading by format: artifact_formats."""
 
 from __future__ import annotations
 
@@ -14,18 +15,6 @@ from compress.errors import UserError
 
 MANIFEST = "compress.json"
 FORMAT = "compress-packed-v1"
-# Other artifact formats, loaded by their own package: format -> "module:function(path, manifest)".
-LOADERS = {"compress-pruned-v1": "compress.prune.artifact:load_pruned",
-           "compress-width-v1": "compress.prune.width:load_width_pruned",
-           "compress-reparam-v1": "compress.reparam.artifact:load_reparam",
-           "compress-moe-v1": "compress.moe.balanced:load_balanced",
-           "compress-moe-pruned-v1": "compress.moe.prune_artifact:load_moe_pruned"}
-# Manifest fields describing structure beyond config.json -> "module:function(model, manifest, path)" that rebuilds
-# it. A quantized artifact made from such an artifact keeps the fields, and load_artifact applies them first.
-STRUCTURE = {"experts_per_layer": "compress.moe.prune_artifact:restructure_pruned",
-             "moe_balance": "compress.moe.balanced:restructure_balanced"}
-
-
 def is_artifact(path: Path) -> bool:
     """True for a directory written by `save_artifact`."""
     return (Path(path) / MANIFEST).is_file()
@@ -54,60 +43,17 @@ def save_dir(loaded, out: Path, fmt: str, fields: dict[str, Any], weights_format
     return out
 
 
-def load_artifact(path: Path):
-    """Rebuild the model skeleton from config + specs and load the packed weights into it."""
-    from compress.integrity import check_before_use
-    from compress.models.layers import layer_map
-    from compress.quantize.apply import apply_plan
-    from compress.quantize.spec import QuantSpec
-
-    path = Path(path)
-    check_before_use(path)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except ValueError as exc:
-        raise UserError(f"{path}/{MANIFEST}: not valid JSON ({exc})") from exc
-    if manifest.get("format") in LOADERS:
-        import importlib
-
-        module, fn = LOADERS[manifest["format"]].split(":")
-        return getattr(importlib.import_module(module), fn)(path, manifest)
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{path}: unknown artifact format {manifest.get('format')!r} (expected {FORMAT})")
-    model = skeleton(path)
-    _restructure(model, manifest, path)
-    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
-    lmap = layer_map(model)
-    specs = {n: QuantSpec(**d) for n, d in manifest["modules"].items()}
-    apply_plan(model, lmap, specs, empty=True)
-    load_weights(model, path)
-    if hasattr(model, "tie_weights") and not any(n == lmap.embeddings for n in specs):
-        model.tie_weights()
-    return loaded_from(model, path, manifest)
-
-
-def _restructure(model: torch.nn.Module, manifest: dict[str, Any], path: Path) -> None:
-    """Structure a quantized artifact inherited from its source artifact (MoE experts cut, router selection bias)."""
-    import importlib
-
-    for key, target in STRUCTURE.items():
-        if key in manifest:
-            module, fn = target.split(":")
-            getattr(importlib.import_module(module), fn)(model, manifest, path)
-
-
 def skeleton(path: Path) -> torch.nn.Module:
     """The model of DIR/config.json in fp32 with uninitialised weights, in eval mode: what every loader fills."""
     from transformers import AutoConfig
     from transformers.modeling_utils import no_init_weights
 
-    from compress.models.load import _model_class, check_remote_code
+    from compress.models.hf import check_remote_code, model_class
 
     remote = check_remote_code(path, str(path))
     config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
     with no_init_weights():
-        model = _model_class(config, str(path)).from_config(config, dtype=torch.float32, trust_remote_code=remote)
+        model = model_class(config, str(path)).from_config(config, dtype=torch.float32, trust_remote_code=remote)
     return model.eval()
 
 
@@ -148,9 +94,9 @@ def load_weights(model: torch.nn.Module, path: Path, what: str = "the manifest")
 
 def loaded_from(model: torch.nn.Module, path: Path, manifest: dict[str, Any]):
     """The LoadedModel of an artifact directory, its manifest kept in extra."""
-    from compress.models.load import LoadedModel, _load_tokenizer
+    from compress.models.hf import LoadedModel, load_tokenizer
 
-    loaded = LoadedModel(model, _load_tokenizer(path), manifest.get("kind", "decoder"), model.config.model_type,
+    loaded = LoadedModel(model, load_tokenizer(path), manifest.get("kind", "decoder"), model.config.model_type,
                          str(path), Path(path), manifest.get("pooling", "mean"))
     loaded.extra["manifest"] = manifest
     return loaded

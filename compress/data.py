@@ -10,7 +10,7 @@ import torch
 
 from compress.errors import UserError
 from compress.inputs import resolve_text_files  # noqa: F401  (re-exported: data specs are checked there)
-from compress.models.load import LoadedModel
+from compress.models.hf import LoadedModel
 from compress.progress import phase
 
 SPLITS = ("calibration", "evaluation", "all")

@@ -22,7 +22,7 @@ from compress.metrics import (
     top1_agreement,
     weight_footprint,
 )
-from compress.models.load import LoadedModel
+from compress.models.hf import LoadedModel
 
 
 @dataclass

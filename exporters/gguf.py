@@ -19,7 +19,7 @@ from torch import nn
 
 from compress.atomic import atomic_file
 from compress.errors import UserError
-from compress.models.load import LoadedModel
+from compress.models.hf import LoadedModel
 from compress.outputs import signature
 from compress.quantize.modules import PackedWeight, QuantEmbedding, QuantLinear, TiedQuantHead
 from exporters.gguf_blocks import BLOCK, QUANT_TYPES, WRITABLE, Encoded, dequantize, encode_packed, quantize_float

@@ -24,7 +24,7 @@ import torch
 from compress.data import Windows
 from compress.errors import UserError
 from compress.metrics import kl_per_token, log_softmax_chunked, summarize, top1_agreement
-from compress.models.load import LoadedModel
+from compress.models.hf import LoadedModel
 
 
 @dataclass

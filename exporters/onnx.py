@@ -23,7 +23,7 @@ from torch import nn
 
 from compress.atomic import atomic_dir
 from compress.errors import UserError
-from compress.models.load import LoadedModel
+from compress.models.hf import LoadedModel
 
 FORMATS = ("fp32", "fp16")
 EXPORT_JSON = "export.json"

@@ -46,7 +46,7 @@ CONTAINER = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 8: 8}
 def dequantized_copy(loaded):
     """A LoadedModel whose QuantLinear/QuantEmbedding/TiedQuantHead are float nn.Linear/nn.Embedding holding the
     exact dequantized weights (a tied head stays tied to the embedding); the original is left untouched."""
-    from compress.models.load import LoadedModel
+    from compress.models.hf import LoadedModel
     from compress.quantize.apply import HalfLinear
 
     model = copy.deepcopy(loaded.module)

@@ -26,7 +26,7 @@ from torch import nn
 
 from compress.data import Windows
 from compress.errors import UserError
-from compress.models.load import LoadedModel
+from compress.models.hf import LoadedModel
 
 FLOOR = 1e-6
 

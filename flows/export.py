@@ -74,7 +74,8 @@ def _check(req: ExportRequest) -> None:
 
 def run_export(req: ExportRequest, progress=None) -> dict:
     """Export, validate and write OUT (complete or absent); returns the summary (also in OUT/README.md)."""
-    from compress.artifact import is_artifact, load_artifact
+    from compress.artifact import is_artifact
+    from compress.artifact_formats import load_artifact
     from compress.atomic import atomic_dir
     from compress.models import load_model
 

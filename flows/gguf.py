@@ -60,7 +60,8 @@ def check_request(req: GgufRequest) -> None:
 
 def run_gguf_export(req: GgufRequest, progress=None) -> dict:
     """Write OUT.gguf (atomically) and validate it in llama.cpp; the summary also goes to OUT.gguf.json."""
-    from compress.artifact import is_artifact, load_artifact
+    from compress.artifact import is_artifact
+    from compress.artifact_formats import load_artifact
     from compress.atomic import write_text
     from compress.models import load_model
     from compress.outputs import stamp

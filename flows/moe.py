@@ -23,7 +23,7 @@ from flows.options import DataOptions, ModelOptions, OutputOptions
 
 if TYPE_CHECKING:
     from compress.data import Windows
-    from compress.models.load import LoadedModel
+    from compress.models.hf import LoadedModel
     from compress.moe.layout import MoeLayer
     from compress.moe.place import LayerPlacement
 
@@ -171,7 +171,8 @@ def load_moe(spec: str, fresh: bool = False, arch: str | None = None,
              trust_pickle: bool = False) -> tuple[LoadedModel, list[MoeLayer]]:
     """Load `spec` (zoo name, HF dir or artifact dir) and its MoE layers; UserError for a dense model, and for an
     artifact when `fresh` (the verb edits the original model)."""
-    from compress.artifact import is_artifact, load_artifact
+    from compress.artifact import is_artifact
+    from compress.artifact_formats import load_artifact
     from compress.models import load_model
     from compress.moe.layout import MOE_FAMILIES, moe_layers
 

@@ -135,7 +135,8 @@ def check_request(req: QuantizeRequest) -> None:
 
 def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     """Plan, quantize, evaluate against the original on held-out windows, and save the artifact."""
-    from compress.artifact import STRUCTURE, save_artifact
+    from compress.artifact import save_artifact
+    from compress.artifact_formats import STRUCTURE
     from compress.importance.report import ImportanceReport
     from compress.models import layer_map, load_model
     from compress.plan import Plan

@@ -8,7 +8,7 @@ from conftest import FakeTokenizer
 
 from compress.data import load_windows
 from compress.errors import UserError
-from compress.models.load import LoadedModel
+from compress.models.hf import LoadedModel
 
 
 def _loaded(kind: str = "decoder") -> LoadedModel:

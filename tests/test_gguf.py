@@ -16,7 +16,7 @@ from tiny_models import quantized_artifact
 
 import exporters.gguf as eg
 from compress.errors import UserError
-from compress.models.load import LoadedModel
+from compress.models.hf import LoadedModel
 from compress.quantize.modules import PackedWeight
 from compress.quantize.rtn import quantize_rtn
 from compress.quantize.spec import QuantSpec

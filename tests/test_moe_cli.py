@@ -12,7 +12,8 @@ from tiny_models import build
 from typer.testing import CliRunner
 
 from cli import app
-from compress.artifact import is_artifact, load_artifact
+from compress.artifact import is_artifact
+from compress.artifact_formats import load_artifact
 from compress.moe.layout import moe_layers
 
 SMALL = ["--data", "self", "--seq-len", "16", "--tokens", "256", "--eval-tokens", "128"]

@@ -9,8 +9,8 @@ import torch
 from tiny_models import build
 
 from compress.errors import UserError
+from compress.models.hf import LoadedModel
 from compress.models.layers import layer_map
-from compress.models.load import LoadedModel
 from compress.moe.layout import moe_layers
 
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]

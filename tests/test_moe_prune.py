@@ -213,19 +213,19 @@ def test_prune_refuses_bad_input(ids):
 @pytest.mark.parametrize("family,schedule", [("mixtral", "descending"), ("deepseek_v3", "uniform"),
                                              ("qwen2_moe", "pyramid")])
 def test_save_load_round_trip(family, schedule, ids, tmp_path):
-    from compress.artifact import LOADERS
-    from compress.models.load import LoadedModel
+    from compress.artifact_formats import FORMATS
+    from compress.models.hf import LoadedModel
     from compress.moe.prune_artifact import FORMAT, load_moe_pruned, save_moe_pruned
 
     model = tiny_moe(family, experts=8)
     plan, _ = prune_moe(model, ids, 25, schedule, merge=family == "qwen2_moe")
     out = save_moe_pruned(LoadedModel(model, None, "decoder", family, f"tiny-{family}"), plan, tmp_path / "a")
     manifest = json.loads((out / "compress.json").read_text())
-    assert manifest["format"] == FORMAT and FORMAT in LOADERS
+    assert manifest["format"] == FORMAT and FORMAT in FORMATS
     assert {int(i): len(r["kept"]) for i, r in manifest["moe_layers"].items()} == plan.experts_per_layer
     back = load_moe_pruned(out, manifest)
     torch.testing.assert_close(logits(back.module, ids), logits(model, ids), rtol=0, atol=1e-6)  # sdpa vs eager
     assert {ly.index: ly.num_experts for ly in moe_layers(back.module)} == plan.experts_per_layer
-    from compress.artifact import load_artifact
+    from compress.artifact_formats import load_artifact
 
-    assert load_artifact(out).extra["manifest"]["format"] == FORMAT  # via LOADERS (registered at import)
+    assert load_artifact(out).extra["manifest"]["format"] == FORMAT  # via artifact_formats.FORMATS

@@ -11,7 +11,7 @@ import torch
 from test_moe_layout import MOE_FAMILIES, tiny_moe
 from test_moe_stats import windows
 
-from compress.artifact import LOADERS, load_artifact
+from compress.artifact_formats import FORMATS, load_artifact
 from compress.errors import UserError
 from compress.moe.balanced import (
     FORMAT,
@@ -133,7 +133,7 @@ def test_balanced_artifact_roundtrip(family, tmp_path):
     ref = logits(loaded.module, IDS)
     out = save_balanced(loaded, tmp_path / "balanced", result)
     manifest = json.loads((out / "compress.json").read_text())
-    assert manifest["format"] == FORMAT and FORMAT in LOADERS
+    assert manifest["format"] == FORMAT and FORMAT in FORMATS
     assert manifest["moe_balance"]["method"] == "bip" and manifest["moe_balance"]["capacity"] == 1.1
     back = load_artifact(out)
     assert back.extra["manifest"]["moe_balance"]["selection_bias"] == current_bias(loaded.module)

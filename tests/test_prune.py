@@ -13,7 +13,7 @@ from cli import app
 from compress.data import Windows
 from compress.importance.context import ScoringContext
 from compress.models import layer_map, load_model
-from compress.models.load import LoadedModel
+from compress.models.hf import LoadedModel
 from compress.prune.blocks import remove_blocks, select_blocks
 from compress.prune.sublayers import remove_sublayers
 from flows.prune import resolve_amount

@@ -11,7 +11,7 @@ from compress.data import Windows
 from compress.errors import UserError
 from compress.importance.context import ScoringContext
 from compress.models import layer_map
-from compress.models.load import LoadedModel
+from compress.models.hf import LoadedModel
 from compress.prune.sparsity import (
     adaptive_sparsity,
     apply_sparsity,

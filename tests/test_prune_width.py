@@ -12,7 +12,7 @@ from compress.data import Windows
 from compress.errors import UserError
 from compress.importance.context import ScoringContext
 from compress.models import layer_map
-from compress.models.load import LoadedModel
+from compress.models.hf import LoadedModel
 from compress.prune.width import (
     FORMAT,
     WidthImportance,

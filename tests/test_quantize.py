@@ -13,7 +13,8 @@ from tiny_models import build
 from typer.testing import CliRunner
 
 from cli import app
-from compress.artifact import load_artifact, save_artifact
+from compress.artifact import save_artifact
+from compress.artifact_formats import load_artifact
 from compress.errors import UserError
 from compress.metrics import weight_footprint
 from compress.models import layer_map

@@ -10,7 +10,7 @@ from tiny_models import COMMON, build
 from torch import nn
 
 from compress.errors import UserError
-from compress.models.load import LoadedModel
+from compress.models.hf import LoadedModel
 from compress.reparam import bn_fold, merge_linear, norm_fold, repvgg
 from compress.reparam.check import compare, equivalence, outputs
 from flows.reparam import run_reparam
@@ -313,10 +313,7 @@ def test_merge_linear():
 
 
 def test_save_and_load_cnn_and_decoder(tmp_path, monkeypatch):
-    import compress.artifact as artifact
     from compress.models import load_model
-
-    monkeypatch.setitem(artifact.LOADERS, "compress-reparam-v1", "compress.reparam.artifact:load_reparam")
     model = _randomize_bn(repvgg.TinyRepVGG())
     x = _x(2, 3, 32, 32)
     ref = outputs(model, x)

@@ -13,7 +13,7 @@ from compress.errors import UserError
 from compress.importance import parse_methods, score_model
 from compress.importance.zd import zscore_fraction
 from compress.metrics import kl_per_token, log_softmax_chunked
-from compress.models.load import LoadedModel
+from compress.models.hf import LoadedModel
 
 
 def _windows(vocab: int, n: int = 3, length: int = 10) -> Windows:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.models.load import LoadedModel
+from compress.models.hf import LoadedModel
 
 VOCAB = 64
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -64,7 +64,8 @@ def tied(family: str = "llama") -> LoadedModel:
 def quantized_artifact(loaded: LoadedModel, out, menu: list, embedding=None) -> LoadedModel:
     """`loaded` quantized with the QuantSpecs of `menu` cycled over its Linears (and `embedding` on the embedding),
     saved as an artifact in `out` and loaded back."""
-    from compress.artifact import load_artifact, save_artifact
+    from compress.artifact import save_artifact
+    from compress.artifact_formats import load_artifact
     from compress.models import layer_map
     from compress.quantize.apply import apply_plan, quantizable, weight_matrix
     from compress.quantize.hqq import hqq_quantize

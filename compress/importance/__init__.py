@@ -12,8 +12,8 @@ from compress.errors import UserError
 from compress.importance import ablation, lim, sensitivity, zd
 from compress.importance.context import ScoringContext
 from compress.importance.report import ImportanceReport, Scores
+from compress.models.hf import LoadedModel
 from compress.models.layers import LayerMap, layer_map
-from compress.models.load import LoadedModel
 
 
 @dataclass(frozen=True)

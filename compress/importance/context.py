@@ -9,8 +9,8 @@ import torch
 
 from compress.data import Windows
 from compress.metrics import cosine_distance, kl_per_token, log_softmax_chunked
+from compress.models.hf import LoadedModel
 from compress.models.layers import LayerMap
-from compress.models.load import LoadedModel
 from compress.models.runner import BlockRunner, CachedBatch
 
 KL_NAME = "kl"

@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from compress.models.stack import count_params as _count
+from compress.models.stack import find_block_stack
+
 if TYPE_CHECKING:
     from compress.moe.layout import MoeLayer
 
@@ -171,22 +174,6 @@ def layer_map(model: nn.Module) -> LayerMap:
     )
 
 
-def find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The largest nn.ModuleList (by parameters) whose entries are all of one class: the repeated blocks."""
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) >= 1 and len({type(m) for m in mod}) == 1:
-            size = _count(mod)
-            if size > 0 and (best is None or size > best[0]):
-                best = (size, name, mod)
-    if best is None:
-        from compress.errors import UserError
-
-        raise UserError(f"{type(model).__name__}: no repeated block stack (nn.ModuleList of identical blocks) "
-                        "found; this architecture is not supported yet")
-    return best[1], best[2]
-
-
 def _moe_layers(model: nn.Module, family: str) -> list[MoeLayer]:
     """The sparse MoE blocks of a mixture-of-experts family (none for dense models or an all-dense stack)."""
     from compress.errors import UserError
@@ -243,14 +230,3 @@ def _has_child(module: nn.Module, name: str) -> bool:
 
 def _is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
-
-
-def _count(module: nn.Module) -> int:
-    """Parameters of `module`, tied (shared) tensors counted once."""
-    seen: set[int] = set()
-    total = 0
-    for p in module.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total

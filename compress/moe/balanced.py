@@ -33,7 +33,7 @@ from compress.moe.routing import (
 
 if TYPE_CHECKING:
     from compress.data import Windows
-    from compress.models.load import LoadedModel
+    from compress.models.hf import LoadedModel
 
 FORMAT = "compress-moe-v1"
 METHODS = ("bip", "greedy")

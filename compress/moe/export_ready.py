@@ -17,7 +17,7 @@ from compress.moe.layout import MoeLayer, moe_family, moe_layers
 from compress.moe.routing import as_module, block_bias, combine_weights, router_scores, select
 
 if TYPE_CHECKING:
-    from compress.models.load import LoadedModel
+    from compress.models.hf import LoadedModel
 
 
 class DenseRoutedMoe(nn.Module):

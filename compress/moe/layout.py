@@ -70,7 +70,7 @@ def moe_family(model: nn.Module) -> tuple[str, MoeFamily]:
 
 def moe_layers(model: nn.Module) -> list[MoeLayer]:
     """Every sparse MoE block of `model`, in layer order; UserError when the model has none."""
-    from compress.models.layers import find_block_stack
+    from compress.models.stack import find_block_stack
 
     family, fam = moe_family(model)
     config = model.config

@@ -21,7 +21,7 @@ from compress.moe.layout import MoeLayer, moe_layers
 
 if TYPE_CHECKING:
     from compress.data import Windows
-    from compress.models.load import LoadedModel
+    from compress.models.hf import LoadedModel
 
 
 def as_module(model: nn.Module | LoadedModel) -> nn.Module:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from compress.data import Windows
-    from compress.models.load import LoadedModel
+    from compress.models.hf import LoadedModel
 
 
 @dataclass

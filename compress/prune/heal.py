@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from compress.data import Windows
 from compress.errors import UserError
 from compress.metrics import pool_embedding
-from compress.models.load import LoadedModel
+from compress.models.hf import LoadedModel
 
 
 def heal(student: LoadedModel, teacher: LoadedModel, windows: Windows, steps: int, lr: float = 5e-5,

@@ -42,7 +42,8 @@ from torch import nn
 
 from compress.errors import UserError
 from compress.importance.context import ScoringContext
-from compress.models.layers import LayerMap, _count
+from compress.models.layers import LayerMap
+from compress.models.stack import count_params as _count
 
 FORMAT = "compress-width-v1"
 METHODS = ("activation", "taylor")

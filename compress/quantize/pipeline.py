@@ -10,8 +10,8 @@ from compress.errors import UserError
 from compress.importance.context import ScoringContext
 from compress.importance.report import ImportanceReport
 from compress.metrics import weight_footprint
+from compress.models.hf import LoadedModel
 from compress.models.layers import LayerMap
-from compress.models.load import LoadedModel
 from compress.plan import Plan
 from compress.quantize.allocate import allocate_by_rank, solve_dp
 from compress.quantize.apply import apply_plan, is_tied, quantizable, weight_matrix

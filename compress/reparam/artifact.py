@@ -6,8 +6,8 @@ Plain nn.Modules (CNNs): model.safetensors (the state dict), a small config.json
 compress.json with the records and the structural edits (BN -> Identity, new conv biases, merged RepVGG convs) that
 turn a freshly built architecture into the reparameterized skeleton before the weights load strictly.
 
-`load_reparam(path, manifest)` is the loader for compress.artifact.LOADERS; `restore(model, path)` rebuilds a user's
-own architecture (build it as before the passes, then call restore).
+`load_reparam(path, manifest)` is the loader of its format (compress.artifact_formats.FORMATS); `restore(model, path)`
+rebuilds a user's own architecture (build it as before the passes, then call restore).
 """
 
 from __future__ import annotations
@@ -142,8 +142,8 @@ def restore(model: nn.Module, path: Path, manifest: dict | None = None) -> nn.Mo
 
 
 def load_reparam(path: Path, manifest: dict[str, Any]):
-    """Loader for compress.artifact.LOADERS: rebuild a model saved by `save_reparam` as a LoadedModel."""
-    from compress.models.load import LoadedModel
+    """Loader for compress.artifact_formats.FORMATS: rebuild a model saved by `save_reparam` as a LoadedModel."""
+    from compress.models.hf import LoadedModel
 
     path = Path(path)
     if manifest.get("loader") == "hf":
@@ -167,14 +167,14 @@ def load_reparam(path: Path, manifest: dict[str, Any]):
 def _load_hf(path: Path, manifest: dict):
     from transformers import AutoConfig
 
-    from compress.models.load import _load_tokenizer, _model_class
+    from compress.models.hf import load_tokenizer, model_class
 
     config = AutoConfig.from_pretrained(path)
-    cls = _model_class(config, str(path))
+    cls = model_class(config, str(path))
     structural = [e for e in manifest.get("edits", []) if e.get("op") in STRUCTURAL]
     if not structural:
         model = cls.from_pretrained(path, dtype=torch.float32).eval()
-        return model, _load_tokenizer(path)
+        return model, load_tokenizer(path)
     from safetensors.torch import load_file
     from transformers.modeling_utils import no_init_weights
 
@@ -192,4 +192,4 @@ def _load_hf(path: Path, manifest: dict):
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match the reparameterized skeleton ({len(missing)} missing, "
                         f"{len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[0]})")
-    return model.eval(), _load_tokenizer(path)
+    return model.eval(), load_tokenizer(path)
