@@ -10,9 +10,11 @@ import compress  # sets the offline environment before transformers is imported
 from compress.errors import UserError
 from compress.outputs import claim_outputs
 from compress.progress import phase
+from compress.quantize import choices as q_choices
 from compress.quantize.targets import DEFAULT_CANDIDATES
 from compress.quantize.targets import SUMMARY as TARGET_SUMMARY
 from compress.trust import allow_remote_code
+from exporters.formats import OPSETS, format_help
 from flows.console import print_json, progress_bar, run_command, stderr, stdout, table
 
 app = typer.Typer(help="Make neural networks smaller and faster, measured layer by layer.",
@@ -246,23 +248,16 @@ def quantize(
                                     + " | ".join(f"{t} ({s})" for t, s in TARGET_SUMMARY.items()) + "."),
     group_size: int = typer.Option(32, "--group-size", help="Group length along the input axis; 0 = per channel."),
     symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="Signed codes, no zero point (default)."),
-    method: str = typer.Option("rtn", "--method", help="rtn (round to nearest) | hqq (data-free, --asymmetric) | "
-                                                       "gptq (Hessian from calibration data)."),
-    allocator: str = typer.Option("dp", "--allocator", help="dp: exact knapsack on measured KL; rank: the seed "
-                                                            "paper's ordering by --rank-by."),
-    measure: str = typer.Option("full", "--measure",
-                                help="dp's distortion table: full = measure KL for every unit × candidate; fast = "
-                                     "measure each unit once (at the candidate nearest the budget) and scale the "
-                                     "others by weight error energy (~4× fewer measurements)."),
-    backend: str = typer.Option("packed", "--backend",
-                                help="packed: our packed codes (any width, reloadable with `compress load`); bnb: "
-                                     "bitsandbytes modules for PyTorch (8-bit -> Linear8bitLt, 4-bit -> Linear4bit "
-                                     "nf4; other widths stay float; bnb quantizes by itself)."),
-    granularity: str = typer.Option("block", "--granularity", help="block | linear: what shares one width."),
+    method: str = typer.Option("rtn", "--method", help=q_choices.METHOD.help()),
+    allocator: str = typer.Option("dp", "--allocator", help=q_choices.ALLOCATOR.help()),
+    measure: str = typer.Option("full", "--measure", help=q_choices.MEASURE.help("dp's distortion table:")),
+    backend: str = typer.Option("packed", "--backend", help=q_choices.BACKEND.help()),
+    granularity: str = typer.Option("block", "--granularity", help=q_choices.GRANULARITY.help("What shares one "
+                                                                                               "width:")),
     scores: Path = typer.Option(None, "--scores", help="ImportanceReport JSON for --allocator rank."),
     rank_by: str = typer.Option("lim", "--rank-by", help="Score that orders layers for --allocator rank."),
-    embeddings: str = typer.Option(None, "--embeddings", help="quantize | keep the embedding (and tied head). "
-                                                              "Default: keep for --bits, quantize for --layerwise."),
+    embeddings: str = typer.Option(None, "--embeddings", help=q_choices.EMBEDDINGS.help() + " Default: keep for "
+                                                              "--bits, quantize for --layerwise."),
     plan_file: Path = typer.Option(None, "--plan", help="Apply this plan JSON (name / re:regex / _default rules)."),
     show_plan: bool = typer.Option(False, "--show-plan", help="Print the plan and stop without quantizing."),
     data: str = DATA,
@@ -739,10 +734,9 @@ def export_(
                                                        "validate (extra `llamacpp`)."),
     float_type: str = typer.Option("F16", "--float-type", help="--gguf: type of matrices kept in float (F16, F32, "
                                                               "BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0)."),
-    fmt: str = typer.Option("fp32", "--format", help="fp32 | fp16 | int4 (ORT MatMulNBits with the artifact's own "
-                                                     "codes; make it with --target ort) | qdq (TensorRT-style "
-                                                     "DequantizeLinear; make it with --target trt)."),
-    opset: int = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's; qdq raises it to 21)."),
+    fmt: str = typer.Option("fp32", "--format", help=format_help() + "."),
+    opset: int = typer.Option(None, "--opset", help=f"ONNX opset, {OPSETS.start}–{OPSETS.stop - 1} (default: the "
+                                                    "exporter's; qdq raises it to 21)."),
     do_validate: bool = typer.Option(True, "--validate/--no-validate",
                                      help="Run the graph in ONNX Runtime against torch; exit 1 when it fails."),
     requantize: bool = typer.Option(False, "--requantize", help="qdq: requantize layers TensorRT cannot run "

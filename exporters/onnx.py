@@ -24,8 +24,8 @@ from torch import nn
 from compress.atomic import atomic_dir
 from compress.errors import UserError
 from compress.models.hf import LoadedModel
+from exporters.formats import FLOAT_FORMATS, OPSETS
 
-FORMATS = ("fp32", "fp16")
 EXPORT_JSON = "export.json"
 MODEL_FILE = "model.onnx"
 TASKS = {"decoder": "text-generation-with-past", "encoder": "feature-extraction"}
@@ -77,10 +77,10 @@ def export_float(
     Decoders get `text-generation-with-past` (one graph; an empty past does the prefill), encoders
     `feature-extraction`; other modules need `example_inputs` unless they are CNNs (kind "cnn": 3x224x224 images).
     """
-    if fmt not in FORMATS:
-        raise UserError(f"export format '{fmt}' is not supported: use one of {', '.join(FORMATS)}")
-    if opset is not None and not 7 <= opset <= 23:
-        raise UserError(f"--opset {opset}: expected an ONNX opset between 7 and 23")
+    if fmt not in FLOAT_FORMATS:
+        raise UserError(f"export format '{fmt}' is not a float format: use one of {', '.join(FLOAT_FORMATS)}")
+    if opset is not None and opset not in OPSETS:
+        raise UserError(f"--opset {opset}: use an opset from {OPSETS.start} to {OPSETS.stop - 1}")
     kind = loaded.kind if isinstance(loaded, LoadedModel) else "module"
     module = loaded.module if isinstance(loaded, LoadedModel) else loaded
     source = loaded.spec if isinstance(loaded, LoadedModel) else type(module).__name__

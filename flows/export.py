@@ -16,11 +16,9 @@ from pathlib import Path
 
 from compress.errors import UserError
 from compress.progress import phase
+from exporters.formats import QUANTIZED_FORMATS, check_export_options
 from flows.options import DataOptions, ModelOptions, OutputOptions
 
-FORMATS = ("fp32", "fp16", "int4", "qdq")
-QUANTIZED = ("int4", "qdq")
-ACCURACY_LEVELS = (0, 4)
 # int8 activations are not kernel rounding: their graph is checked against the artifact by distribution instead
 # (on SmolLM2 layer-wise 4.5 bpw: logits KL 0.005, top-1 0.955, KV cache cosine 0.9997 vs the artifact).
 INT8_ACTIVATIONS_TOLERANCE = {"kl_max": 0.01, "top1_min": 0.9, "cos_min": 0.999}
@@ -48,22 +46,10 @@ class ExportRequest(OutputOptions, DataOptions, ModelOptions):
 def _check(req: ExportRequest) -> None:
     from compress.artifact import is_artifact
 
-    if req.fmt not in FORMATS:
-        raise UserError(f"--format {req.fmt}: use one of {', '.join(FORMATS)}")
-    if req.fuse_attention and req.fmt == "qdq":
-        raise UserError("--fuse-attention writes ONNX Runtime's GroupQueryAttention, which TensorRT does not run: "
-                        "use it with --format fp32, fp16 or int4")
-    if req.fmt in QUANTIZED and not is_artifact(Path(req.model)):
-        hint = "--target ort" if req.fmt == "int4" else "--target trt"
+    fmt = check_export_options(req.fmt, req.opset, req.accuracy_level, req.fuse_attention)
+    if fmt.quantized and not is_artifact(Path(req.model)):
         raise UserError(f"--format {req.fmt} exports a quantized artifact's own codes: pass a directory written by "
-                        f"`compress quantize ... {hint} --out DIR` (got {req.model})")
-    if req.accuracy_level not in ACCURACY_LEVELS:
-        raise UserError(f"--accuracy-level {req.accuracy_level}: use 0 (fp32 compute, exact) or 4 (int8 activations)")
-    if req.accuracy_level and req.fmt != "int4":
-        raise UserError(f"--accuracy-level {req.accuracy_level} applies to --format int4 (MatMulNBits), not "
-                        f"{req.fmt}")
-    if req.opset is not None and not 14 <= req.opset <= 23:
-        raise UserError(f"--opset {req.opset}: use an opset from 14 to 23")
+                        f"`compress quantize ... --target {fmt.target} --out DIR` (got {req.model})")
     if Path(req.out).exists() and not Path(req.out).is_dir():
         raise UserError(f"--onnx {req.out}: exists and is not a directory")
     if req.data not in (None, "self"):
@@ -133,7 +119,7 @@ def _export_graph(loaded, tmp: Path, req: ExportRequest) -> dict:
     """The unfused graph: float export, or the float graph of the dequantized artifact rewritten with its codes."""
     from exporters.onnx import export_float
 
-    if req.fmt not in QUANTIZED:
+    if req.fmt not in QUANTIZED_FORMATS:
         return export_float(loaded, tmp, req.fmt, req.opset).to_dict()
     from exporters.ort_quant import dequantized_copy
 
@@ -163,7 +149,7 @@ def _validate(loaded, tmp: Path, req: ExportRequest, artifact: bool, progress) -
 
     inputs = validation_inputs(loaded, req.data, req.tokens, req.seq_len, req.seed)
     graph = tmp / "model.onnx"
-    if req.fmt not in QUANTIZED:
+    if req.fmt not in QUANTIZED_FORMATS:
         reports = {"vs source" + (" (dequantized artifact)" if artifact else ""): validate(graph, loaded, inputs,
                                                                                            fmt=req.fmt)}
     else:

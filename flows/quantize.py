@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compress.errors import UserError
+from compress.quantize.choices import ALLOCATOR, BACKEND, EMBEDDINGS, GRANULARITY, MEASURE, METHOD
 from compress.quantize.spec import BITS, QuantSpec
 from flows.options import DataOptions, ModelOptions, OutputOptions
 
@@ -96,6 +97,7 @@ def check_request(req: QuantizeRequest) -> None:
     from compress.quantize.targets import EMBEDDING, LINEAR, check_target, problem
 
     check_target(req.target)
+    METHOD.check(req.method)
     modes = sum([req.bits is not None, req.layerwise, req.plan_file is not None])
     if modes != 1:
         raise UserError("choose one mode: --bits N (uniform), --layerwise with --avg-bits/--max-size, or --plan FILE")
@@ -111,20 +113,15 @@ def check_request(req: QuantizeRequest) -> None:
         candidates_for(req)
         if (req.avg_bits is None) == (req.max_size is None):
             raise UserError("--layerwise needs one budget: --avg-bits B (e.g. 4.5) or --max-size BYTES")
-    if req.allocator not in ("dp", "rank"):
-        raise UserError(f"--allocator {req.allocator}: use dp or rank")
+    ALLOCATOR.check(req.allocator)
     if req.layerwise and req.allocator == "rank" and req.scores is None:
         raise UserError("--allocator rank orders blocks by a score: pass --scores scores.json from `compress score`")
-    if req.backend not in ("packed", "bnb"):
-        raise UserError(f"--backend {req.backend}: use packed (our codes) or bnb (bitsandbytes modules)")
+    BACKEND.check(req.backend)
     if req.backend == "bnb" and req.target != "torch":
         raise UserError(f"--backend bnb runs in PyTorch only: drop --target {req.target}")
-    if req.measure not in ("full", "fast"):
-        raise UserError(f"--measure {req.measure}: use full or fast")
-    if req.granularity not in ("block", "linear"):
-        raise UserError(f"--granularity {req.granularity}: use block or linear")
-    if req.embeddings not in (None, "keep", "quantize"):
-        raise UserError(f"--embeddings {req.embeddings}: use keep or quantize")
+    MEASURE.check(req.measure)
+    GRANULARITY.check(req.granularity)
+    EMBEDDINGS.check(req.embeddings, allow_none=True)
     if req.data not in (None, "self"):
         from compress.data import resolve_text_files
 

@@ -320,20 +320,14 @@ class ExportStep(Step):
         return ExportRequest
 
     def plan(self, p, state, recipe_dir):
-        from flows.export import ACCURACY_LEVELS, FORMATS, QUANTIZED
+        from exporters.formats import check_export_options
 
         o = p.options
-        if o["fmt"] not in FORMATS:
-            raise UserError(f"{p.where}: format {o['fmt']}: use one of {', '.join(FORMATS)}")
+        fmt = check_export_options(o["fmt"], o["opset"], o["accuracy_level"], o["fuse_attention"])
         quantized_input = state.model != ORIGINAL and state.planned[state.model - 1].name == "quantize"
-        if o["fmt"] in QUANTIZED and not quantized_input:
-            target = "ort" if o["fmt"] == "int4" else "trt"
+        if fmt.quantized and not quantized_input:
             raise UserError(f"{p.where}: format {o['fmt']} exports a quantized artifact's own codes: put a "
-                            f"`quantize: {{target: {target}, ...}}` step before it")
-        if o["accuracy_level"] not in ACCURACY_LEVELS or (o["accuracy_level"] and o["fmt"] != "int4"):
-            raise UserError(f"{p.where}: accuracy_level {o['accuracy_level']}: use 0, or 4 with format int4")
-        if o["opset"] is not None and not 14 <= o["opset"] <= 23:
-            raise UserError(f"{p.where}: opset {o['opset']}: use an opset from 14 to 23")
+                            f"`quantize: {{target: {fmt.target}, ...}}` step before it")
         p.inputs["model"] = state.model
         p.facts["fmt"] = o["fmt"]
         state.onnx = p.index
@@ -380,8 +374,9 @@ class ValidateStep(Step):
             p.options["reference"] = _resolve_spec(ref, recipe_dir)
 
     def run(self, p, ctx):
+        from exporters.formats import QUANTIZED_FORMATS
         from exporters.validate import validate
-        from flows.export import QUANTIZED, validation_inputs
+        from flows.export import validation_inputs
 
         o = p.options
         export = ctx.step(p.inputs["onnx"])
@@ -389,7 +384,7 @@ class ValidateStep(Step):
         source = "reference" in p.inputs and p.inputs["reference"] == export.inputs["model"]
         spec = o["reference"] or ctx.model(p.inputs["reference"])
         ref = ctx.load(spec)
-        loose = o["quantized"] if o["quantized"] is not None else (fmt in QUANTIZED and not source)
+        loose = o["quantized"] if o["quantized"] is not None else (fmt in QUANTIZED_FORMATS and not source)
         kwargs = {"fmt": "fp32", "elementwise": False} if loose else {}
         inputs = validation_inputs(ref, o["data"], o["tokens"], o["seq_len"], o["seed"])
         report = validate(export.dir / "onnx", ref, inputs, kl_max=o["max_kl"], top1_min=o["min_top1"], **kwargs)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from compress.errors import UserError
+from compress.quantize.choices import METHOD
 
 BITS = (2, 3, 4, 5, 6, 8)
 FLOAT_BITS = (16, 32)  # "keep in float": fp16 or fp32 storage
-METHODS = ("rtn", "hqq", "gptq")
+METHODS = tuple(METHOD)
 SCALE_BITS = 16  # scales (and float zeros) are stored as fp16
 
 
