@@ -10,6 +10,7 @@ import compress  # sets the offline environment before transformers is imported
 from compress.errors import UserError
 from compress.outputs import claim_outputs
 from compress.progress import phase
+from compress.prune import choices as p_choices
 from compress.quantize import choices as q_choices
 from compress.quantize.targets import DEFAULT_CANDIDATES
 from compress.quantize.targets import SUMMARY as TARGET_SUMMARY
@@ -539,18 +540,16 @@ def prune(
                                                           "transformers model."),
     pattern: str = typer.Option("unstructured", "--pattern", help="--sparsity: unstructured | 2:4 (N:M: keep N of "
                                                                   "every M; 2:4 needs --sparsity 50%)."),
-    granularity: str = typer.Option("block", "--granularity", help="--sparsity --adaptive: one ratio per block or "
-                                                                   "per Linear."),
+    granularity: str = typer.Option("block", "--granularity",
+                                    help=p_choices.SPARSITY_GRANULARITY.help("--sparsity --adaptive:")),
     adaptive: bool = typer.Option(False, "--adaptive", help="--width / --sparsity: per-block ratios chosen by DP on "
                                                             "measured KL, same parameter (or zero) count as "
                                                             "uniform."),
-    importance: str = typer.Option("activation", "--importance", help="--width: activation (|contribution| to the "
-                                                                      "output) | taylor (|a·∂L/∂a|)."),
+    importance: str = typer.Option("activation", "--importance", help=p_choices.WIDTH_IMPORTANCE.help("--width:")),
     heal: int = typer.Option(0, "--heal", help="After pruning, distil toward the original for STEPS windows of "
                                                "calibration text (KL; encoders 1 − cos). Reports before/after."),
     heal_lr: float = typer.Option(5e-5, "--heal-lr", help="Learning rate of --heal (AdamW)."),
-    method: str = typer.Option(None, "--method", help="--blocks: bi (one-shot Block Influence) | ablation (one-shot "
-                                                      "skip KL) | greedy (re-measured after each removal; default)."),
+    method: str = typer.Option(None, "--method", help=p_choices.BLOCK_METHOD.help("--blocks:")),
     data: str = DATA,
     tokens: int = typer.Option(None, "--tokens", help="Calibration tokens for choosing (default 2048 for --blocks, "
                                                       "1024 for --sublayers and --width: FinerCut measures "

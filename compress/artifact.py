@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from compress import __version__
 from compress.atomic import atomic_dir
 from compress.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "compress.json"
 FORMAT = "compress-packed-v1"
@@ -45,6 +46,7 @@ def save_dir(loaded, out: Path, fmt: str, fields: dict[str, Any], weights_format
 
 def skeleton(path: Path) -> torch.nn.Module:
     """The model of DIR/config.json in fp32 with uninitialised weights, in eval mode: what every loader fills."""
+    import torch
     from transformers import AutoConfig
     from transformers.modeling_utils import no_init_weights
 

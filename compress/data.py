@@ -9,11 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from compress.errors import UserError
-from compress.inputs import resolve_text_files  # noqa: F401  (re-exported: data specs are checked there)
+from compress.inputs import SPLITS, resolve_text_files  # noqa: F401  (re-exported: data specs are checked there)
 from compress.models.hf import LoadedModel
 from compress.progress import phase
 
-SPLITS = ("calibration", "evaluation", "all")
 DEFAULT_TOKENS = 2048
 
 

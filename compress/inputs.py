@@ -8,6 +8,8 @@ from pathlib import Path
 
 from compress.errors import UserError
 
+SPLITS = ("calibration", "evaluation", "all")  # what --split accepts
+
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth"}
 
 

@@ -67,7 +67,7 @@ def data_fingerprint(spec: str | None) -> Any:
     """'self' / None as they are; text data as the ordered (name, sha256) of every file the spec resolves to."""
     if spec in (None, "self"):
         return spec
-    from compress.data import resolve_text_files
+    from compress.inputs import resolve_text_files
 
     return {"files": [[f.name, file_digest(f)] for f in resolve_text_files(spec)]}
 

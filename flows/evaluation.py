@@ -33,14 +33,14 @@ class EvalRequest(DataOptions, ModelOptions):
 
 def check_request(req: EvalRequest) -> None:
     """Everything about the request that needs no model (UserError on bad input)."""
-    from compress.data import SPLITS
+    from compress.inputs import SPLITS
 
     if req.protocol is not None and req.protocol not in PROTOCOLS:
         raise UserError(f"unknown --protocol '{req.protocol}': use {' or '.join(PROTOCOLS)}")
     if req.split not in SPLITS:
         raise UserError(f"--split {req.split}: use one of {', '.join(SPLITS)}")
     if req.data not in (None, "self"):
-        from compress.data import resolve_text_files
+        from compress.inputs import resolve_text_files
 
         resolve_text_files(req.data)
 

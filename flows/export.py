@@ -53,19 +53,19 @@ def _check(req: ExportRequest) -> None:
     if Path(req.out).exists() and not Path(req.out).is_dir():
         raise UserError(f"--onnx {req.out}: exists and is not a directory")
     if req.data not in (None, "self"):
-        from compress.data import resolve_text_files
+        from compress.inputs import resolve_text_files
 
         resolve_text_files(req.data)
 
 
 def run_export(req: ExportRequest, progress=None) -> dict:
     """Export, validate and write OUT (complete or absent); returns the summary (also in OUT/README.md)."""
+    _check(req)
     from compress.artifact import is_artifact
     from compress.artifact_formats import load_artifact
     from compress.atomic import atomic_dir
     from compress.models import load_model
 
-    _check(req)
     artifact = is_artifact(Path(req.model))
     loaded = load_artifact(Path(req.model)) if artifact else load_model(req.model, arch=req.arch,
                                                                            trust_pickle=req.trust_pickle)

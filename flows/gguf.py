@@ -53,13 +53,14 @@ def check_request(req: GgufRequest) -> None:
             raise UserError("validating a GGUF runs it in llama.cpp: pip install 'compress[llamacpp]' (builds "
                             "llama.cpp, ~5 minutes), or pass --no-validate") from None
     if req.data not in (None, "self"):
-        from compress.data import resolve_text_files
+        from compress.inputs import resolve_text_files
 
         resolve_text_files(req.data)
 
 
 def run_gguf_export(req: GgufRequest, progress=None) -> dict:
     """Write OUT.gguf (atomically) and validate it in llama.cpp; the summary also goes to OUT.gguf.json."""
+    check_request(req)
     from compress.artifact import is_artifact
     from compress.artifact_formats import load_artifact
     from compress.atomic import write_text
@@ -67,7 +68,6 @@ def run_gguf_export(req: GgufRequest, progress=None) -> dict:
     from compress.outputs import stamp
     from exporters.gguf import export_gguf
 
-    check_request(req)
     artifact = is_artifact(Path(req.model))
     loaded = load_artifact(Path(req.model)) if artifact else load_model(req.model, arch=req.arch,
                                                                          trust_pickle=req.trust_pickle)

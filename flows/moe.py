@@ -81,7 +81,7 @@ class PlaceRequest(OutputOptions, DataOptions, ModelOptions):
 
 def _check_data(data: str | None, flag: str = "--data") -> None:
     if data not in (None, "self"):
-        from compress.data import resolve_text_files
+        from compress.inputs import resolve_text_files
 
         try:
             resolve_text_files(data)
@@ -231,10 +231,10 @@ def _save_with(out: Path, save: Any, name: str, result: dict[str, Any]) -> None:
 
 def run_stats(req: MoeStatsRequest, progress: Any = None) -> dict[str, Any]:
     """Per-layer expert load of the model on windows of --data; with `out`, stats.json and two PNGs."""
+    check_stats(req)
     from compress.atomic import atomic_dir, write_json
     from compress.moe.stats import moe_stats
 
-    check_stats(req)
     t0 = time.perf_counter()
     # loading and every input check come before any progress line
     loaded, _ = load_moe(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
@@ -259,11 +259,11 @@ def run_stats(req: MoeStatsRequest, progress: Any = None) -> dict[str, Any]:
 def run_rebalance(req: RebalanceRequest, progress: Any = None) -> dict[str, Any]:
     """Fit a selection bias per layer on calibration windows, measure load / KL / top-1 against the original on
     held-out windows, save a compress-moe-v1 artifact (+ moe_rebalance.json) when `out` is given."""
+    check_rebalance(req)
     from compress.evaluate import evaluate
     from compress.moe.balanced import evaluate_balance, rebalance, save_balanced
     from compress.moe.bip import capacity_tokens
 
-    check_rebalance(req)
     t0 = time.perf_counter()
     loaded, layers = load_moe(req.model, fresh=True, arch=req.arch, trust_pickle=req.trust_pickle)
     calib = _windows(req.data, loaded, "calibration", req.tokens, req.seq_len, req.seed)
@@ -325,12 +325,12 @@ def _prune_count(req: MoePruneRequest, amount: tuple[float, bool], loaded: Loade
 def run_prune(req: MoePruneRequest, progress: Any = None) -> dict[str, Any]:
     """Drop (or merge) the least useful routed experts by --schedule, measure KL / top-1 against the original on
     held-out windows, save a compress-moe-pruned-v1 artifact (+ moe_prune.json) when `out` is given."""
+    amount = check_prune(req)
     from compress.evaluate import evaluate
     from compress.moe.balanced import evaluate_balance
     from compress.moe.prune import prune_moe
     from compress.moe.prune_artifact import save_moe_pruned
 
-    amount = check_prune(req)
     t0 = time.perf_counter()
     loaded, layers = load_moe(req.model, fresh=True, arch=req.arch, trust_pickle=req.trust_pickle)
     percent = _prune_count(req, amount, loaded, layers)
@@ -399,12 +399,12 @@ def _ratio(dev: list[float]) -> float:
 def run_place(req: PlaceRequest, progress: Any = None) -> dict[str, Any]:
     """Expert-parallel plan from the routed load on calibration windows, balanced vs round-robin, both also measured
     under the held-out load; writes the JSON plan to `out` when given."""
+    check_place(req)
     from compress.atomic import write_json
     from compress.moe.place import place_experts, round_robin
     from compress.moe.routing import capture_routing
     from compress.moe.stats import load_of
 
-    check_place(req)
     t0 = time.perf_counter()
     loaded, layers = load_moe(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
     _check_devices(req, layers)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compress.errors import UserError
-from compress.prune.blocks import METHODS
+from compress.prune.choices import BLOCK_METHOD, SPARSITY_GRANULARITY, WIDTH_IMPORTANCE, parse_pattern
 from flows.options import DataOptions, ModelOptions, OutputOptions
 
 AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(%?)\s*$")
@@ -87,24 +87,17 @@ def check_request(req: PruneRequest) -> str:
     parse_amount(_amount(req, mode), f"--{mode}")
     if mode == "width":
         width_fraction(req.width)
-        from compress.prune.width import METHODS as IMPORTANCE
-
-        if req.importance not in IMPORTANCE:
-            raise UserError(f"unknown --importance '{req.importance}': use {', '.join(IMPORTANCE)}")
+        WIDTH_IMPORTANCE.check(req.importance)
     elif mode == "sparsity":
         width_fraction(req.sparsity, "--sparsity")
-        from compress.prune.sparsity import GRANULARITIES, parse_pattern
-
         parse_pattern(req.pattern)
-        if req.granularity not in GRANULARITIES:
-            raise UserError(f"--granularity {req.granularity}: use {' or '.join(GRANULARITIES)}")
+        SPARSITY_GRANULARITY.check(req.granularity)
         if req.adaptive and req.pattern != "unstructured":
             raise UserError(f"--adaptive with --pattern {req.pattern}: N:M sparsity has one fixed ratio; drop "
                             "--adaptive or use --pattern unstructured")
     elif req.adaptive:
         raise UserError("--adaptive applies to --width and --sparsity (per-block ratios by DP)")
-    if req.method is not None and req.method not in METHODS:
-        raise UserError(f"unknown --method '{req.method}': use {', '.join(METHODS)}")
+    BLOCK_METHOD.check(req.method, allow_none=True)
     if mode != "blocks" and req.method is not None and not (mode == "sublayers" and req.method == "greedy"):
         raise UserError(f"--method {req.method} applies to --blocks; --{mode} has its own search")
     if req.heal < 0:
@@ -115,7 +108,7 @@ def check_request(req: PruneRequest) -> str:
         if n is not None and n <= 0:
             raise UserError(f"{flag} {n}: must be a positive number of tokens")
     if req.data not in (None, "self"):
-        from compress.data import resolve_text_files
+        from compress.inputs import resolve_text_files
 
         resolve_text_files(req.data)
     if req.out is not None and Path(req.out).exists() and not Path(req.out).is_dir():
@@ -126,6 +119,7 @@ def check_request(req: PruneRequest) -> str:
 def run_prune(req: PruneRequest, progress=None) -> dict:
     """Choose the units to remove on calibration windows, remove them, evaluate against the original on held-out
     windows and save: blocks as a plain transformers model, sublayers as an artifact dir `compress load` reads."""
+    mode = check_request(req)
     from compress.data import load_split
     from compress.evaluate import evaluate
     from compress.importance.context import ScoringContext
@@ -133,7 +127,6 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
     from compress.prune.blocks import remove_blocks, select_blocks
     from compress.prune.sublayers import finercut, remove_sublayers
 
-    mode = check_request(req)
     t0 = time.perf_counter()
     loaded = load_model(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
     if loaded.kind not in ("decoder", "encoder"):

@@ -123,7 +123,7 @@ def check_request(req: QuantizeRequest) -> None:
     GRANULARITY.check(req.granularity)
     EMBEDDINGS.check(req.embeddings, allow_none=True)
     if req.data not in (None, "self"):
-        from compress.data import resolve_text_files
+        from compress.inputs import resolve_text_files
 
         resolve_text_files(req.data)
     if req.out is not None and Path(req.out).exists() and not Path(req.out).is_dir():
@@ -132,6 +132,7 @@ def check_request(req: QuantizeRequest) -> None:
 
 def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     """Plan, quantize, evaluate against the original on held-out windows, and save the artifact."""
+    check_request(req)
     from compress.artifact import save_artifact
     from compress.artifact_formats import STRUCTURE
     from compress.importance.report import ImportanceReport
@@ -141,7 +142,6 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     from compress.quantize.pipeline import Budget, layerwise_plan, plan_inputs, quantize
     from compress.quantize.targets import check_specs
 
-    check_request(req)
     plan_from_file = Plan.load(req.plan_file) if req.plan_file else None
     ranking = ImportanceReport.load(req.scores) if req.scores else None
     t0 = time.perf_counter()

@@ -1,7 +1,18 @@
-"""Pruning driven by layer importance: whole blocks (Block Influence, skip ΔKL, greedy ΔKL) and FinerCut sublayers."""
+"""Pruning driven by layer importance: whole blocks (Block Influence, skip ΔKL, greedy ΔKL) and FinerCut sublayers.
 
-from compress.prune.blocks import METHODS, remove_blocks, select_blocks
-from compress.prune.selection import Selection
-from compress.prune.sublayers import Removed, finercut, remove_sublayers
+Names are imported on first use (PEP 562), so `compress.prune.choices` stays free of torch for argument checks."""
 
-__all__ = ["METHODS", "Removed", "Selection", "finercut", "remove_blocks", "remove_sublayers", "select_blocks"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {"METHODS": "blocks", "remove_blocks": "blocks", "select_blocks": "blocks", "Selection": "selection",
+         "Removed": "sublayers", "finercut": "sublayers", "remove_sublayers": "sublayers"}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"compress.prune.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'compress.prune' has no attribute {name!r}")

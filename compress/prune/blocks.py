@@ -16,9 +16,10 @@ from torch import nn
 from compress.importance.context import ScoringContext
 from compress.models.layers import LayerMap
 from compress.models.runner import BlockRunner, CachedBatch
+from compress.prune.choices import BLOCK_METHOD
 from compress.prune.selection import Selection
 
-METHODS = ("bi", "ablation", "greedy")
+METHODS = tuple(BLOCK_METHOD)
 
 
 def select_blocks(ctx: ScoringContext, count: int, method: str) -> Selection:

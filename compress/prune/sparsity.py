@@ -21,7 +21,6 @@ minimising the summed distortion with at least target × (all block Linear weigh
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +30,11 @@ from torch import nn
 from compress.errors import UserError
 from compress.importance.context import ScoringContext
 from compress.models.layers import LayerMap
+from compress.prune.choices import SPARSITY_GRANULARITY, parse_pattern  # noqa: F401  (re-exported)
 from compress.quantize.apply import weight_matrix
 
 PATTERNS = ("unstructured", "2:4")
-GRANULARITIES = ("block", "linear")
+GRANULARITIES = tuple(SPARSITY_GRANULARITY)
 CHOICES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 _ROW_CHUNK = 1024  # rows scored at a time, so the sort indices of a large matrix never exist all at once
 
@@ -63,17 +63,6 @@ class SparsityTable:
 
 def _round(x: float) -> int:
     return math.floor(x + 0.5 + 1e-9)
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """None for "unstructured", (N, M) for an "N:M" pattern (keep N of every M); UserError for anything else."""
-    if pattern == "unstructured":
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
-    if m is None or not 0 < int(m.group(1)) < int(m.group(2)):
-        raise UserError(f"--pattern {pattern!r} is unknown: use unstructured or 2:4 (or another N:M with "
-                        "0 < N < M, e.g. 4:8)")
-    return int(m.group(1)), int(m.group(2))
 
 
 def _check_ratio(what: str, r: Any) -> float:

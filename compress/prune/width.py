@@ -44,9 +44,10 @@ from compress.errors import UserError
 from compress.importance.context import ScoringContext
 from compress.models.layers import LayerMap
 from compress.models.stack import count_params as _count
+from compress.prune.choices import WIDTH_IMPORTANCE
 
 FORMAT = "compress-width-v1"
-METHODS = ("activation", "taylor")
+METHODS = tuple(WIDTH_IMPORTANCE)
 CHOICES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 Ratios = dict[int, tuple[float, float]]
 
