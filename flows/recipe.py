@@ -100,7 +100,7 @@ class GateOptions:
 
 
 @dataclass
-class PlannedStep:
+class PreparedStep:
     """One step of a recipe after parsing: options resolved, inputs known, key and output directory fixed."""
 
     index: int  # 1-based, as the user counts
@@ -111,7 +111,7 @@ class PlannedStep:
     inputs: dict[str, Any] = field(default_factory=dict)  # role -> ORIGINAL or the index of an earlier step
     key: str = ""
     dir: Path = Path()
-    facts: dict[str, Any] = field(default_factory=dict)  # what later steps' planning may ask about this one
+    facts: dict[str, Any] = field(default_factory=dict)  # what later steps may ask about this one while preparing
 
     @property
     def where(self) -> str:
@@ -120,25 +120,25 @@ class PlannedStep:
 
 @dataclass
 class _State:
-    """What the steps planned so far have produced (planning-time only)."""
+    """What the steps prepared so far produce (while preparing only)."""
 
     model: Any = ORIGINAL  # ORIGINAL or the index of the step whose output is the current model
     onnx: int | None = None
     scores: list[tuple[int, Any]] = field(default_factory=list)  # (score step, the model it scored)
     eval: int | None = None
-    planned: list[PlannedStep] = field(default_factory=list)
+    prepared: list[PreparedStep] = field(default_factory=list)
 
 
 @dataclass
 class Recipe:
-    """A parsed recipe: where it is, the original model, the workdir and the planned steps."""
+    """A parsed recipe: where it is, the original model, the workdir and the prepared steps."""
 
     path: Path
     model: str
     workdir: Path
     arch: str | None
     trust_pickle: bool
-    steps: list[PlannedStep]
+    steps: list[PreparedStep]
     original_key: str
     sha256: str
 
@@ -150,7 +150,7 @@ class RunContext:
     recipe: Recipe
     progress: Any = None
 
-    def step(self, index: int) -> PlannedStep:
+    def step(self, index: int) -> PreparedStep:
         return self.recipe.steps[index - 1]
 
     def model(self, ref: Any) -> str:
@@ -169,13 +169,13 @@ class RunContext:
 
 class Step:
     """A recipe step. Subclasses set `name`, `options` (a dataclass whose fields are the accepted keys) and
-    implement `plan` (check against earlier steps, set inputs, update the state) and `run` (do the work into
+    implement `prepare` (check against earlier steps, set inputs, update the state) and `run` (do the work into
     `p.dir`, return the record). Register with `register_step`. A model-producing step, e.g. reparam:
 
         @register_step
         class ReparamStep(Step):
             name, options, outputs = "reparam", ReparamRequest, ("model",)
-            def plan(self, p, state, recipe_dir):
+            def prepare(self, p, state, recipe_dir):
                 p.inputs["model"], state.model = state.model, p.index   # later steps read its output
             def run(self, p, ctx):
                 return run_reparam(ReparamRequest(model=ctx.model(p.inputs["model"]), out=p.dir / "model",
@@ -198,10 +198,10 @@ class Step:
         shown = {v: k for k, v in self.aliases.items()}
         return {shown.get(n, n): n for n in names} | {n: n for n in names}
 
-    def plan(self, p: PlannedStep, state: _State, recipe_dir: Path) -> None:
+    def prepare(self, p: PreparedStep, state: _State, recipe_dir: Path) -> None:
         p.inputs["model"] = state.model
 
-    def run(self, p: PlannedStep, ctx: RunContext) -> dict:
+    def run(self, p: PreparedStep, ctx: RunContext) -> dict:
         raise NotImplementedError
 
 
@@ -221,7 +221,7 @@ class ScoreStep(Step):
     reserved = (*Step.reserved, "plot", "sign")
     outputs = ("scores.json",)
 
-    def plan(self, p, state, recipe_dir):
+    def prepare(self, p, state, recipe_dir):
         from compress.importance import parse_methods
 
         p.facts["methods"] = parse_methods(p.options["methods"])
@@ -246,7 +246,7 @@ class PruneStep(Step):
 
         return PruneRequest
 
-    def plan(self, p, state, recipe_dir):
+    def prepare(self, p, state, recipe_dir):
         import flows.prune as prune_run
 
         prune_run.check_request(prune_run.PruneRequest(model="-", **p.options))
@@ -274,7 +274,7 @@ class QuantizeStep(Step):
 
         return QuantizeRequest
 
-    def plan(self, p, state, recipe_dir):
+    def prepare(self, p, state, recipe_dir):
         import flows.quantize as quantize_run
 
         o = p.options
@@ -287,7 +287,7 @@ class QuantizeStep(Step):
                 raise UserError(f"{p.where}: allocator rank orders blocks by importance scores: {hint}, or pass "
                                 "scores: FILE")
             p.inputs["scores"] = same[-1]
-            methods = state.planned[same[-1] - 1].facts["methods"]
+            methods = state.prepared[same[-1] - 1].facts["methods"]
             if o["rank_by"] not in methods:
                 raise UserError(f"{p.where}: rank_by {o['rank_by']}: step {same[-1]} (score) computes "
                                 f"{', '.join(methods)}; add it to its methods")
@@ -319,12 +319,12 @@ class ExportStep(Step):
 
         return ExportRequest
 
-    def plan(self, p, state, recipe_dir):
+    def prepare(self, p, state, recipe_dir):
         from exporters.formats import check_export_options
 
         o = p.options
         fmt = check_export_options(o["fmt"], o["opset"], o["accuracy_level"], o["fuse_attention"])
-        quantized_input = state.model != ORIGINAL and state.planned[state.model - 1].name == "quantize"
+        quantized_input = state.model != ORIGINAL and state.prepared[state.model - 1].name == "quantize"
         if fmt.quantized and not quantized_input:
             raise UserError(f"{p.where}: format {o['fmt']} exports a quantized artifact's own codes: put a "
                             f"`quantize: {{target: {fmt.target}, ...}}` step before it")
@@ -353,17 +353,17 @@ class ValidateStep(Step):
     model_fields = ("reference",)
     outputs = ("validation.json",)
 
-    def plan(self, p, state, recipe_dir):
+    def prepare(self, p, state, recipe_dir):
         if state.onnx is None:
             raise UserError(f"{p.where}: validate checks an exported graph: put an `export` step before it")
         p.inputs["onnx"] = state.onnx
         ref = p.options["reference"]
         if ref in (None, "source"):
             p.options["reference"] = None
-            p.inputs["reference"] = state.planned[state.onnx - 1].inputs["model"]
+            p.inputs["reference"] = state.prepared[state.onnx - 1].inputs["model"]
         elif ref == ORIGINAL:
-            reshaped = [i for i in _chain(state, state.planned[state.onnx - 1].inputs["model"])
-                        if state.planned[i - 1].name == "prune" and state.planned[i - 1].options["sparsity"] is None]
+            reshaped = [i for i in _chain(state, state.prepared[state.onnx - 1].inputs["model"])
+                        if state.prepared[i - 1].name == "prune" and state.prepared[i - 1].options["sparsity"] is None]
             if reshaped:
                 raise UserError(f"{p.where}: reference original: step {reshaped[0]} (prune) changed the model's "
                                 "shape and validate compares the KV cache layer by layer; validate against the "
@@ -407,7 +407,7 @@ class EvalStep(Step):
     model_fields = ("reference",)
     outputs = ("eval.json", "baseline.json")
 
-    def plan(self, p, state, recipe_dir):
+    def prepare(self, p, state, recipe_dir):
         from flows.evaluation import check_request
 
         o = p.options
@@ -440,13 +440,13 @@ class GateStep(Step):
     gates = True
     outputs = ("gate.json",)
 
-    def plan(self, p, state, recipe_dir):
+    def prepare(self, p, state, recipe_dir):
         if state.eval is None:
             raise UserError(f"{p.where}: gate checks an eval report: put an `eval` step before it")
         p.inputs["eval"] = state.eval
         p.facts["limits"] = self.limits(p)
 
-    def limits(self, p: PlannedStep) -> dict[str, float]:
+    def limits(self, p: PreparedStep) -> dict[str, float]:
         from evals import gate as g
 
         o = p.options
@@ -481,7 +481,7 @@ def _chain(state: _State, ref: Any) -> list[int]:
     out = []
     while ref != ORIGINAL:
         out.append(ref)
-        ref = state.planned[ref - 1].inputs["model"]
+        ref = state.prepared[ref - 1].inputs["model"]
     return out
 
 
@@ -618,7 +618,7 @@ def _coerce(value: Any, annotation: str, what: str) -> Any:
     raise UserError(f"{what}: expected {annotation.replace('Path', 'a file path')}, got {value!r}")
 
 
-def _step_options(step: Step, p: PlannedStep, raw: Any, defaults: dict, recipe_dir: Path) -> dict:
+def _step_options(step: Step, p: PreparedStep, raw: Any, defaults: dict, recipe_dir: Path) -> dict:
     """The step's options as its dataclass's fields (with defaults), from recipe keys; unknown keys refused."""
     where = p.where
     if raw is None:
@@ -666,7 +666,7 @@ def _step_options(step: Step, p: PlannedStep, raw: Any, defaults: dict, recipe_d
     return out
 
 
-def _fingerprint_options(step: Step, p: PlannedStep) -> dict:
+def _fingerprint_options(step: Step, p: PreparedStep) -> dict:
     """Options for the key: files (paths, data specs, named models) replaced by their content fingerprints."""
     out = {}
     for name, value in p.options.items():
@@ -687,7 +687,7 @@ def _fingerprint_options(step: Step, p: PlannedStep) -> dict:
 
 
 def load_recipe(path: Path) -> Recipe:
-    """Parse and plan a recipe: every option checked and every key computed before anything runs."""
+    """Parse and prepare a recipe: every option checked and every key computed before anything runs."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe {path}: no such file")
@@ -746,7 +746,7 @@ def load_recipe(path: Path) -> Recipe:
         raise UserError(f"recipe {path}: {exc}") from exc
     original_key = content_key(original)
     state = _State()
-    planned = state.planned
+    prepared = state.prepared
     prev_key = original_key
     for i, item in enumerate(steps, start=1):
         line = steps.lines[i - 1] if isinstance(steps, _Seq) else None
@@ -762,22 +762,22 @@ def load_recipe(path: Path) -> Recipe:
         if name not in STEPS:
             raise UserError(f"recipe {path}: {at}: unknown step '{name}'; known steps: {', '.join(STEPS)}")
         step = STEPS[name]
-        p = PlannedStep(i, name, line, step, {})
+        p = PreparedStep(i, name, line, step, {})
         p.options = _step_options(step, p, raw, defaults, base)
         try:
-            step.plan(p, state, base)
+            step.prepare(p, state, base)
         except UserError as exc:
             msg = str(exc)
             raise UserError(msg if msg.startswith("step ") else f"{p.where}: {msg}") from exc
         payload = {"step": name, "options": _fingerprint_options(step, p), "input": prev_key,
-                   "inputs": {role: original_key if ref == ORIGINAL else planned[ref - 1].key
+                   "inputs": {role: original_key if ref == ORIGINAL else prepared[ref - 1].key
                               for role, ref in p.inputs.items()},
                    "tool_version": __version__}
         p.key = content_key(payload)
         p.dir = workdir / f"{i:02d}-{name}-{p.key[:12]}"
-        planned.append(p)
+        prepared.append(p)
         prev_key = p.key
-    return Recipe(path.resolve(), model, workdir, arch, trust, planned, original_key,
+    return Recipe(path.resolve(), model, workdir, arch, trust, prepared, original_key,
                   hashlib.sha256(path.read_bytes()).hexdigest())
 
 
@@ -807,7 +807,7 @@ def run_recipe(path: Path, progress=None, resume: bool = True,
     passed = True
     t0 = time.perf_counter()
     emit = on_event or (lambda event: None)
-    current: PlannedStep | None = None
+    current: PreparedStep | None = None
     step_t0 = t0
     try:
         for p in recipe.steps:
@@ -834,7 +834,7 @@ def run_recipe(path: Path, progress=None, resume: bool = True,
     return summary
 
 
-def _run_step(p: PlannedStep, ctx: RunContext, resume: bool, emit) -> dict:
+def _run_step(p: PreparedStep, ctx: RunContext, resume: bool, emit) -> dict:
     t0 = time.perf_counter()
     if resume:
         done = read_done(p.dir, p.key)
@@ -865,12 +865,12 @@ def _run_step(p: PlannedStep, ctx: RunContext, resume: bool, emit) -> dict:
     return _entry(p, ctx.recipe, "ran", seconds, seconds, record)
 
 
-def _inputs(p: PlannedStep, recipe: Recipe) -> dict:
+def _inputs(p: PreparedStep, recipe: Recipe) -> dict:
     return {role: {"step": ref, "key": recipe.steps[ref - 1].key} if ref != ORIGINAL
             else {"model": recipe.model, "key": recipe.original_key} for role, ref in p.inputs.items()}
 
 
-def _entry(p: PlannedStep, recipe: Recipe, status: str, seconds: float, ran_seconds: float | None,
+def _entry(p: PreparedStep, recipe: Recipe, status: str, seconds: float, ran_seconds: float | None,
            record: dict | None) -> dict:
     return {"index": p.index, "step": p.name, "status": status, "key": p.key,
             "dir": str(p.dir.relative_to(recipe.workdir)), "seconds": round(seconds, 3),

@@ -37,11 +37,6 @@ CHEAP = ("lim", "zd", "ablation", "hessian", "fisher")  # what `--check` compare
 ALIASES = {"bi": "lim"}  # ShortGPT's Block Influence is the same quantity as LIM
 
 
-def register(name: str, scorer: Scorer) -> None:
-    """Add a scorer to the registry (used by later modules: sensitivity, fisher, ...)."""
-    SCORERS[name] = scorer
-
-
 def parse_methods(text: str) -> list[str]:
     """'lim,zd,bi' -> ['lim', 'zd', 'bi'], validated against the registry."""
     names = [m.strip().lower() for m in text.split(",") if m.strip()]

@@ -15,8 +15,6 @@ from compress.errors import UserError
 
 # (expansion t, output channels c, repeats n, first stride s), from the MobileNetV2 paper / torchvision.
 SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
 
 
@@ -77,11 +75,3 @@ def load_mobilenet_v2(weights: Path) -> MobileNetV2:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"cannot load MobileNetV2 weights from {weights}: {first}") from exc
     return model.eval()
-
-
-def preprocess(image: torch.Tensor) -> torch.Tensor:
-    """uint8 HWC RGB image (224x224 already) -> normalized float NCHW batch of one."""
-    x = image.permute(2, 0, 1).float().div(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return ((x - mean) / std).unsqueeze(0)

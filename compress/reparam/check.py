@@ -3,7 +3,6 @@ pass flag for exact passes (max|a - b| <= rtol * max|a| + atol, fp32)."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -101,8 +100,3 @@ def default_inputs(model: nn.Module, batch: int = 2, seed: int = 0, size: int = 
             return torch.randint(0, m.num_embeddings, (batch, seq_len), generator=g)
     raise UserError(f"{type(model).__name__}: cannot guess sample inputs (no Conv, Linear or Embedding found); "
                     "pass sample_inputs")
-
-
-def snapshot(model: nn.Module) -> nn.Module:
-    """A deep copy to compare against later (for callers who want `equivalence(before, after, ...)`)."""
-    return copy.deepcopy(model)
