@@ -42,7 +42,7 @@ def main() -> None:
     from compress.quantize.allocate import allocate_by_rank, solve_dp  # noqa: I001
     from compress.quantize.apply import quantizable
     from compress.quantize.distortion import error_energy, measure_kl
-    from compress.quantize.pipeline import Budget, _rank_order, fixed_bytes, quantize, units_for
+    from compress.quantize.pipeline import Budget, _rank_order, quantize, units_for
     from compress.quantize.spec import QuantSpec
     from flows.quantize import parse_candidates
 
@@ -82,17 +82,15 @@ def main() -> None:
         return Plan(rules, {"label": label})
 
     names = quantizable(ref.module, lmap)
-    budgets = [("4.5 bpw", Budget(int(4.5 * Budget.from_args(ref.module, 4.5, None).weight_params / 8),
-                                  Budget.from_args(ref.module, 4.5, None).weight_params)),
-               ("3.5 bpw", Budget(int(3.5 * Budget.from_args(ref.module, 3.5, None).weight_params / 8),
-                                  Budget.from_args(ref.module, 3.5, None).weight_params))]
+    budgets = [(f"{b} bpw", Budget.from_args(ref.module, b, None).for_units(ref.module, lmap, units))
+               for b in (4.5, 3.5)]
     if a.max_size:
-        budgets.insert(0, (f"{a.max_size / 1e6:.0f} MB", Budget.from_args(ref.module, None, a.max_size)))
-    fixed = fixed_bytes(ref.module, lmap, units)
+        budgets.insert(0, (f"{a.max_size / 1e6:.0f} MB",
+                           Budget.from_args(ref.module, None, a.max_size).for_units(ref.module, lmap, units)))
     energy = [[error_energy(ref.module, u, c) for c in cands] for u in units]
     g64 = [i for i, c in enumerate(cands) if c.group_size == 64]
     for label, budget in budgets:
-        room = budget.bytes - fixed
+        room = budget.room
         picks = solve_dp(table.distortion, table.sizes, room)
         dp_plan = plan_from(picks, "dp")
         run(f"{label} layerwise dp, RTN", dp_plan)

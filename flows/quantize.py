@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compress.errors import UserError
+from compress.quantize.budget import Budget
 from compress.quantize.choices import ALLOCATOR, BACKEND, EMBEDDINGS, GRANULARITY, MEASURE, METHOD
 from compress.quantize.spec import BITS, QuantSpec
 from flows.options import DataOptions, ModelOptions, OutputOptions
@@ -113,6 +114,7 @@ def check_request(req: QuantizeRequest) -> None:
         candidates_for(req)
         if (req.avg_bits is None) == (req.max_size is None):
             raise UserError("--layerwise needs one budget: --avg-bits B (e.g. 4.5) or --max-size BYTES")
+        Budget.parse(req.avg_bits, req.max_size)
     ALLOCATOR.check(req.allocator)
     if req.layerwise and req.allocator == "rank" and req.scores is None:
         raise UserError("--allocator rank orders blocks by a score: pass --scores scores.json from `compress score`")
@@ -139,7 +141,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     from compress.models import layer_map, load_model
     from compress.plan import Plan
     from compress.quantize.apply import quantizable
-    from compress.quantize.pipeline import Budget, layerwise_plan, plan_inputs, quantize
+    from compress.quantize.pipeline import layerwise_plan, plan_inputs, quantize
     from compress.quantize.targets import check_specs
 
     plan_from_file = Plan.load(req.plan_file) if req.plan_file else None
@@ -160,7 +162,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
         targets = block_linears + ([n for n in names if n not in block_linears] if req.embeddings == "quantize" else [])
         plan = Plan.uniform(spec, targets, mode="uniform")
     else:
-        budget = Budget.from_args(loaded.module, req.avg_bits, req.max_size)
+        budget = Budget.parse(req.avg_bits, req.max_size).resolve(loaded.module)
         cands = candidates_for(req)
         if req.candidates is None:
             cands, dropped = fitting_defaults(cands, loaded.module, names)

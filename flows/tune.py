@@ -92,7 +92,7 @@ def run_tune(req: TuneRequest, progress=None, log=print) -> dict:
 
         cands, _ = fitting_defaults(cands, original.module, quantizable(original.module, lmap))
     top = Budget.from_args(original.module, req.max_bits, None)
-    cands, units, sizes, _, allowed = plan_inputs(original.module, lmap, cands, top, "block", True, target)
+    cands, units, sizes, top, allowed = plan_inputs(original.module, lmap, cands, top, "block", True, target)
     ctx = ScoringContext(original, lmap, calib, progress)
     anchor = len(cands) // 2
     table = measure_kl(ctx, units, cands, allowed, anchor=anchor)
@@ -103,9 +103,7 @@ def run_tune(req: TuneRequest, progress=None, log=print) -> dict:
     log(f"distortion table: {len(units)} units × {len(cands)} candidates in {state['distortion_seconds']} s")
     lo_plan = sum(min(s for s, a in zip(row, mask, strict=True) if a) for row, mask in zip(sizes, allowed,
                                                                                             strict=True))
-    from compress.quantize.pipeline import fixed_bytes
-
-    lo_plan += fixed_bytes(original.module, lmap, units)
+    lo_plan += top.fixed_bytes
     lo = max(req.min_bits, lo_plan * 8 / top.weight_params + 1e-3)
     hi = req.max_bits
     budgets = _grid(lo, hi) if req.objective == "latency" else None
@@ -180,12 +178,11 @@ def _candidate(original, lmap, table, sizes, allowed, cands, units, bits, held, 
     from compress.evaluate import evaluate
     from compress.plan import Plan
     from compress.quantize.allocate import solve_dp
-    from compress.quantize.pipeline import Budget, fixed_bytes, quantize
+    from compress.quantize.pipeline import Budget, quantize
     from evals.gate import run_gate
 
-    budget = Budget.from_args(original.module, bits, None)
-    room = budget.bytes - fixed_bytes(original.module, lmap, units)
-    picks = solve_dp(table.distortion, sizes, room)
+    budget = Budget.from_args(original.module, bits, None).for_units(original.module, lmap, units)
+    picks = solve_dp(table.distortion, sizes, budget.room)
     rules = {m: cands[c].to_dict() for u, c in zip(units, picks, strict=True) for m in u.modules}
     plan = Plan(rules, {"allocator": "dp", "budget_avg_bits": round(bits, 4), "target": target,
                         "units": {u.name: cands[c].label() for u, c in zip(units, picks, strict=True)}})

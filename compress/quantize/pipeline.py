@@ -3,50 +3,20 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from compress.data import Windows
 from compress.errors import UserError
 from compress.importance.context import ScoringContext
 from compress.importance.report import ImportanceReport
-from compress.metrics import weight_footprint
 from compress.models.hf import LoadedModel
 from compress.models.layers import LayerMap
 from compress.plan import Plan
 from compress.quantize.allocate import allocate_by_rank, solve_dp
 from compress.quantize.apply import apply_plan, is_tied, quantizable, weight_matrix
+from compress.quantize.budget import Budget
+from compress.quantize.choices import ALLOCATOR, MEASURE
 from compress.quantize.distortion import DistortionTable, Unit, measure_kl
 from compress.quantize.spec import QuantSpec
-
-ALLOCATORS = ("dp", "rank")
-MEASURES = ("full", "fast")
-
-
-@dataclass
-class Budget:
-    """Total stored bytes of all weight matrices (embeddings included, tied once)."""
-
-    bytes: int
-    weight_params: int
-
-    @property
-    def avg_bits(self) -> float:
-        """The same budget in effective bits per weight."""
-        return self.bytes * 8 / self.weight_params
-
-    @classmethod
-    def from_args(cls, model, avg_bits: float | None, max_size: int | None) -> Budget:
-        """--avg-bits B or --max-size BYTES (exactly one)."""
-        params = int(weight_footprint(model)["weight_params"])
-        if (avg_bits is None) == (max_size is None):
-            raise UserError("give exactly one budget: --avg-bits B (e.g. 4.5) or --max-size BYTES")
-        if avg_bits is not None:
-            if avg_bits <= 0:
-                raise UserError(f"--avg-bits {avg_bits}: must be positive")
-            return cls(int(avg_bits * params / 8), params)
-        if max_size <= 0:
-            raise UserError(f"--max-size {max_size}: must be a positive number of bytes")
-        return cls(int(max_size), params)
 
 
 def units_for(model, lmap: LayerMap, granularity: str, embeddings: bool) -> list[Unit]:
@@ -67,16 +37,6 @@ def units_for(model, lmap: LayerMap, granularity: str, embeddings: bool) -> list
     return units
 
 
-def fixed_bytes(model, lmap: LayerMap, units: list[Unit]) -> int:
-    """Stored bytes of weight matrices that no unit covers (left as they are), as bpw counts them: every
-    ≥2-D weight, e.g. BERT's position embeddings, not only the quantizable modules."""
-    covered = 0
-    for name in {m for u in units for m in u.modules}:
-        w = weight_matrix(model.get_submodule(name))
-        covered += w.numel() * w.element_size()
-    return int(weight_footprint(model)["weight_bytes"]) - covered
-
-
 def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candidates: list[QuantSpec],
                    budget: Budget, allocator: str = "dp", granularity: str = "block", embeddings: bool = True,
                    ranking: ImportanceReport | None = None, rank_by: str = "lim", progress=None,
@@ -87,28 +47,23 @@ def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candid
     `inputs` is what `plan_inputs` returned for the same arguments, when the caller validated the budget already.
     `measure` 'full' measures every unit × candidate; 'fast' one candidate per unit (see measure_kl's anchor).
     """
-    if allocator not in ALLOCATORS:
-        raise UserError(f"--allocator {allocator}: use one of {', '.join(ALLOCATORS)}")
-    if measure not in MEASURES:
-        raise UserError(f"--measure {measure}: use one of {', '.join(MEASURES)}")
+    ALLOCATOR.check(allocator)
+    MEASURE.check(measure)
     model = loaded.module
     inputs = inputs or plan_inputs(model, lmap, candidates, budget, granularity, embeddings, target)
-    candidates, units, sizes, room, allowed = inputs
+    candidates, units, sizes, budget, allowed = inputs
     t0 = time.perf_counter()
     table = None
     if allocator == "dp":
         ctx = ScoringContext(loaded, lmap, windows, progress)
         anchor = anchor_candidate(candidates, budget) if measure == "fast" else None
         table = measure_kl(ctx, units, candidates, allowed, anchor)
-        picks = solve_dp(table.distortion, sizes, room)
+        picks = solve_dp(table.distortion, sizes, budget.room)
     else:
-        picks = allocate_by_rank(_rank_order(units, ranking, rank_by), sizes, room, allowed)
+        picks = allocate_by_rank(_rank_order(units, ranking, rank_by), sizes, budget.room, allowed)
     rules = {m: candidates[c].to_dict() for u, c in zip(units, picks, strict=True) for m in u.modules}
-    used = sum(sizes[i][c] for i, c in enumerate(picks)) + (budget.bytes - room)
     meta = {"allocator": allocator, "granularity": granularity, "measure": measure if allocator == "dp" else None,
-            "budget_bytes": budget.bytes,
-            "budget_avg_bits": round(budget.avg_bits, 4), "planned_bytes": used,
-            "planned_avg_bits": round(used * 8 / budget.weight_params, 4),
+            **budget.meta(sum(sizes[i][c] for i, c in enumerate(picks))),
             "candidates": [c.label() for c in candidates], "target": target, "units": {u.name: candidates[c].label()
                                                                      for u, c in zip(units, picks, strict=True)},
             "seconds": round(time.perf_counter() - t0, 2)}
@@ -125,7 +80,7 @@ def anchor_candidate(candidates: list[QuantSpec], budget: Budget) -> int:
 
 def plan_inputs(model, lmap: LayerMap, candidates: list[QuantSpec], budget: Budget, granularity: str = "block",
                 embeddings: bool = True, target: str = "torch"):
-    """Candidates (largest first), units, their sizes per candidate, the bytes left for them, and which
+    """Candidates (largest first), units, their sizes per candidate, the budget with its room for them, and which
     candidates each unit may take on `target`; validates shapes and the budget before anything is measured."""
     from compress.quantize.distortion import unit_bytes
     from compress.quantize.targets import EMBEDDING, LINEAR, check_candidates, problem
@@ -142,18 +97,18 @@ def plan_inputs(model, lmap: LayerMap, candidates: list[QuantSpec], budget: Budg
     keep = [i for i, a in enumerate(allowed) if any(a)]  # a unit the target can't quantize stays as it is
     units, allowed = [units[i] for i in keep], [allowed[i] for i in keep]
     sizes = [[unit_bytes(model, u, c) for c in candidates] for u in units]
-    room = budget.bytes - fixed_bytes(model, lmap, units)
-    _check_budget(sizes, room, budget, allowed)
-    return candidates, units, sizes, room, allowed
+    budget = budget.for_units(model, lmap, units)
+    _check_budget(sizes, budget, allowed)
+    return candidates, units, sizes, budget, allowed
 
 
-def _check_budget(sizes: list[list[int]], room: int, budget: Budget, allowed: list[list[bool]]) -> None:
+def _check_budget(sizes: list[list[int]], budget: Budget, allowed: list[list[bool]]) -> None:
     ok = [[s for s, a in zip(row, mask, strict=True) if a] for row, mask in zip(sizes, allowed, strict=True)]
     lo, hi = sum(min(r) for r in ok), sum(max(r) for r in ok)
-    if room < lo:
+    if budget.room < lo:
         raise UserError(f"budget {budget.bytes:,} bytes ({budget.avg_bits:.3f} bpw) is below the smallest plan the "
                         f"candidates allow; raise --avg-bits/--max-size or add a smaller candidate")
-    if room >= hi:
+    if budget.room >= hi:
         raise UserError(f"budget {budget.bytes:,} bytes ({budget.avg_bits:.3f} bpw) fits every unit at the largest "
                         "candidate: nothing to allocate; lower the budget or use --bits for uniform quantization")
 
