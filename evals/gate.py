@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -27,6 +27,14 @@ THRESHOLDS: dict[str, tuple[str, str, str]] = {
     "min_emb_cosine": ("emb_cosine", ">=", "embedding cosine to the reference (encoders)"),
     "max_size_bytes": ("size_bytes", "<=", "bytes of stored weights"),
 }
+# what a recipe's gate step accepts for each (annotations as strings: the recipe coerces YAML values by them)
+THRESHOLD_TYPES = {k: "int | None" if k == "max_size_bytes" else "float | str | None" if k == "max_ppl_increase"
+                   else "float | None" for k in THRESHOLDS}
+GateOptions = make_dataclass(
+    "GateOptions", [*((k, t, field(default=None)) for k, t in THRESHOLD_TYPES.items()),
+                    ("thresholds", "Path | None", field(default=None))])
+GateOptions.__doc__ = ("`gate`: THRESHOLDS on the last eval, against its baseline; a YAML file of thresholds may be "
+                       "given too (options override it).")
 PROVENANCE_KEYS = (("reference_sha256", "reference model"), ("windows_sha256", "evaluation windows"))
 PERCENT = re.compile(r"^\s*([+-]?\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*%?\s*$")
 

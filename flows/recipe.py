@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 from compress import __version__
 from compress.errors import UserError
 from compress.outputs import MARKER
+from evals.gate import GateOptions
 from flows.cache import (
     content_key,
     data_fingerprint,
@@ -78,21 +79,6 @@ class ValidateOptions:
     tokens: int = 512
     seq_len: int | None = 256
     seed: int = 0
-
-
-@dataclass
-class GateOptions:
-    """`gate`: thresholds (evals/gate.py THRESHOLDS) on the last eval, against its baseline; a YAML file of
-    thresholds may be given too (options override it)."""
-
-    max_kl: float | None = None
-    max_kl_p99: float | None = None
-    min_top1: float | None = None
-    max_ppl_increase: float | str | None = None
-    min_accuracy: float | None = None
-    min_emb_cosine: float | None = None
-    max_size_bytes: int | None = None
-    thresholds: Path | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
