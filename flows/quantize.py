@@ -141,7 +141,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     from compress.models import layer_map, load_model
     from compress.plan import Plan
     from compress.quantize.apply import quantizable
-    from compress.quantize.pipeline import layerwise_plan, plan_inputs, quantize
+    from compress.quantize.pipeline import layerwise_plan, needs_data, plan_inputs, quantize
     from compress.quantize.targets import check_specs
 
     plan_from_file = Plan.load(req.plan_file) if req.plan_file else None
@@ -188,8 +188,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
         return result
     if req.backend == "bnb":
         return _finish_bnb(req, loaded, plan, names, result, t0, progress, data)
-    needs_calib = any(s.method == "gptq" for s in plan.resolve(names).values())
-    if needs_calib and calib is None:
+    if needs_data(plan.resolve(names)) and calib is None:
         calib = data.calibration()
     specs, record = quantize(loaded, lmap, plan, calib, progress)
     result["specs"] = record.specs

@@ -299,3 +299,11 @@ def test_fast_measure_keeps_the_anchor_column_and_scales_the_rest_by_error_energ
         assert g[1] == pytest.approx(f[1], rel=1e-6)
         assert g[0] < g[1] < g[2]  # more bits, less error energy
     assert "scaled" in fast.measure and fast.sizes == full.sizes
+
+
+def test_every_method_in_the_help_has_a_handler_and_no_other():
+    from compress.quantize.choices import METHOD
+    from compress.quantize.pipeline import METHOD_HANDLERS
+    from compress.quantize.spec import METHODS
+
+    assert list(METHOD_HANDLERS) == list(METHOD) == list(METHODS)

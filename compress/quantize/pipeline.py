@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from compress.data import Windows
 from compress.errors import UserError
@@ -127,24 +129,43 @@ def _rank_order(units: list[Unit], report: ImportanceReport | None, method: str)
     return block_units + others
 
 
+@dataclass(frozen=True)
+class MethodHandler:
+    """How a --method makes its codes: `codes(loaded, lmap, specs, windows, progress)` returns QuantizedWeights for
+    the modules in `specs` (all of this method); None means plain RTN, done while the modules are swapped."""
+
+    needs_data: bool = False
+    codes: Callable[..., dict] | None = None
+
+
+def hqq_codes(loaded: LoadedModel, lmap: LayerMap, specs: dict[str, QuantSpec], windows=None, progress=None) -> dict:
+    """HQQ: each matrix alone, data-free (zero points optimised against the weight error)."""
+    from compress.quantize.hqq import hqq_quantize
+
+    return {n: hqq_quantize(weight_matrix(loaded.module.get_submodule(n)), s) for n, s in specs.items()}
+
+
 def quantize(loaded: LoadedModel, lmap: LayerMap, plan: Plan, windows: Windows | None = None, progress=None):
-    """Apply `plan` to the model in place (GPTQ layers use `windows` for their Hessians); returns (specs, Record)."""
+    """Apply `plan` to the model in place, each method's codes made by its handler (METHOD_HANDLERS); returns
+    (specs, Record). Methods that need data (GPTQ's Hessians) use `windows`."""
     t0 = time.perf_counter()
     specs = plan.resolve(quantizable(loaded.module, lmap))
     quantized = {}
-    if any(s.method == "hqq" and not s.is_float for s in specs.values()):
-        from compress.quantize.hqq import hqq_quantize
-
-        for n, s in specs.items():
-            if s.method == "hqq" and not s.is_float:
-                quantized[n] = hqq_quantize(weight_matrix(loaded.module.get_submodule(n)), s)
-    if any(s.method == "gptq" and not s.is_float for s in specs.values()):
-        if windows is None:
-            raise UserError("gptq needs calibration data: pass --data")
-        quantized.update(gptq_pass(loaded, lmap, specs, windows, progress))
+    for method, handler in METHOD_HANDLERS.items():
+        mine = {n: s for n, s in specs.items() if s.method == method and not s.is_float}
+        if not mine or handler.codes is None:
+            continue
+        if handler.needs_data and windows is None:
+            raise UserError(f"{method} needs calibration data: pass --data")
+        quantized.update(handler.codes(loaded, lmap, mine, windows, progress))
     record = apply_plan(loaded.module, lmap, specs, quantized)
     record.seconds = round(time.perf_counter() - t0, 2)
     return specs, record
+
+
+def needs_data(specs: dict[str, QuantSpec]) -> bool:
+    """True when some spec's method makes its codes from calibration data."""
+    return any(METHOD_HANDLERS[s.method].needs_data and not s.is_float for s in specs.values())
 
 
 def gptq_pass(loaded: LoadedModel, lmap: LayerMap, specs: dict[str, QuantSpec], windows: Windows,
@@ -193,3 +214,11 @@ def _gptq_head_target(model, lmap: LayerMap, specs: dict[str, QuantSpec]) -> str
                 return None  # an untied embedding is a lookup table: no Hessian, RTN
             return name
     return None
+
+
+# --method -> handler; the names and their help are compress.quantize.choices.METHOD (checked equal in the tests)
+METHOD_HANDLERS: dict[str, MethodHandler] = {
+    "rtn": MethodHandler(),
+    "hqq": MethodHandler(codes=hqq_codes),
+    "gptq": MethodHandler(needs_data=True, codes=gptq_pass),
+}
