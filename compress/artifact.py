@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compress import __version__
 from compress.atomic import atomic_dir
 from compress.errors import UserError
+from compress.version import __version__
 
 if TYPE_CHECKING:
     import torch

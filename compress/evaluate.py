@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from compress import __version__
 from compress.data import Windows
 from compress.errors import UserError
 from compress.metrics import (
@@ -23,6 +22,7 @@ from compress.metrics import (
     weight_footprint,
 )
 from compress.models.hf import LoadedModel
+from compress.version import __version__
 
 
 @dataclass

@@ -120,7 +120,7 @@ def _check_writable(path: Path, flag: str) -> None:
 
 def signature() -> str:
     """The mark put in a single file's text or metadata: "written by compress X.Y.Z"."""
-    from compress import __version__
+    from compress.version import __version__
 
     return f"{SIGNATURE} {__version__}"
 
@@ -135,7 +135,7 @@ def nearest_existing(path: Path) -> Path:
 
 def stamp() -> dict:
     """Who wrote an output: tool, version and command line."""
-    from compress import __version__
+    from compress.version import __version__
 
     return {"written_by": f"compress {__version__}", "command": " ".join(
         [Path(sys.argv[0]).name, *sys.argv[1:]])[:1000]}

@@ -46,8 +46,8 @@ class Input:
 def build_report(inputs: list[Path], out: Path, title: str | None = None) -> dict:
     """Read and recognise every input (all before writing anything), render one section each, write `out`
     atomically; returns {out, title, bytes, sections: [{kind, title, input, plots}]}."""
-    from compress import __version__
     from compress.atomic import write_text
+    from compress.version import __version__
 
     if not inputs:
         raise UserError("compress report: give at least one input; " + EXPECTED)

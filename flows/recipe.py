@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from compress import __version__
 from compress.errors import UserError
 from compress.outputs import MARKER
+from compress.version import __version__
 from evals.gate import GateOptions
 from flows.cache import (
     content_key,

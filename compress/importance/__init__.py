@@ -6,7 +6,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from compress import __version__
 from compress.data import Windows
 from compress.errors import UserError
 from compress.importance import ablation, lim, sensitivity, zd
@@ -14,6 +13,7 @@ from compress.importance.context import ScoringContext
 from compress.importance.report import ImportanceReport, Scores
 from compress.models.hf import LoadedModel
 from compress.models.layers import LayerMap, layer_map
+from compress.version import __version__
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def _is_hf(module: nn.Module) -> bool:
 
 def save_reparam(loaded, records: list[dict], out: Path, result: dict[str, Any], arch: dict | None = None) -> Path:
     """Write the reparameterized model in `loaded` to `out` atomically (see the module docstring)."""
-    from compress import __version__
+    from compress.version import __version__
 
     out = Path(out)
     module = loaded.module
