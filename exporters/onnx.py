@@ -81,27 +81,38 @@ def export_float(
         raise UserError(f"export format '{fmt}' is not a float format: use one of {', '.join(FLOAT_FORMATS)}")
     if opset is not None and opset not in OPSETS:
         raise UserError(f"--opset {opset}: use an opset from {OPSETS.start} to {OPSETS.stop - 1}")
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        result = write_float(loaded, tmp, fmt, opset, example_inputs)
+        result.out_dir = out_dir
+    return result
+
+
+def write_float(loaded: LoadedModel | nn.Module, directory: Path, fmt: str = "fp32", opset: int | None = None,
+                example_inputs: tuple[torch.Tensor, ...] | None = None) -> ExportResult:
+    """export_float's work, written straight into `directory` (a caller's own temporary directory: no second
+    atomic swap inside the first)."""
     kind = loaded.kind if isinstance(loaded, LoadedModel) else "module"
     module = loaded.module if isinstance(loaded, LoadedModel) else loaded
     source = loaded.spec if isinstance(loaded, LoadedModel) else type(module).__name__
-    out_dir = Path(out_dir)
+    tmp = Path(directory)
+    tmp.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with atomic_dir(out_dir) as tmp:
-        if kind in TASKS:
-            task, exporter = TASKS[kind], "optimum-onnx"
-            _export_transformers(loaded, tmp, TASKS[kind], opset)
-        else:
-            task, exporter = "module", "torch.onnx.export(dynamo=True)"
-            _export_module(module, tmp / MODEL_FILE, _example_inputs(module, kind, example_inputs), opset)
-        if fmt == "fp16":
-            _convert_fp16(tmp / MODEL_FILE)
-        files = sorted(p.name for p in tmp.glob("*.onnx"))
-        files.remove(MODEL_FILE)
-        files.insert(0, MODEL_FILE)
-        graph_opset, inputs, outputs = _graph_info(tmp / MODEL_FILE)
-        result = ExportResult(out_dir, files, task, fmt, graph_opset, round(time.perf_counter() - start, 2),
-                              inputs, outputs, exporter, source, _versions())
-        (tmp / EXPORT_JSON).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if kind in TASKS:
+        task, exporter = TASKS[kind], "optimum-onnx"
+        _export_transformers(loaded, tmp, TASKS[kind], opset)
+    else:
+        task, exporter = "module", "torch.onnx.export(dynamo=True)"
+        _export_module(module, tmp / MODEL_FILE, _example_inputs(module, kind, example_inputs), opset)
+    if fmt == "fp16":
+        _convert_fp16(tmp / MODEL_FILE)
+    files = sorted(p.name for p in tmp.glob("*.onnx"))
+    files.remove(MODEL_FILE)
+    files.insert(0, MODEL_FILE)
+    graph_opset, inputs, outputs = _graph_info(tmp / MODEL_FILE)
+    result = ExportResult(tmp, files, task, fmt, graph_opset, round(time.perf_counter() - start, 2),
+                          inputs, outputs, exporter, source, _versions())
+    (tmp / EXPORT_JSON).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
 
 

@@ -195,11 +195,22 @@ def ort_blocks(p: PackedWeight) -> dict[str, np.ndarray | int | None]:
 
 def to_matmulnbits(model: onnx.ModelProto | str | Path, loaded, out_path: Path | str, accuracy_level: int = 0,
                    check_ids: np.ndarray | None = None) -> RewriteRecord:
-    """Rewrite the float graph of `loaded`'s dequantized copy: quantized Linears → MatMulNBits, the embedding →
-    GatherBlockQuantized, with the artifact's codes; written atomically to `out_path`.
+    """matmulnbits_ on a copy of `model` (a graph or its path), written atomically to `out_path`.
 
     `check_ids` ([batch, seq] token ids) also runs both graphs (prefill + one KV-cache decode step) into `record.check`.
     """
+    m = load_model(model)
+    record = matmulnbits_(m, loaded, accuracy_level)
+    save_model_atomic(m, out_path)
+    record.out_path = str(out_path)
+    if check_ids is not None:
+        record.check = max_logit_diff(model, out_path, check_ids, steps=1)
+    return record
+
+
+def matmulnbits_(m: onnx.ModelProto, loaded, accuracy_level: int = 0) -> RewriteRecord:
+    """Rewrite, in memory and in place, the float graph of `loaded`'s dequantized copy: quantized Linears →
+    MatMulNBits, the embedding → GatherBlockQuantized, with the artifact's codes."""
     linears, gathers, _ = quantized_targets(loaded)
     problems = [why for why in (_ort_problem(n, p, False) for n, p in linears.items()) if why]
     problems += [why for why in (_ort_problem(n, p, True) for n, p in gathers.items()) if why]
@@ -207,7 +218,6 @@ def to_matmulnbits(model: onnx.ModelProto | str | Path, loaded, out_path: Path |
         raise UserError(f"{len(problems)} layer(s) cannot run exactly in ONNX Runtime: {problems[0]}"
                         f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; re-quantize with "
                         "`compress quantize --target ort`")
-    m = load_model(model)
     sites, linears, gathers, tied = locate(m, loaded)
     record = RewriteRecord(kind="ort-matmulnbits", weight_bytes_before=weight_bytes(m))
     names = all_names(m)
@@ -253,10 +263,6 @@ def to_matmulnbits(model: onnx.ModelProto | str | Path, loaded, out_path: Path |
                             "4,4g64,2; a torch-target plan's 5/6-bit layers land in 8-bit containers too)")
     record.weight_bytes_after = weight_bytes(m)
     record.opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-    save_model_atomic(m, out_path)
-    record.out_path = str(out_path)
-    if check_ids is not None:
-        record.check = max_logit_diff(model, out_path, check_ids, steps=1)
     return record
 
 

@@ -88,9 +88,20 @@ def _positive(q: np.ndarray, scales: np.ndarray, g: int) -> tuple[np.ndarray, np
 
 def to_qdq(model: onnx.ModelProto | str | Path, loaded, out_path: Path | str, requantize: bool = False,
            check_ids: np.ndarray | None = None) -> RewriteRecord:
-    """Rewrite the float graph of `loaded`'s dequantized copy with int4/int8 weights → DequantizeLinear → MatMul
-    (opset 21, zero points 0); written atomically to `out_path`. `check_ids` fills `record.check` (see
-    to_matmulnbits)."""
+    """qdq_ on a copy of `model` (a graph or its path), written atomically to `out_path`. `check_ids` fills
+    `record.check` (see to_matmulnbits)."""
+    m = load_model(model)
+    record = qdq_(m, loaded, requantize)
+    save_model_atomic(m, out_path)
+    record.out_path = str(out_path)
+    if check_ids is not None:
+        record.check = max_logit_diff(model, out_path, check_ids, steps=1)
+    return record
+
+
+def qdq_(m: onnx.ModelProto, loaded, requantize: bool = False) -> RewriteRecord:
+    """Rewrite, in memory and in place, the float graph of `loaded`'s dequantized copy with int4/int8 weights →
+    DequantizeLinear → MatMul (opset 21, zero points 0)."""
     linears, gathers0, tied0 = quantized_targets(loaded)
     plans = {n: qdq_plan(n, p) for n, p in linears.items()}
     plans.update({n: qdq_plan(n, p) for n, p in gathers0.items() if n not in tied0.values()})
@@ -99,7 +110,6 @@ def to_qdq(model: onnx.ModelProto | str | Path, loaded, out_path: Path | str, re
         raise UserError(f"{len(refused)} layer(s) cannot be written as TensorRT Q/DQ exactly: {refused[0]}"
                         f"{f' (and {len(refused) - 1} more)' if len(refused) > 1 else ''}; re-quantize with "
                         "`compress quantize --target trt`, or export with requantization")
-    m = load_model(model)
     record = RewriteRecord(kind="qdq", weight_bytes_before=weight_bytes(m))
     record.opset = _bump_opset(m, QDQ_OPSET)
     sites, linears, gathers, tied = locate(m, loaded)
@@ -142,10 +152,6 @@ def to_qdq(model: onnx.ModelProto | str | Path, loaded, out_path: Path | str, re
     drop_dead_nodes(m)
     drop_unused_initializers(m)
     record.weight_bytes_after = weight_bytes(m)
-    save_model_atomic(m, out_path)
-    record.out_path = str(out_path)
-    if check_ids is not None:
-        record.check = max_logit_diff(model, out_path, check_ids, steps=1)
     return record
 
 

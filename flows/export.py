@@ -89,57 +89,50 @@ def run_export(req: ExportRequest, progress=None) -> dict:
 
 
 def _export(loaded, tmp: Path, req: ExportRequest) -> dict:
-    """Write OUT/model.onnx (+ config/tokenizer); quantized formats rewrite the float graph of the dequantized
-    artifact with its own codes."""
-    meta = _export_graph(loaded, tmp, req)
-    if req.fuse_attention:
-        meta.setdefault("extra", {})["fusion"] = _fuse(loaded, tmp / "model.onnx")
-        (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
-
-
-def _fuse(loaded, graph: Path) -> dict:
-    """Rewrite OUT/model.onnx with fused attention (validation then runs on the fused graph)."""
+    """Write OUT/model.onnx (+ config, tokenizer, export.json). A plain float export is the exporter's own graph;
+    otherwise the exporter's float graph is read once into memory, rewritten there (the artifact's own codes as
+    MatMulNBits / Q/DQ, then attention fusion) and saved once."""
     import onnx
 
-    from exporters.fuse_gqa import fuse_attention
+    from exporters.graph import save_model_atomic
+    from exporters.onnx import EXPORT_JSON, MODEL_FILE, write_float
 
-    if loaded.kind != "decoder":
+    quantized = req.fmt in QUANTIZED_FORMATS
+    if not quantized and not req.fuse_attention:
+        return write_float(loaded, tmp, req.fmt, req.opset).to_dict()
+    if req.fuse_attention and loaded.kind != "decoder":
         raise UserError(f"--fuse-attention applies to decoders with a KV cache, not a {loaded.kind}")
-    model = onnx.load(str(graph))
-    record = fuse_attention(model, loaded.module.config)
-    external = any(f.name != graph.name and f.name.startswith("model.onnx") for f in graph.parent.iterdir())
-    for f in graph.parent.glob("model.onnx*"):
-        f.unlink()
-    onnx.save(model, str(graph), save_as_external_data=external, location="model.onnx.data" if external else None)
-    return record.to_dict()
+    staging = tmp / ".exporter"
+    if quantized:
+        from exporters.ort_quant import dequantized_copy
 
-
-def _export_graph(loaded, tmp: Path, req: ExportRequest) -> dict:
-    """The unfused graph: float export, or the float graph of the dequantized artifact rewritten with its codes."""
-    from exporters.onnx import export_float
-
-    if req.fmt not in QUANTIZED_FORMATS:
-        return export_float(loaded, tmp, req.fmt, req.opset).to_dict()
-    from exporters.ort_quant import dequantized_copy
-
-    staging = tmp / ".float"
-    res = export_float(dequantized_copy(loaded), staging, "fp32", req.opset)
-    if req.fmt == "int4":
-        from exporters.ort_quant import to_matmulnbits
-
-        record = to_matmulnbits(res.onnx_path, loaded, tmp / "model.onnx", accuracy_level=req.accuracy_level)
+        res = write_float(dequantized_copy(loaded), staging, "fp32", req.opset)
     else:
-        from exporters.qdq import to_qdq
+        res = write_float(loaded, staging, req.fmt, req.opset)
+    graph = onnx.load(str(res.onnx_path), load_external_data=True)  # the one in-memory graph every rewrite edits
+    meta = {**res.to_dict(), "fmt": req.fmt}
+    extra = meta.setdefault("extra", {})
+    if quantized:
+        if req.fmt == "int4":
+            from exporters.ort_quant import matmulnbits_
 
-        record = to_qdq(res.onnx_path, loaded, tmp / "model.onnx", requantize=req.requantize)
-    for f in staging.iterdir():  # config, tokenizer: everything but the float graph
-        if not f.name.startswith("model.onnx") and f.name != "export.json":
+            record = matmulnbits_(graph, loaded, accuracy_level=req.accuracy_level)
+        else:
+            from exporters.qdq import qdq_
+
+            record = qdq_(graph, loaded, requantize=req.requantize)
+        meta["opset"] = record.opset or res.opset
+        extra["rewrite"] = record.to_dict()
+    if req.fuse_attention:
+        from exporters.fuse_gqa import fuse_attention
+
+        extra["fusion"] = fuse_attention(graph, loaded.module.config).to_dict()
+    for f in staging.iterdir():  # config, tokenizer: everything but the exporter's graph and record
+        if not f.name.startswith(MODEL_FILE) and f.name != EXPORT_JSON:
             shutil.move(str(f), tmp / f.name)
     shutil.rmtree(staging)
-    meta = {**res.to_dict(), "fmt": req.fmt, "opset": record.opset or res.opset}
-    meta["extra"] = {**meta.get("extra", {}), "rewrite": record.to_dict()}
-    (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
+    save_model_atomic(graph, tmp / MODEL_FILE)  # external data only above 2 GB
+    (tmp / EXPORT_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 

@@ -119,7 +119,12 @@ def test_fused_attention_keeps_the_io_and_validates(tmp_path, monkeypatch, fmt):
     from flows.export import ExportRequest, run_export
     from flows.quantize import QuantizeRequest, run_quantize
 
+    import exporters.graph
+
     monkeypatch.setattr("compress.models.load_model", lambda *a, **k: build("llama-hd16"))
+    saves = []
+    real_save = exporters.graph.save_model_atomic
+    monkeypatch.setattr(exporters.graph, "save_model_atomic", lambda m, path: saves.append(path) or real_save(m, path))
     model = "tiny"
     if fmt == "int4":
         model = str(tmp_path / "art")
@@ -127,6 +132,7 @@ def test_fused_attention_keeps_the_io_and_validates(tmp_path, monkeypatch, fmt):
                                      out=tmp_path / "art"))
     plain = run_export(ExportRequest(model=model, out=tmp_path / "plain", fmt=fmt, data="self", tokens=32,
                                      seq_len=16))
+    saves.clear()
     fused = run_export(ExportRequest(model=model, out=tmp_path / "fused", fmt=fmt, data="self", tokens=32,
                                      seq_len=16, fuse_attention=True))
     assert fused["passed"], fused["validation"]
@@ -139,6 +145,9 @@ def test_fused_attention_keeps_the_io_and_validates(tmp_path, monkeypatch, fmt):
         assert [i.name for i in getattr(graphs["fused"], part)] == [i.name for i in getattr(graphs["plain"], part)]
     assert fused["export"]["extra"]["fusion"]["layers"] == layers
     assert plain["passed"]
+    # rewrites (codes, fusion) happen on one in-memory graph, saved once; nothing of the exporter's staging is left
+    assert len(saves) == 1
+    assert sorted(f.name for f in (tmp_path / "fused").iterdir() if f.name.startswith(".")) == [".compress-output"]
 
 
 def test_fused_attention_is_refused_for_tensorrt_graphs(tmp_path, tiny):
