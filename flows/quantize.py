@@ -133,35 +133,57 @@ def check_request(req: QuantizeRequest) -> None:
 
 
 def run_quantize(req: QuantizeRequest, progress=None) -> dict:
-    """Plan, quantize, evaluate against the original on held-out windows, and save the artifact."""
+    """Load, plan, quantize, evaluate against the original on held-out windows, save the artifact: each a step
+    below, the transform itself the library's (compress.quantize.pipeline.quantize)."""
     check_request(req)
-    from compress.artifact import save_artifact
-    from compress.artifact_formats import STRUCTURE
-    from compress.importance.report import ImportanceReport
     from compress.models import layer_map, load_model
     from compress.plan import Plan
     from compress.quantize.apply import quantizable
-    from compress.quantize.pipeline import layerwise_plan, needs_data, plan_inputs, quantize
-    from compress.quantize.targets import check_specs
+    from compress.quantize.pipeline import needs_data, quantize
 
     plan_from_file = Plan.load(req.plan_file) if req.plan_file else None
-    ranking = ImportanceReport.load(req.scores) if req.scores else None
     t0 = time.perf_counter()
     loaded = load_model(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
     lmap = layer_map(loaded.module)
     names = quantizable(loaded.module, lmap)
-    block_linears = [p for b in lmap.blocks for p in b.linears]
     result: dict = {"model": req.model, "notes": []}
-    table = calib = None
     data = _Data(req, loaded)
+    plan, table = _plan(req, loaded, lmap, names, plan_from_file, data, result, progress)
+    if req.show_plan:
+        result["specs"] = {n: s.label() for n, s in plan.resolve(names).items()}
+        return result
+    if req.backend == "bnb":
+        return _finish_bnb(req, loaded, plan, names, result, t0, progress, data)
+    calib = data.calibration() if needs_data(plan.resolve(names)) or table is not None else None
+    specs, record = quantize(loaded, lmap, plan, calib, progress)
+    result["specs"] = record.specs
+    result["notes"] += record.notes
+    _measure(req, loaded, result, data, progress)
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    if req.out is not None:
+        _save(req, loaded, plan, table, specs, record, result)
+    return result
+
+
+def _plan(req: QuantizeRequest, loaded, lmap, names: list[str], plan_from_file, data: _Data, result: dict,
+          progress) -> tuple:
+    """The plan of the request's mode (--plan FILE, --bits N, or --layerwise under a budget) and, layer-wise, the
+    distortion table it was chosen on; checked against the target; recorded in `result`."""
+    from compress.importance.report import ImportanceReport
+    from compress.plan import Plan
+    from compress.quantize.pipeline import layerwise_plan, plan_inputs
+    from compress.quantize.targets import check_specs
+
+    table = None
     if plan_from_file is not None:
         plan = plan_from_file
         plan.resolve(names)
     elif req.bits is not None:
-        spec = uniform_spec(req)
-        targets = block_linears + ([n for n in names if n not in block_linears] if req.embeddings == "quantize" else [])
-        plan = Plan.uniform(spec, targets, mode="uniform")
+        block_linears = [p for b in lmap.blocks for p in b.linears]
+        extra = [n for n in names if n not in block_linears] if req.embeddings == "quantize" else []
+        plan = Plan.uniform(uniform_spec(req), block_linears + extra, mode="uniform")
     else:
+        ranking = ImportanceReport.load(req.scores) if req.scores else None
         budget = Budget.parse(req.avg_bits, req.max_size).resolve(loaded.module)
         cands = candidates_for(req)
         if req.candidates is None:
@@ -183,31 +205,26 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
         result["distortion"] = {u.name: {c.label(): d for c, d in zip(table.candidates, row, strict=True)}
                                 for u, row in zip(table.units, table.distortion, strict=True)}
         result["distortion_measure"] = table.measure
-    if req.show_plan:
-        result["specs"] = {n: s.label() for n, s in plan.resolve(names).items()}
-        return result
-    if req.backend == "bnb":
-        return _finish_bnb(req, loaded, plan, names, result, t0, progress, data)
-    if needs_data(plan.resolve(names)) and calib is None:
-        calib = data.calibration()
-    specs, record = quantize(loaded, lmap, plan, calib, progress)
-    result["specs"] = record.specs
-    result["notes"] += record.notes
-    _measure(req, loaded, result, data, progress)
-    result["seconds"] = round(time.perf_counter() - t0, 2)
-    if req.out is not None:
-        manifest = {"plan": plan.to_dict(), "metrics": result.get("metrics"), "notes": record.notes,
-                    "bpw": result["bpw"], "size_bytes": result["size_bytes"],
-                    "layers": {n: {"spec": s.label(), "bpw": round(s.bits_per_weight(_cols(loaded, n)), 4)}
-                               for n, s in specs.items()}}
-        if table is not None:
-            manifest["distortion"] = table.to_dict()
-        source = loaded.extra.get("manifest") or {}
-        manifest.update({k: source[k] for k in STRUCTURE if k in source})  # e.g. MoE experts cut, router bias
-        save_artifact(loaded, specs, Path(req.out), manifest)
-        result["out"] = str(req.out)
-        result["file_bytes"] = (Path(req.out) / "model.safetensors").stat().st_size
-    return result
+    return plan, table
+
+
+def _save(req: QuantizeRequest, loaded, plan, table, specs: dict, record, result: dict) -> None:
+    """The artifact: packed weights and a manifest with the plan, metrics, per-layer specs and the distortion
+    table; structure inherited from a source artifact (MoE experts cut, router bias) is kept."""
+    from compress.artifact import save_artifact
+    from compress.artifact_formats import STRUCTURE
+
+    manifest = {"plan": plan.to_dict(), "metrics": result.get("metrics"), "notes": record.notes,
+                "bpw": result["bpw"], "size_bytes": result["size_bytes"],
+                "layers": {n: {"spec": s.label(), "bpw": round(s.bits_per_weight(_cols(loaded, n)), 4)}
+                           for n, s in specs.items()}}
+    if table is not None:
+        manifest["distortion"] = table.to_dict()
+    source = loaded.extra.get("manifest") or {}
+    manifest.update({k: source[k] for k in STRUCTURE if k in source})
+    save_artifact(loaded, specs, Path(req.out), manifest)
+    result["out"] = str(req.out)
+    result["file_bytes"] = (Path(req.out) / "model.safetensors").stat().st_size
 
 
 def _measure(req: QuantizeRequest, loaded, result: dict, data: _Data, progress) -> None:

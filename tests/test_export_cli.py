@@ -116,10 +116,9 @@ def test_a_trt_artifact_with_a_quantized_embedding_passes_check_trt(tmp_path, mo
 def test_fused_attention_keeps_the_io_and_validates(tmp_path, monkeypatch, fmt):
     import onnx
 
+    import exporters.graph
     from flows.export import ExportRequest, run_export
     from flows.quantize import QuantizeRequest, run_quantize
-
-    import exporters.graph
 
     monkeypatch.setattr("compress.models.load_model", lambda *a, **k: build("llama-hd16"))
     saves = []
