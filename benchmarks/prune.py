@@ -169,7 +169,7 @@ def _width_rows(a, ref, measure, publish) -> None:
     from compress.data import load_windows
     from compress.importance.context import ScoringContext
     from compress.models import layer_map
-    from compress.prune.width_run import prune_width_request
+    from compress.prune.width_apply import prune_width_request
     from flows.prune import width_fraction
 
     calib = load_windows(CALIB, ref, split="calibration", tokens=1024)
@@ -192,7 +192,7 @@ def _sparsity_rows(a, ref, measure, publish) -> None:
     from compress.data import load_windows
     from compress.importance.context import ScoringContext
     from compress.models import layer_map
-    from compress.prune.sparsity_run import prune_sparsity_request
+    from compress.prune.sparsity_apply import prune_sparsity_request
     from flows.prune import width_fraction
 
     calib = load_windows(CALIB, ref, split="calibration", tokens=1024)

@@ -16,7 +16,6 @@ from flows.options import DataOptions, ModelOptions, OutputOptions
 
 AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(%?)\s*$")
 DEFAULT_TOKENS = {"blocks": 2048, "sublayers": 1024, "width": 1024, "sparsity": 1024}
-MODES = ("blocks", "sublayers", "width", "sparsity")
 SHARE_MODES = ("width", "sparsity")  # amounts are a share of every block, not a count of units
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling")
 
@@ -124,8 +123,6 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
     from compress.evaluate import evaluate
     from compress.importance.context import ScoringContext
     from compress.models import layer_map, load_model
-    from compress.prune.blocks import remove_blocks, select_blocks
-    from compress.prune.sublayers import finercut, remove_sublayers
 
     t0 = time.perf_counter()
     loaded = load_model(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
@@ -155,44 +152,8 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
                     "num_blocks": lmap.num_blocks, "sublayer_names": sorted({n for b in lmap.blocks
                                                                               for n in b.sublayers}),
                     "divergence": ctx.divergence_name, "calibration": calib.describe(), "notes": []}
-    if mode == "blocks":
-        sel = select_blocks(ctx, count, method)
-        del ctx
-        record = remove_blocks(loaded.module, lmap, sel.removed)
-        result["removed"] = sorted(sel.removed)
-        result["blocks_after"] = record["num_blocks"]
-        if record["config_lists_trimmed"]:
-            result["notes"].append("per-layer config lists trimmed: " + ", ".join(record["config_lists_trimmed"]))
-    elif mode == "sublayers":
-        sel = finercut(ctx, count)
-        del ctx
-        removed_modules = remove_sublayers(loaded.module, lmap, sel.removed, loaded.kind)
-        result["removed"] = [{"block": i, "sublayer": n, "params": lmap.blocks[i].sublayers[n].params}
-                             for i, n in sel.removed]
-    elif mode == "sparsity":
-        from compress.prune.sparsity_run import prune_sparsity_request
-
-        sel, sparsity_record, rules = prune_sparsity_request(ctx, count, req.pattern, req.adaptive,
-                                                             req.granularity)
-        del ctx
-        result["removed"] = [{"block": int(i), **b} for i, b in sparsity_record["blocks"].items()]
-        result["sparsity"] = sparsity_record
-    else:
-        from compress.prune.width_run import prune_width_request
-
-        sel, width_record, rules = prune_width_request(ctx, count, req.adaptive, req.importance)
-        del ctx
-        single = sel.scores[0]
-        result["removed"] = [{"block": i, "attention_ratio": a, "ffn_ratio": f,
-                              "kept_heads": len(width_record["layers"][i]["kept_heads"]),
-                              "kept_channels": len(width_record["layers"][i]["kept_channels"]),
-                              "distortion_alone": single.get((i, "distortion"))}
-                             for i, (a, f) in ((i, width_record["ratios"][i]) for i in sorted(width_record["ratios"]))]
-        result["width"] = width_record
-    if mode not in SHARE_MODES:
-        paths = [p for u in sel.removed
-                 for p in ([lmap.blocks[u].path] if mode == "blocks" else lmap.blocks[u[0]].sublayers[u[1]].paths)]
-        rules = {p: {"action": "remove"} for p in paths}
+    sel, rules, removed_modules = PRUNERS[mode](ctx, count, method, req, result)
+    del ctx
     result["plan"] = {"rules": rules, "meta": {"mode": mode, "method": result["method"], "count": count,
                                                "calibration": calib.describe()}}
     result["selection"] = sel.to_dict()
@@ -209,9 +170,68 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
         result["metrics"] = evaluate(loaded, reference, heldout, progress).to_dict()
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if req.out is not None:
-        _save(loaded, mode, removed_modules if mode == "sublayers" else None, Path(req.out), result)
+        _save(loaded, mode, removed_modules, Path(req.out), result)
         result["out"] = str(req.out)
     return result
+
+
+def _prune_blocks(ctx, count: int, method: str, req: PruneRequest, result: dict) -> tuple:
+    """--blocks: choose `count` whole blocks by `method`, drop them (renumbered, config trimmed)."""
+    from compress.prune.blocks import remove_blocks, select_blocks
+
+    lmap = ctx.lmap
+    sel = select_blocks(ctx, count, method)
+    record = remove_blocks(ctx.loaded.module, lmap, sel.removed)
+    result["removed"] = sorted(sel.removed)
+    result["blocks_after"] = record["num_blocks"]
+    if record["config_lists_trimmed"]:
+        result["notes"].append("per-layer config lists trimmed: " + ", ".join(record["config_lists_trimmed"]))
+    return sel, {lmap.blocks[u].path: {"action": "remove"} for u in sel.removed}, None
+
+
+def _prune_sublayers(ctx, count: int, method: str, req: PruneRequest, result: dict) -> tuple:
+    """--sublayers: FinerCut's greedy removal of attention / FFN sublayers, replaced by their skip."""
+    from compress.prune.sublayers import finercut, remove_sublayers
+
+    lmap = ctx.lmap
+    sel = finercut(ctx, count)
+    removed_modules = remove_sublayers(ctx.loaded.module, lmap, sel.removed, ctx.loaded.kind)
+    result["removed"] = [{"block": i, "sublayer": n, "params": lmap.blocks[i].sublayers[n].params}
+                         for i, n in sel.removed]
+    rules = {p: {"action": "remove"} for i, n in sel.removed for p in lmap.blocks[i].sublayers[n].paths}
+    return sel, rules, removed_modules
+
+
+def _prune_sparsity(ctx, fraction: float, method: str, req: PruneRequest, result: dict) -> tuple:
+    """--sparsity: Wanda-scored weights zeroed, uniform or adaptive ratios, unstructured or N:M."""
+    from compress.prune.sparsity_apply import prune_sparsity_request
+
+    sel, record, rules = prune_sparsity_request(ctx, fraction, req.pattern, req.adaptive, req.granularity)
+    result["removed"] = [{"block": int(i), **b} for i, b in record["blocks"].items()]
+    result["sparsity"] = record
+    return sel, rules, None
+
+
+def _prune_width(ctx, fraction: float, method: str, req: PruneRequest, result: dict) -> tuple:
+    """--width: KV groups and FFN channels of every block by importance, uniform or adaptive ratios."""
+    from compress.prune.width_apply import prune_width_request
+
+    sel, record, rules = prune_width_request(ctx, fraction, req.adaptive, req.importance)
+    single = sel.scores[0]
+    result["removed"] = [{"block": i, "attention_ratio": a, "ffn_ratio": f,
+                          "kept_heads": len(record["layers"][i]["kept_heads"]),
+                          "kept_channels": len(record["layers"][i]["kept_channels"]),
+                          "distortion_alone": single.get((i, "distortion"))}
+                         for i, (a, f) in ((i, record["ratios"][i]) for i in sorted(record["ratios"]))]
+    result["width"] = record
+    return sel, rules, None
+
+
+# mode -> handler(ctx, amount, method, request, result) -> (Selection, rules per module, removed modules or None):
+# chooses on calibration windows and changes the model in place; the flow around it loads, evaluates and saves
+PRUNERS = {"blocks": _prune_blocks, "sublayers": _prune_sublayers, "width": _prune_width,
+           "sparsity": _prune_sparsity}
+MODES = tuple(PRUNERS)
 
 
 def _save(loaded, mode: str, removed_modules: dict | None, out: Path, result: dict) -> None:

@@ -8,7 +8,7 @@ import time
 from compress.importance.context import ScoringContext
 from compress.prune.selection import Selection
 from compress.prune.sparsity import adaptive_sparsity, apply_sparsity, input_norms, parse_pattern
-from compress.prune.width_run import stack_divergence
+from compress.prune.width_apply import stack_divergence
 
 
 def prune_sparsity_request(ctx: ScoringContext, fraction: float, pattern: str = "unstructured",
