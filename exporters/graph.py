@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -375,3 +376,17 @@ def max_logit_diff(a: onnx.ModelProto | str | Path, b: onnx.ModelProto | str | P
     diffs = [float(np.abs(x - y).max()) for x, y in zip(la, lb, strict=True)]
     return {"prefill_max_abs": diffs[0], "decode_max_abs": max(diffs[1:], default=0.0),
             "max_abs": max(diffs), "max_rel": max(diffs) / scale}
+
+
+def rewrite_file(model: onnx.ModelProto | str | Path, out_path: Path | str, rewrite: Callable[[onnx.ModelProto], Any],
+                 check_ids: np.ndarray | None = None):
+    """`rewrite` (an in-place graph rewrite returning its RewriteRecord) on a copy of `model` (a graph or its path),
+    saved atomically to `out_path`; with `check_ids`, both graphs also run (prefill + one decode step) into
+    `record.check`."""
+    m = load_model(model)
+    record = rewrite(m)
+    save_model_atomic(m, out_path)
+    record.out_path = str(out_path)
+    if check_ids is not None:
+        record.check = max_logit_diff(model, out_path, check_ids, steps=1)
+    return record

@@ -30,11 +30,9 @@ from exporters.graph import (
     drop_dead_nodes,
     drop_unused_initializers,
     ensure_opset,
-    load_model,
     match_weights,
-    max_logit_diff,
     replace_node,
-    save_model_atomic,
+    rewrite_file,
     unique_name,
     weight_bytes,
 )
@@ -199,13 +197,7 @@ def to_matmulnbits(model: onnx.ModelProto | str | Path, loaded, out_path: Path |
 
     `check_ids` ([batch, seq] token ids) also runs both graphs (prefill + one KV-cache decode step) into `record.check`.
     """
-    m = load_model(model)
-    record = matmulnbits_(m, loaded, accuracy_level)
-    save_model_atomic(m, out_path)
-    record.out_path = str(out_path)
-    if check_ids is not None:
-        record.check = max_logit_diff(model, out_path, check_ids, steps=1)
-    return record
+    return rewrite_file(model, out_path, lambda m: matmulnbits_(m, loaded, accuracy_level), check_ids)
 
 
 def matmulnbits_(m: onnx.ModelProto, loaded, accuracy_level: int = 0) -> RewriteRecord:

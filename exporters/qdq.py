@@ -29,10 +29,8 @@ from exporters.graph import (
     all_names,
     drop_dead_nodes,
     drop_unused_initializers,
-    load_model,
-    max_logit_diff,
     replace_node,
-    save_model_atomic,
+    rewrite_file,
     unique_name,
     weight_bytes,
 )
@@ -90,13 +88,7 @@ def to_qdq(model: onnx.ModelProto | str | Path, loaded, out_path: Path | str, re
            check_ids: np.ndarray | None = None) -> RewriteRecord:
     """qdq_ on a copy of `model` (a graph or its path), written atomically to `out_path`. `check_ids` fills
     `record.check` (see to_matmulnbits)."""
-    m = load_model(model)
-    record = qdq_(m, loaded, requantize)
-    save_model_atomic(m, out_path)
-    record.out_path = str(out_path)
-    if check_ids is not None:
-        record.check = max_logit_diff(model, out_path, check_ids, steps=1)
-    return record
+    return rewrite_file(model, out_path, lambda m: qdq_(m, loaded, requantize), check_ids)
 
 
 def qdq_(m: onnx.ModelProto, loaded, requantize: bool = False) -> RewriteRecord:

@@ -39,10 +39,7 @@ def check_request(req: EvalRequest) -> None:
         raise UserError(f"unknown --protocol '{req.protocol}': use {' or '.join(PROTOCOLS)}")
     if req.split not in SPLITS:
         raise UserError(f"--split {req.split}: use one of {', '.join(SPLITS)}")
-    if req.data not in (None, "self"):
-        from compress.inputs import resolve_text_files
-
-        resolve_text_files(req.data)
+    req.check_data()
 
 
 def run_eval(req: EvalRequest, progress: Any = None, load: Callable[[str], Any] | None = None) -> dict[str, Any]:

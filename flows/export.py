@@ -52,23 +52,15 @@ def _check(req: ExportRequest) -> None:
                         f"`compress quantize ... --target {fmt.target} --out DIR` (got {req.model})")
     if Path(req.out).exists() and not Path(req.out).is_dir():
         raise UserError(f"--onnx {req.out}: exists and is not a directory")
-    if req.data not in (None, "self"):
-        from compress.inputs import resolve_text_files
-
-        resolve_text_files(req.data)
+    req.check_data()
 
 
 def run_export(req: ExportRequest, progress=None) -> dict:
     """Export, validate and write OUT (complete or absent); returns the summary (also in OUT/README.md)."""
     _check(req)
-    from compress.artifact import is_artifact
-    from compress.artifact_formats import load_artifact
     from compress.atomic import atomic_dir
-    from compress.models import load_model
 
-    artifact = is_artifact(Path(req.model))
-    loaded = load_artifact(Path(req.model)) if artifact else load_model(req.model, arch=req.arch,
-                                                                           trust_pickle=req.trust_pickle)
+    loaded, artifact = req.load_source()
     result: dict = {"model": req.model, "format": req.fmt, "out": str(req.out)}
     with atomic_dir(Path(req.out)) as tmp:
         t0 = time.perf_counter()

@@ -52,25 +52,17 @@ def check_request(req: GgufRequest) -> None:
         except ImportError:
             raise UserError("validating a GGUF runs it in llama.cpp: pip install 'compress[llamacpp]' (builds "
                             "llama.cpp, ~5 minutes), or pass --no-validate") from None
-    if req.data not in (None, "self"):
-        from compress.inputs import resolve_text_files
-
-        resolve_text_files(req.data)
+    req.check_data()
 
 
 def run_gguf_export(req: GgufRequest, progress=None) -> dict:
     """Write OUT.gguf (atomically) and validate it in llama.cpp; the summary also goes to OUT.gguf.json."""
     check_request(req)
-    from compress.artifact import is_artifact
-    from compress.artifact_formats import load_artifact
     from compress.atomic import write_text
-    from compress.models import load_model
     from compress.outputs import stamp
     from exporters.gguf import export_gguf
 
-    artifact = is_artifact(Path(req.model))
-    loaded = load_artifact(Path(req.model)) if artifact else load_model(req.model, arch=req.arch,
-                                                                         trust_pickle=req.trust_pickle)
+    loaded, artifact = req.load_source()
     report = export_gguf(loaded, req.out, float_type=req.float_type.upper())
     result: dict = {"model": req.model, "format": "gguf", "out": str(req.out), "export": report.to_dict(),
                     "export_seconds": report.seconds, "size_bytes": report.file_bytes, "bpw": report.bpw,

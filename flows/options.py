@@ -24,6 +24,16 @@ class ModelOptions:
 
         return lambda spec: load_model(spec, arch=self.arch, trust_pickle=self.trust_pickle)
 
+    def load_source(self) -> tuple[Any, bool]:
+        """(LoadedModel, True) for a compress artifact directory, (LoadedModel, False) for any other model spec."""
+        from compress.artifact import is_artifact
+        from compress.artifact_formats import load_artifact
+
+        path = Path(self.model).expanduser()
+        if is_artifact(path):
+            return load_artifact(path), True
+        return self.loader()(self.model), False
+
 
 @dataclass
 class DataOptions:
@@ -34,6 +44,13 @@ class DataOptions:
     tokens: int = 2048
     seq_len: int | None = None
     seed: int = 0
+
+    def check_data(self, flag: str = "--data") -> None:
+        """UserError when `data` names text that is not there (before any model is loaded)."""
+        if self.data not in (None, "self"):
+            from compress.inputs import resolve_text_files
+
+            resolve_text_files(self.data, flag)
 
 
 @dataclass

@@ -106,10 +106,7 @@ def check_request(req: PruneRequest) -> str:
     for flag, n in (("--tokens", req.tokens), ("--eval-tokens", req.eval_tokens)):
         if n is not None and n <= 0:
             raise UserError(f"{flag} {n}: must be a positive number of tokens")
-    if req.data not in (None, "self"):
-        from compress.inputs import resolve_text_files
-
-        resolve_text_files(req.data)
+    req.check_data()
     if req.out is not None and Path(req.out).exists() and not Path(req.out).is_dir():
         raise UserError(f"--out {req.out}: exists and is not a directory")
     return mode

@@ -124,10 +124,7 @@ def check_request(req: QuantizeRequest) -> None:
     MEASURE.check(req.measure)
     GRANULARITY.check(req.granularity)
     EMBEDDINGS.check(req.embeddings, allow_none=True)
-    if req.data not in (None, "self"):
-        from compress.inputs import resolve_text_files
-
-        resolve_text_files(req.data)
+    req.check_data()
     if req.out is not None and Path(req.out).exists() and not Path(req.out).is_dir():
         raise UserError(f"--out {req.out}: exists and is not a directory")
 

@@ -38,12 +38,11 @@ def score_methods(req: ScoreRequest) -> list[str]:
 
 def run_score(req: ScoreRequest, progress: Any = None, load: Callable[[str], Any] | None = None):
     """Score the model (loaded with `load`, default `load_model`); write --out / --plot; return the report."""
-    from compress.data import load_windows, resolve_text_files
+    from compress.data import load_windows
     from compress.importance import ALIASES, SCORERS, score_model
 
     names = score_methods(req)
-    if req.data not in (None, "self"):
-        resolve_text_files(req.data)
+    req.check_data()
     loaded = (load or req.loader())(req.model)
     if loaded.kind != "decoder" and "fisher" in names:
         if not req.check:
