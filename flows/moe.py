@@ -203,6 +203,28 @@ def _windows(spec: str | None, loaded: LoadedModel, split: str, tokens: int, seq
     return load_windows(spec, loaded, split=split, tokens=tokens, seq_len=seq_len, seed=seed)
 
 
+def _prepare(req: RebalanceRequest | MoePruneRequest | PlaceRequest, fresh: bool,
+             check: Any = None) -> tuple[LoadedModel, list[MoeLayer], Windows, Windows]:
+    """The MoE model and its layers, the calibration windows of --data and the held-out evaluation windows (of
+    --eval-data when given): what rebalance, prune and place all start from. `check(loaded, layers)` runs before
+    any text is read or sampled, so a request the model cannot meet fails at once."""
+    loaded, layers = load_moe(req.model, fresh=fresh, arch=req.arch, trust_pickle=req.trust_pickle)
+    if check is not None:
+        check(loaded, layers)
+    calib = _windows(req.data, loaded, "calibration", req.tokens, req.seq_len, req.seed)
+    heldout = _windows(req.eval_data or req.data, loaded, "evaluation", req.eval_tokens, req.seq_len, req.seed)
+    return loaded, layers, calib, heldout
+
+
+def _measure(original: LoadedModel, changed: LoadedModel, heldout: Windows, progress: Any) -> tuple:
+    """Expert load before/after and KL / top-1 of the changed model against the original, on held-out windows."""
+    from compress.evaluate import evaluate
+    from compress.moe.balanced import evaluate_balance
+
+    with _phase(progress, "evaluate"):
+        return evaluate_balance(original, changed, heldout), evaluate(changed, original, heldout).to_dict()
+
+
 def _params(module: Any) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -260,22 +282,17 @@ def run_rebalance(req: RebalanceRequest, progress: Any = None) -> dict[str, Any]
     """Fit a selection bias per layer on calibration windows, measure load / KL / top-1 against the original on
     held-out windows, save a compress-moe-v1 artifact (+ moe_rebalance.json) when `out` is given."""
     check_rebalance(req)
-    from compress.evaluate import evaluate
-    from compress.moe.balanced import evaluate_balance, rebalance, save_balanced
+    from compress.moe.balanced import rebalance, save_balanced
     from compress.moe.bip import capacity_tokens
 
     t0 = time.perf_counter()
-    loaded, layers = load_moe(req.model, fresh=True, arch=req.arch, trust_pickle=req.trust_pickle)
-    calib = _windows(req.data, loaded, "calibration", req.tokens, req.seq_len, req.seed)
-    heldout = _windows(req.eval_data or req.data, loaded, "evaluation", req.eval_tokens, req.seq_len, req.seed)
+    loaded, layers, calib, heldout = _prepare(req, fresh=True)
     for ly in layers:  # an infeasible capacity (too few calibration tokens) fails here, not mid-fit
         capacity_tokens(calib.num_tokens, ly.top_k, ly.num_experts, req.capacity)
     original = copy.deepcopy(loaded)
     with _phase(progress, f"fit {req.method}"):
         fit = rebalance(loaded, calib, req.method, req.capacity, max_iter=req.max_iter, lr=req.lr)
-    with _phase(progress, "evaluate"):
-        balance = evaluate_balance(original, loaded, heldout)
-        metrics = evaluate(loaded, original, heldout).to_dict()
+    balance, metrics = _measure(original, loaded, heldout, progress)
     fitted = {r["index"]: r for r in fit.layers}
     rows = [{**row, "calib_before": fitted[row["index"]]["before"], "calib_after": fitted[row["index"]]["after"],
              "iterations": fitted[row["index"]]["iterations"]} for row in balance.layers]
@@ -326,16 +343,13 @@ def run_prune(req: MoePruneRequest, progress: Any = None) -> dict[str, Any]:
     """Drop (or merge) the least useful routed experts by --schedule, measure KL / top-1 against the original on
     held-out windows, save a compress-moe-pruned-v1 artifact (+ moe_prune.json) when `out` is given."""
     amount = check_prune(req)
-    from compress.evaluate import evaluate
-    from compress.moe.balanced import evaluate_balance
     from compress.moe.prune import prune_moe
     from compress.moe.prune_artifact import save_moe_pruned
 
     t0 = time.perf_counter()
-    loaded, layers = load_moe(req.model, fresh=True, arch=req.arch, trust_pickle=req.trust_pickle)
+    loaded, layers, calib, heldout = _prepare(req, fresh=True,
+                                              check=lambda lo, ly: _prune_count(req, amount, lo, ly))
     percent = _prune_count(req, amount, loaded, layers)
-    calib = _windows(req.data, loaded, "calibration", req.tokens, req.seq_len, req.seed)
-    heldout = _windows(req.eval_data or req.data, loaded, "evaluation", req.eval_tokens, req.seq_len, req.seed)
     original = copy.deepcopy(loaded)
     params_before = _params(loaded.module)
     with _phase(progress, f"prune {req.schedule}"):
@@ -343,9 +357,7 @@ def run_prune(req: MoePruneRequest, progress: Any = None) -> dict[str, Any]:
         plan, _ = prune_moe(loaded.module, calib, percent, req.schedule, merge=req.merge, importance=req.importance,
                             seed=req.seed)
         prune_seconds = round(time.perf_counter() - t1, 2)
-    with _phase(progress, "evaluate"):
-        balance = evaluate_balance(original, loaded, heldout)
-        metrics = evaluate(loaded, original, heldout).to_dict()
+    balance, metrics = _measure(original, loaded, heldout, progress)
     loads = {r["index"]: r for r in balance.layers}
     rows = []
     for ly in layers:
@@ -406,10 +418,7 @@ def run_place(req: PlaceRequest, progress: Any = None) -> dict[str, Any]:
     from compress.moe.stats import load_of
 
     t0 = time.perf_counter()
-    loaded, layers = load_moe(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
-    _check_devices(req, layers)
-    calib = _windows(req.data, loaded, "calibration", req.tokens, req.seq_len, req.seed)
-    heldout = _windows(req.eval_data or req.data, loaded, "evaluation", req.eval_tokens, req.seq_len, req.seed)
+    loaded, layers, calib, heldout = _prepare(req, fresh=False, check=lambda _, ly: _check_devices(req, ly))
     with _phase(progress, "route"):
         loads = [[float(x) for x in load_of(r.indices, r.layer.num_experts)]
                  for r in capture_routing(loaded, calib).values()]
