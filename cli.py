@@ -21,6 +21,7 @@ from compress.quantize.targets import SUMMARY as TARGET_SUMMARY
 from compress.trust import allow_remote_code
 from exporters.formats import OPSETS, format_help
 from flows.console import print_json, progress_bar, run_command, stderr, stdout, table
+from flows.options import DataOptions, ModelOptions
 
 app = typer.Typer(help="Make neural networks smaller and faster, measured layer by layer.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -39,17 +40,21 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
                                        help="Print the version and exit.")) -> None:
     """Make neural networks smaller and faster, measured layer by layer."""
 
+_DATA, _MODEL = DataOptions(), ModelOptions(model="-")
+# The options every verb shares, one definition each; their defaults are the request dataclasses' (flows/options.py)
 DEBUG = typer.Option(False, "--debug", help="Show the full traceback on errors.")
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON on stdout instead of tables.")
 MODEL = typer.Argument(..., help="Zoo name (see `compress models list`), HF model directory, .gguf file, or "
                                  "weights file with a config beside it.")
-DATA = typer.Option(None, "--data", help="Text file, directory of *.txt, glob, or 'self' (sampled from the model; "
-                                         "default for decoders).")
-TOKENS = typer.Option(2048, "--tokens", help="Tokens to use (whole windows).")
-SEQ_LEN = typer.Option(None, "--seq-len", help="Window length in tokens (default 512 decoders, 256 encoders).")
-SEED = typer.Option(0, "--seed", help="Seed of the calibration/evaluation split and of self-sampling.")
-ARCH = typer.Option(None, "--arch", help="Config source (zoo name or HF dir) for a bare weights file.")
-TRUST = typer.Option(False, "--trust-pickle", help="Allow pickled checkpoints to run code (weights_only=False).")
+DATA = typer.Option(_DATA.data, "--data", help="Text file, directory of *.txt, glob, or 'self' (sampled from the "
+                                               "model; default for decoders).")
+TOKENS = typer.Option(_DATA.tokens, "--tokens", help="Tokens to use (whole windows).")
+SEQ_LEN = typer.Option(_DATA.seq_len, "--seq-len", help="Window length in tokens (default 512 decoders, 256 "
+                                                        "encoders).")
+SEED = typer.Option(_DATA.seed, "--seed", help="Seed of the calibration/evaluation split and of self-sampling.")
+ARCH = typer.Option(_MODEL.arch, "--arch", help="Config source (zoo name or HF dir) for a bare weights file.")
+TRUST = typer.Option(_MODEL.trust_pickle, "--trust-pickle", help="Allow pickled checkpoints to run code "
+                                                                 "(weights_only=False).")
 TRUST_CODE = typer.Option(False, "--trust-remote-code", help="Allow a model directory's own Python code (config.json "
                                                              "auto_map) to run, as transformers' flag does.")
 FORCE = typer.Option(False, "--force", help="Replace an existing output that compress did not write (never /, the "
