@@ -57,3 +57,30 @@ def test_readme_command_parses(args):
     for word in args:
         if word.startswith("examples/"):
             assert (REPO / word).exists(), f"{word} is not in the repository"
+
+
+def test_the_readme_names_every_registered_choice():
+    """The registries are the source of every choice list; the README must not fall behind them."""
+    from compress.importance import SCORERS
+    from compress.prune import choices as prune_choices
+    from compress.quantize import choices as quantize_choices
+    from compress.quantize.targets import SUMMARY as TARGETS
+    from compress.reparam.passes import PASSES
+    from evals.gate import THRESHOLDS
+    from exporters.formats import EXPORT_FORMATS
+    from flows.prune import MODES
+
+    text = (REPO / "README.md").read_text()
+    names = {
+        "quantize --method": list(quantize_choices.METHOD), "quantize --allocator": list(quantize_choices.ALLOCATOR),
+        "quantize --measure": list(quantize_choices.MEASURE), "quantize --backend": list(quantize_choices.BACKEND),
+        "quantize --target": list(TARGETS), "prune --method": list(prune_choices.BLOCK_METHOD),
+        "prune --importance": list(prune_choices.WIDTH_IMPORTANCE), "prune modes": [f"--{m}" for m in MODES],
+        "reparam passes": [f"--{p}" for p in PASSES], "export --format": list(EXPORT_FORMATS),
+        "score --methods": list(SCORERS),
+        "gate thresholds": [f"--{k.replace('_', '-')}" for k in THRESHOLDS],
+    }
+    missing = {what: [n for n in ns if f"`{n}" not in text and f"{n}`" not in text and f" {n} " not in text
+                      and f"|{n}" not in text and f"{n}|" not in text]
+               for what, ns in names.items()}
+    assert not {k: v for k, v in missing.items() if v}, missing
