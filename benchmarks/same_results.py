@@ -37,6 +37,11 @@ CASES = {
         ["prune", "smollm2-135m", "--blocks", "2", "--method", "bi", "--tokens", "1024", "--eval-tokens", "1024",
          "--data", DATA, "--json"],
         ["removed", "params_after", "metrics.kl_mean", "metrics.top1_agreement"]),
+    "export int4 (MatMulNBits) of a 4-bit --target ort artifact, validated": (
+        ["export", "{artifact}", "--onnx", "{out}/int4", "--format", "int4", "--tokens", "256", "--data", DATA,
+         "--json"],
+        ["size_bytes", "export.extra.rewrite.bits", "passed", "validation.vs artifact (kernel rounding).checks",
+         "validation.vs original float.checks"]),
     "score minilm-l6 lim, zd, ablation": (
         ["score", "minilm-l6", "--data", DATA, "--methods", "lim,zd,ablation", "--json"],
         ["blocks", "sublayers"]),
@@ -62,8 +67,10 @@ def same(a, b, rel: float = 1e-6) -> bool:
     return a == b
 
 
-def run(code: Path, args: list[str]) -> tuple[dict, float]:
-    """`compress ARGS` with the package at `code`, from the checkout (for examples/); JSON result and seconds."""
+def run(code: Path, args: list[str], fill: dict[str, str] | None = None) -> tuple[dict, float]:
+    """`compress ARGS` with the package at `code`, from the checkout (for examples/); JSON result and seconds.
+    `{name}` in an argument is replaced from `fill` (e.g. each tree's own output directory)."""
+    args = [x.format(**(fill or {})) for x in args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(code)}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", "import sys; from cli import main; sys.argv[0] = 'compress'; main()",
@@ -88,12 +95,18 @@ def main() -> None:
     subprocess.run(["git", "worktree", "add", "--detach", str(work), a.base], cwd=REPO, check=True,
                    capture_output=True)
     rows, failed = [], 0
+    scratch = work.parent
     try:
+        # one input artifact for the export case, made once (by HEAD) so both trees export the same codes
+        run(REPO, ["quantize", "smollm2-135m", "--bits", "4", "--target", "ort", "--eval-tokens", "256",
+                   "--seq-len", "256", "--data", DATA, "--out", str(scratch / "artifact"), "--json"])
         for name, (args, fields) in CASES.items():
             if a.only and a.only not in name:
                 continue
-            old, t_old = run(work, args)
-            new, t_new = run(REPO, args)
+            (scratch / "base-out").mkdir(exist_ok=True)
+            (scratch / "head-out").mkdir(exist_ok=True)
+            old, t_old = run(work, args, {"artifact": str(scratch / "artifact"), "out": str(scratch / "base-out")})
+            new, t_new = run(REPO, args, {"artifact": str(scratch / "artifact"), "out": str(scratch / "head-out")})
             diff = [f for f in fields if not same(field(old, f), field(new, f))]
             failed += bool(diff)
             shown = next((f for f in fields if f.startswith("metrics.kl")), fields[0])
