@@ -116,7 +116,8 @@ def main() -> None:
         subprocess.run(["git", "worktree", "remove", "--force", str(work)], cwd=REPO, capture_output=True)
     lines = [f"Written by `python benchmarks/same_results.py --base {base_rev}` on {time.strftime('%Y-%m-%d')} "
              f"(HEAD {head_rev}; 2 cores; each command in a fresh process, the same inputs, offline). A refactoring "
-             "passes when every compared field is equal (floats to 1e-6 relative, i.e. JSON rounding).", "",
+             "passes when every compared field is equal (floats to 1e-6 relative, i.e. JSON rounding). The seconds are "
+             "each run's wall time, not a speed comparison (other jobs may share the cores).", "",
              "| case | command | fields compared | result | shown value (HEAD) | s base / HEAD |",
              "|---|---|---|---|---|---|"]
     for name, args, fields, diff, value, shown, t_old, t_new in rows:
