@@ -49,8 +49,11 @@ def main() -> None:
     work = a.workdir or Path(tempfile.mkdtemp(prefix="readme-check-"))
     work.mkdir(parents=True, exist_ok=True)
     for name in ("examples", "benchmarks"):
-        if not (work / name).exists():
-            (work / name).symlink_to(REPO / name)
+        link = work / name
+        if link.is_symlink() and not link.exists():  # left by a checkout that is gone: point it at this one
+            link.unlink()
+        if not link.exists():
+            link.symlink_to(REPO / name)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "GITHUB_STEP_SUMMARY": str(work / "step-summary.md")}
     lines = [demo_command(), *[c for c in commands() if not c.startswith(SKIP)]]
