@@ -171,13 +171,9 @@ def load_moe(spec: str, fresh: bool = False, arch: str | None = None,
              trust_pickle: bool = False) -> tuple[LoadedModel, list[MoeLayer]]:
     """Load `spec` (zoo name, HF dir or artifact dir) and its MoE layers; UserError for a dense model, and for an
     artifact when `fresh` (the verb edits the original model)."""
-    from compress.artifact import is_artifact
-    from compress.artifact_formats import load_artifact
-    from compress.models import load_model
     from compress.moe.layout import MOE_FAMILIES, moe_layers
 
-    path = Path(spec).expanduser()
-    loaded = load_artifact(path) if is_artifact(path) else load_model(spec, arch=arch, trust_pickle=trust_pickle)
+    loaded, _ = ModelOptions(spec, arch, trust_pickle).load_source()
     family = getattr(getattr(loaded.module, "config", None), "model_type", None) or loaded.family
     if family not in MOE_FAMILIES:
         raise UserError(f"{spec}: has no experts (a dense {family} model; the moe verbs need one of "
