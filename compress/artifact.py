@@ -21,27 +21,55 @@ def is_artifact(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def save_artifact(loaded, specs: dict, out: Path, manifest: dict[str, Any]) -> Path:
-    """Write the (already quantized) model in `loaded` to `out` with its specs and manifest."""
-    return save_dir(loaded, out, FORMAT, {"modules": {n: s.to_dict() for n, s in specs.items()}, **manifest})
+def save_artifact(loaded, specs: dict, out: Path, manifest: dict[str, Any],
+                  storage: dict[str, torch.dtype] | None = None) -> Path:
+    """Write the (already quantized) model in `loaded` to `out` with its specs and manifest; float tensors the
+    quantization left alone are stored in their `storage` dtype (the source checkpoint's)."""
+    return save_dir(loaded, out, FORMAT, manifest_fields(specs, manifest), storage=storage)
 
 
-def save_dir(loaded, out: Path, fmt: str, fields: dict[str, Any], weights_format: str | None = None) -> Path:
-    """Write `loaded` to `out` atomically: model.safetensors (tied tensors once, tagged `weights_format`, default
-    `fmt`), config, tokenizer and compress.json = {format, tool_version, base, family, kind, pooling, **fields}."""
-    from safetensors.torch import save_file
+def manifest_fields(specs: dict, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The compress.json fields of a quantized artifact: every module's spec, then the run's manifest."""
+    return {"modules": {n: s.to_dict() for n, s in specs.items()}, **manifest}
+
+
+def save_dir(loaded, out: Path, fmt: str, fields: dict[str, Any], weights_format: str | None = None,
+             storage: dict[str, torch.dtype] | None = None) -> Path:
+    """Write `loaded` to `out` atomically: safetensors shards (tied tensors once, tagged `weights_format`, default
+    `fmt`; see compress.stream.shards), config, tokenizer and compress.json = {format, tool_version, base, family,
+    kind, pooling, **fields}."""
+    from compress.stream.shards import ShardWriter, as_stored, block_groups
 
     out = Path(out)
-    state = _dedupe({k: v.contiguous() for k, v in loaded.module.state_dict().items()})
+    state = as_stored(_dedupe({k: v.contiguous() for k, v in loaded.module.state_dict().items()}), storage or {})
     with atomic_dir(out, expected_bytes=sum(v.numel() * v.element_size() for v in state.values())) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": weights_format or fmt})
-        loaded.module.config.save_pretrained(tmp)
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(tmp)
-        body = {"format": fmt, "tool_version": __version__, "base": loaded.spec, "family": loaded.family,
-                "kind": loaded.kind, "pooling": loaded.pooling, **fields}
-        (tmp / MANIFEST).write_text(json.dumps(body, indent=2) + "\n")
+        writer = ShardWriter(tmp, metadata={"format": weights_format or fmt})
+        for group in block_groups(state, *_stack(loaded.module)):
+            writer.add(group)
+        writer.finish()
+        write_beside(loaded, tmp, fmt, fields)
     return out
+
+
+def write_beside(loaded, root: Path, fmt: str, fields: dict[str, Any]) -> None:
+    """Config, tokenizer and compress.json beside the weights."""
+    loaded.module.config.save_pretrained(root)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(root)
+    body = {"format": fmt, "tool_version": __version__, "base": loaded.spec, "family": loaded.family,
+            "kind": loaded.kind, "pooling": loaded.pooling, **fields}
+    (Path(root) / MANIFEST).write_text(json.dumps(body, indent=2) + "\n")
+
+
+def _stack(model) -> tuple[str, int]:
+    """(blocks path, number of blocks) for grouping the shards; ("", 0) when the model has no block stack."""
+    from compress.models.stack import find_block_stack
+
+    try:
+        path, blocks = find_block_stack(model)
+    except UserError:
+        return "", 0
+    return path, len(blocks)
 
 
 def skeleton(path: Path) -> torch.nn.Module:
@@ -73,16 +101,20 @@ def rebuild(path: Path, manifest: dict[str, Any], restructure, what: str = "the 
 
 
 def load_weights(model: torch.nn.Module, path: Path, what: str = "the manifest") -> None:
-    """Load DIR/model.safetensors into `model`: every tensor must fit (tied copies and rotary buffers aside);
-    otherwise one UserError naming the directory and a tensor that does not match `what`."""
+    """Load DIR's safetensors weights (one file or shards) into `model`: every tensor must fit (tied copies and
+    rotary buffers aside); otherwise one UserError naming the directory and a tensor that does not match `what`."""
     from safetensors.torch import load_file
 
-    weights = Path(path) / "model.safetensors"
-    try:
-        state = load_file(str(weights))
-    except Exception as exc:  # safetensors raises its own types on truncated or corrupted files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"{weights}: unreadable ({first}); the file is truncated or damaged, re-create it") from exc
+    from compress.stream.checkpoint import weight_files
+
+    state = {}
+    for weights in weight_files(Path(path)):
+        try:
+            state.update(load_file(str(weights)))
+        except Exception as exc:  # safetensors raises its own types on truncated or corrupted files
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(f"{weights}: unreadable ({first}); the file is truncated or damaged, re-create it"
+                            ) from exc
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # size mismatch

@@ -58,3 +58,16 @@ class OutputOptions:
     """Where the result goes (`out`, None: not saved)."""
 
     out: Path | None = None
+
+
+@dataclass
+class StreamOptions:
+    """Whether the model is worked on block by block from disk (`stream`: auto | on | off)."""
+
+    stream: str = "auto"
+
+    def stream_choice(self, spec: str) -> Any:
+        """compress.stream.decide's StreamChoice for `spec` under this request's --stream."""
+        from compress.stream.decide import decide
+
+        return decide(spec, self.stream)

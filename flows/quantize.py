@@ -11,11 +11,11 @@ from compress.errors import UserError
 from compress.quantize.budget import Budget
 from compress.quantize.choices import ALLOCATOR, BACKEND, EMBEDDINGS, GRANULARITY, MEASURE, METHOD
 from compress.quantize.spec import BITS, QuantSpec
-from flows.options import DataOptions, ModelOptions, OutputOptions
+from flows.options import DataOptions, ModelOptions, OutputOptions, StreamOptions
 
 
 @dataclass(kw_only=True)
-class QuantizeRequest(OutputOptions, DataOptions, ModelOptions):
+class QuantizeRequest(StreamOptions, OutputOptions, DataOptions, ModelOptions):
     """Everything `compress quantize` was asked to do."""
 
     bits: int | None = None
@@ -140,6 +140,11 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
 
     plan_from_file = Plan.load(req.plan_file) if req.plan_file else None
     t0 = time.perf_counter()
+    choice = req.stream_choice(req.model)
+    if choice.stream:
+        from flows.quantize_stream import run_quantize_streaming
+
+        return run_quantize_streaming(req, choice, plan_from_file, progress)
     loaded = load_model(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
     lmap = layer_map(loaded.module)
     names = quantizable(loaded.module, lmap)
@@ -209,6 +214,17 @@ def _save(req: QuantizeRequest, loaded, plan, table, specs: dict, record, result
     """The artifact: packed weights and a manifest with the plan, metrics, per-layer specs and the distortion
     table; structure inherited from a source artifact (MoE experts cut, router bias) is kept."""
     from compress.artifact import save_artifact
+    from compress.stream.checkpoint import weight_files
+
+    save_artifact(loaded, specs, Path(req.out), artifact_manifest(loaded, plan, table, specs, record, result),
+                  storage=source_dtypes(loaded))
+    result["out"] = str(req.out)
+    result["file_bytes"] = sum(f.stat().st_size for f in weight_files(Path(req.out)))
+
+
+def artifact_manifest(loaded, plan, table, specs: dict, record, result: dict) -> dict:
+    """compress.json's run fields: the plan, metrics, notes, size, per-layer specs and bpw, the distortion table;
+    structure inherited from a source artifact (MoE experts cut, router bias) is kept."""
     from compress.artifact_formats import STRUCTURE
 
     manifest = {"plan": plan.to_dict(), "metrics": result.get("metrics"), "notes": record.notes,
@@ -219,9 +235,16 @@ def _save(req: QuantizeRequest, loaded, plan, table, specs: dict, record, result
         manifest["distortion"] = table.to_dict()
     source = loaded.extra.get("manifest") or {}
     manifest.update({k: source[k] for k in STRUCTURE if k in source})
-    save_artifact(loaded, specs, Path(req.out), manifest)
-    result["out"] = str(req.out)
-    result["file_bytes"] = (Path(req.out) / "model.safetensors").stat().st_size
+    return manifest
+
+
+def source_dtypes(loaded) -> dict:
+    """The dtype of every tensor in the safetensors files the model was loaded from ({} when it was not loaded
+    from a directory's own weights): unchanged floats are stored back in it."""
+    from compress.stream.checkpoint import Checkpoint
+
+    weights_dir = loaded.extra.get("weights_dir")
+    return Checkpoint(weights_dir).dtypes if weights_dir is not None else {}
 
 
 def _measure(req: QuantizeRequest, loaded, result: dict, data: _Data, progress) -> None:

@@ -135,3 +135,35 @@ def rotation(theta: float, dim: int = 2) -> torch.Tensor:
     c, s = math.cos(theta), math.sin(theta)
     m[0, 0], m[0, 1], m[1, 0], m[1, 1] = c, -s, s, c
     return m
+
+
+def bpe_tokenizer(text: str, vocab_size: int = 300):
+    """A byte-level BPE trained on `text`: a real tokenizer that saves beside a model, ids below `vocab_size`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text] * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def hf_dir(path, text: str, dtype=torch.bfloat16, tied: bool = False, layers: int = 3, shard: str | None = None):
+    """A tiny llama saved as an HF directory in `dtype` with a BPE tokenizer trained on `text` (optionally in
+    safetensors shards of `shard` size, e.g. "40KB"); returns the path."""
+    import transformers as tf
+
+    tok = bpe_tokenizer(text)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         tie_word_embeddings=tied)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval().to(dtype)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    tok.save_pretrained(path)
+    return path

@@ -51,11 +51,13 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
     from compress.artifact import is_artifact
     from compress.artifact_formats import load_artifact
     from compress.integrity import check_before_use
+    from compress.stream.checkpoint import has_checkpoint
 
     check_before_use(path)
     if is_artifact(path):
         loaded = load_artifact(path)
         loaded.spec = spec
+        loaded.extra["weights_dir"] = path
         return loaded
 
     remote = check_remote_code(path, spec)
@@ -71,7 +73,10 @@ def _load_dir(path: Path, spec: str) -> LoadedModel:
             raise
         raise UserError(f"{spec}: weights unreadable ({first_line(exc)}); the files are truncated or damaged, "
                         "re-create or re-download them") from exc
-    return wrap(model, load_tokenizer(path), spec, path)
+    loaded = wrap(model, load_tokenizer(path), spec, path)
+    if has_checkpoint(path):
+        loaded.extra["weights_dir"] = path  # the dtypes its safetensors store, kept when weights are unchanged
+    return loaded
 
 
 def _load_cnn(path: Path, spec: str) -> LoadedModel:

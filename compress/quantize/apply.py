@@ -51,6 +51,10 @@ def is_tied(model: nn.Module, lmap: LayerMap) -> bool:
         return False
     head = model.get_submodule(lmap.head)
     emb = model.get_submodule(lmap.embeddings)
+    if isinstance(head, TiedQuantHead):
+        return head._embedding[0] is emb
+    if isinstance(emb, QuantEmbedding) or isinstance(head, QuantLinear):
+        return False  # codes of their own (reading .weight would dequantize them)
     return getattr(head, "weight", None) is getattr(emb, "weight", None)
 
 
@@ -88,7 +92,7 @@ def apply_plan(model: nn.Module, lmap: LayerMap, specs: dict[str, QuantSpec],
             if module.bias is not None:
                 new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         _set(model, name, new)
-    if tied:
+    if tied and lmap.embeddings in specs:
         emb_spec = specs.get(lmap.embeddings)
         emb = model.get_submodule(lmap.embeddings)
         if isinstance(emb, QuantEmbedding):

@@ -174,7 +174,6 @@ def gptq_pass(loaded: LoadedModel, lmap: LayerMap, specs: dict[str, QuantSpec], 
     import torch
 
     from compress.models.runner import BlockRunner
-    from compress.quantize.gptq import HessianCollector, gptq_quantize
 
     model = loaded.module
     runner = BlockRunner(loaded, lmap, windows)
@@ -183,26 +182,48 @@ def gptq_pass(loaded: LoadedModel, lmap: LayerMap, specs: dict[str, QuantSpec], 
     task = progress.add_task("gptq", total=len(lmap.blocks)) if progress is not None else None
     with torch.inference_mode():
         for blk in lmap.blocks:
-            targets = [p for p in blk.linears if p in specs and specs[p].method == "gptq" and not specs[p].is_float]
-            collectors = {p: HessianCollector(model.get_submodule(p), weight_matrix(model.get_submodule(p)).shape[1])
-                          for p in targets}
-            for b, batch in enumerate(runner.batches):
-                runner.run_block(batch, blk.index, hidden[b])
-            for p in targets:
-                w = weight_matrix(model.get_submodule(p))
-                q = gptq_quantize(w, collectors[p].result(), specs[p])
-                out[p] = q
-                w.copy_(q.dequantize())
+            def feed(i=blk.index):
+                for b, batch in enumerate(runner.batches):
+                    runner.run_block(batch, i, hidden[b])
+
+            out.update(gptq_block(model, blk.linears, specs, feed))
             hidden = [runner.run_block(batch, blk.index, hidden[b]) for b, batch in enumerate(runner.batches)]
             if progress is not None:
                 progress.advance(task)
-        head_name = _gptq_head_target(model, lmap, specs)
-        if head_name is not None:
-            # The LM head (or the embedding tied to it) sees the final normed hidden states of the quantized stack.
-            x = torch.cat([runner.final_hidden(h).reshape(-1, h.shape[-1]) for h in hidden]).double()
-            w = weight_matrix(model.get_submodule(head_name))
-            out[head_name] = gptq_quantize(w, 2.0 * x.T @ x / len(x), specs[head_name])
+        out.update(gptq_head(model, lmap, specs, [runner.final_hidden(h) for h in hidden]))
     return out
+
+
+def gptq_block(model, linears: list[str], specs: dict[str, QuantSpec], feed: Callable[[], None]) -> dict:
+    """GPTQ of one block's Linears: `feed()` runs the calibration batches through the block once while their
+    Hessians are collected; each weight is then replaced by its dequantized codes (what later blocks see)."""
+    from compress.quantize.gptq import HessianCollector, gptq_quantize
+
+    targets = [p for p in linears if p in specs and specs[p].method == "gptq" and not specs[p].is_float]
+    collectors = {p: HessianCollector(model.get_submodule(p), weight_matrix(model.get_submodule(p)).shape[1])
+                  for p in targets}
+    feed()
+    out = {}
+    for p in targets:
+        w = weight_matrix(model.get_submodule(p))
+        out[p] = gptq_quantize(w, collectors[p].result(), specs[p])
+        w.copy_(out[p].dequantize())
+    return out
+
+
+def gptq_head(model, lmap: LayerMap, specs: dict[str, QuantSpec], finals: list) -> dict:
+    """GPTQ of the LM head (or the embedding tied to it) when its spec asks, from the final normed hidden states
+    of the quantized stack; {} otherwise."""
+    import torch
+
+    from compress.quantize.gptq import gptq_quantize
+
+    head_name = _gptq_head_target(model, lmap, specs)
+    if head_name is None:
+        return {}
+    x = torch.cat([h.reshape(-1, h.shape[-1]) for h in finals]).double()
+    w = weight_matrix(model.get_submodule(head_name))
+    return {head_name: gptq_quantize(w, 2.0 * x.T @ x / len(x), specs[head_name])}
 
 
 def _gptq_head_target(model, lmap: LayerMap, specs: dict[str, QuantSpec]) -> str | None:

@@ -1,0 +1,93 @@
+"""`--stream auto|on|off`: whether a model is worked on block by block from disk or loaded whole, decided from its
+size in the compute dtype against the memory this machine has free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from compress.choices import Choices
+from compress.errors import UserError
+
+STREAM = Choices("--stream", {
+    "auto": "block by block when the whole model would not fit in free memory, else in memory",
+    "on": "block by block from the safetensors files: memory holds about one block",
+    "off": "load the whole model (fp32), as before",
+})
+WHOLE_MODEL_COPIES = 2.5  # in memory: the candidate, a reference copy for evaluation, activations and logits
+
+
+@dataclass(frozen=True)
+class StreamChoice:
+    """The decision and its reason (printed in the result notes)."""
+
+    stream: bool
+    path: Path | None
+    why: str
+
+
+def model_dir(spec: str) -> Path | None:
+    """The HF or artifact directory a model spec names (zoo names resolved), or None for GGUF / weights files."""
+    from compress.models import zoo
+
+    if spec in zoo.ZOO:
+        return None if zoo.ZOO[spec].kind == "cnn" else zoo.pull(spec)
+    path = Path(spec).expanduser()
+    return path if path.is_dir() else None
+
+
+def in_memory_bytes(path: Path) -> int:
+    """Bytes the whole-model path needs: every tensor in fp32, times WHOLE_MODEL_COPIES."""
+    from compress.stream.checkpoint import Checkpoint
+
+    ck = Checkpoint(path)
+    numel = sum(_numel(s) for s in ck.shapes.values())
+    return int(numel * 4 * WHOLE_MODEL_COPIES)
+
+
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (the kernel's estimate of what can be allocated without swapping)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def decide(spec: str, mode: str) -> StreamChoice:
+    """Stream or not for `spec` under `mode`; UserError when `on` cannot stream this input, or when `off` asks
+    for more memory than the machine has."""
+    from compress.stream.checkpoint import has_checkpoint
+
+    STREAM.check(mode)
+    path = model_dir(spec)
+    streamable = path is not None and has_checkpoint(path)
+    if mode == "on":
+        if not streamable:
+            raise UserError(f"--stream on: {spec} is not a directory of safetensors weights; stream an HF model "
+                            "directory or a quantized artifact (convert GGUF and .pt files with `compress convert` "
+                            "or save_pretrained first)")
+        return StreamChoice(True, path, "--stream on")
+    if not streamable:
+        return StreamChoice(False, path, "in memory: not a safetensors directory")
+    need, free = in_memory_bytes(path), available_bytes()
+    if mode == "off":
+        if need > free:
+            raise UserError(f"--stream off: {spec} needs about {need / 2**30:.1f} GiB in memory, {free / 2**30:.1f} "
+                            "GiB are free; use --stream on (block by block from disk)")
+        return StreamChoice(False, path, "--stream off")
+    if need > free:
+        return StreamChoice(True, path, f"streamed: the whole model needs about {need / 2**30:.1f} GiB, "
+                                        f"{free / 2**30:.1f} GiB are free")
+    return StreamChoice(False, path, "in memory: it fits")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,122 @@
+"""`compress eval` for models that are not held whole: candidate and reference advance block by block in lockstep
+over the evaluation windows (one block of each in memory at a time), then the final norm and the LM head give the
+same per-token NLL, KL and top-1 as compress.evaluate, computed 128 tokens at a time."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from compress.data import Windows
+from compress.errors import UserError
+from compress.evaluate import EvalReport
+from compress.metrics import kl_per_token, log_softmax_chunked, perplexity, summarize
+from compress.stream.lazy import Calls, LazyModel
+from compress.version import __version__
+
+TOKEN_ROWS = 128  # hidden-state rows per LM-head chunk: bounds the logits to 128 × vocabulary floats per model
+
+
+def evaluate_streaming(candidate: LazyModel, reference: LazyModel | None, windows: Windows,
+                       progress=None) -> EvalReport:
+    """The EvalReport of compress.evaluate.evaluate (decoders), each model read block by block from disk."""
+    if candidate.loaded.kind != "decoder":
+        raise UserError(f"{candidate.loaded.spec}: streaming evaluation is for decoders (encoders fit in memory); "
+                        "pass --stream off")
+    models = [candidate] + ([reference] if reference is not None else [])
+    task = progress.add_task("eval blocks", total=len(candidate.blocks) + 1) if progress is not None else None
+    calls = [_capture(m, windows) for m in models]
+    hidden = [[c.hidden for c in cs] for cs in calls]
+    foot = {"size_bytes": 0, "weight_bytes": 0, "weight_params": 0}
+    with torch.inference_mode():
+        for i in range(len(candidate.blocks)):
+            for k, m in enumerate(models):
+                m.load_block(i)
+                if k == 0:
+                    for key, v in candidate.footprint(candidate.blocks[i]).items():
+                        foot[key] += v
+                hidden[k] = [m.run_block(i, c, h) for c, h in zip(calls[k], hidden[k], strict=True)]
+                m.drop_block(i)
+            if progress is not None:
+                progress.advance(task)
+        metrics = _head_metrics(models, hidden, windows)
+    if progress is not None:
+        progress.advance(task)
+    trunk = _trunk_footprint(candidate)
+    size = foot["size_bytes"] + trunk["size_bytes"]
+    bpw = (foot["weight_bytes"] + trunk["weight_bytes"]) * 8 / max(foot["weight_params"] + trunk["weight_params"], 1)
+    provenance = {"tool_version": __version__, "data": windows.describe(), "windows_sha256": windows.data_hash,
+                  "model_sha256": None, "reference_sha256": None, "streamed": True,
+                  "model_files_sha256": files_hash(candidate),
+                  "reference_files_sha256": files_hash(reference) if reference is not None else None}
+    return EvalReport(model=candidate.loaded.spec, reference=reference.loaded.spec if reference else None,
+                      size_bytes=int(size), bpw=round(bpw, 4), tokens=windows.num_tokens, provenance=provenance,
+                      **metrics)
+
+
+def files_hash(lazy: LazyModel) -> str:
+    """sha256 over the model's safetensors files in order: which stored weights were evaluated."""
+    h = hashlib.sha256()
+    for f in lazy.checkpoint.files:
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+def _capture(lazy: LazyModel, windows: Windows) -> list[Calls]:
+    """Block 0's input and each block's arguments, one window at a time (as compress.evaluate runs them)."""
+    lazy.load_trunk()
+    try:
+        return [lazy.capture(ids.unsqueeze(0), mask.unsqueeze(0))
+                for ids, mask in zip(windows.input_ids, windows.attention_mask, strict=True)]
+    finally:
+        lazy.drop_trunk()
+
+
+def _head_metrics(models: list[LazyModel], hidden: list[list[torch.Tensor]], windows: Windows) -> dict:
+    """Per-token NLL of each model, KL(reference ‖ candidate) and top-1 agreement, from the final hidden states."""
+    for m in models:
+        m.load_trunk()
+    nll: list[list[torch.Tensor]] = [[] for _ in models]
+    kl, top1 = [], []
+    vocab = None
+    for w, ids in enumerate(windows.input_ids):
+        finals = [m.final_hidden(h[w]).reshape(-1, h[w].shape[-1]) for m, h in zip(models, hidden, strict=True)]
+        for s in range(0, len(ids), TOKEN_ROWS):
+            rows = slice(s, min(s + TOKEN_ROWS, len(ids)))
+            logits = [m.logits(f[rows]) for m, f in zip(models, finals, strict=True)]
+            if vocab is None:
+                vocab = {lg.shape[-1] for lg in logits}
+                if len(vocab) > 1:
+                    raise UserError(f"--reference {models[1].loaded.spec} and {models[0].loaded.spec} have "
+                                    "different vocabularies: KL needs the same vocabulary")
+            nxt = ids[rows.start + 1:rows.stop + 1]
+            for k, lg in enumerate(logits):
+                lp = log_softmax_chunked(lg[:len(nxt)])
+                nll[k].append(-lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
+            if len(models) > 1:
+                ref = log_softmax_chunked(logits[1])
+                kl.append(kl_per_token(ref, logits[0]))
+                top1.append((logits[1].argmax(-1) == logits[0].argmax(-1)).float())
+    for m in models:
+        m.drop_trunk()
+    out: dict[str, float | None] = {"ppl": perplexity(torch.cat(nll[0])), "ppl_ref": None, "kl_mean": None,
+                                    "kl_median": None, "kl_p99": None, "top1_agreement": None, "emb_cosine": None}
+    if len(models) > 1:
+        stats = summarize(torch.cat(kl))
+        out.update(ppl_ref=perplexity(torch.cat(nll[1])), kl_mean=stats["mean"], kl_median=stats["median"],
+                   kl_p99=stats["p99"], top1_agreement=float(torch.cat(top1).mean()))
+    return out
+
+
+def _trunk_footprint(lazy: LazyModel) -> dict[str, int]:
+    """The candidate's tensors outside the stack, counted as the in-memory model holds them."""
+    from compress.stream.quantize import StreamedRun, _count_trunk
+    from compress.quantize.apply import Record
+
+    lazy.load_trunk()
+    run = StreamedRun(Record())
+    _count_trunk(run, lazy, lazy.big_tables())
+    lazy.drop_trunk()
+    return {"size_bytes": run.size_bytes, "weight_bytes": run.weight_bytes, "weight_params": run.weight_params}

@@ -1,0 +1,276 @@
+"""A model whose weights stay on disk: the skeleton is built on the meta device (accelerate's `init_empty_weights`,
+buffers real), and each block's tensors are read from the safetensors files when it is worked on and dropped after.
+
+The block stack is run from recorded call arguments: one forward of the trunk with every block replaced by a
+recorder gives block 0's input and the arguments (masks, rotary tables) each block is called with, exactly as the
+whole model would call it. Hidden states then flow block to block in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.models.hf import LoadedModel
+from compress.models.layers import LayerMap
+from compress.models.runner import _split_hidden, hidden_of
+from compress.stream.checkpoint import Checkpoint
+
+
+@dataclass
+class Calls:
+    """What the block stack receives for one batch of windows: block 0's input and each block's other arguments."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    hidden: torch.Tensor
+    args: list[tuple[tuple, dict]] = field(default_factory=list)
+
+
+class _Stop(Exception):
+    """Raised by the last recorder: the rest of the forward (final norm, head) is not needed."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for block `index` during the capture forward: records its arguments, passes the hidden on."""
+
+    def __init__(self, index: int, last: bool, calls: Calls):
+        super().__init__()
+        self.index, self.last, self.calls = index, last, calls
+
+    def forward(self, *args, **kwargs):
+        hidden, rest_args, rest_kwargs = _split_hidden(args, kwargs)
+        if self.index == 0:
+            self.calls.hidden = hidden.detach()
+        rest_kwargs = dict(rest_kwargs)
+        for k in ("past_key_values", "past_key_value", "layer_past"):
+            rest_kwargs.pop(k, None)
+        if "use_cache" in rest_kwargs:
+            rest_kwargs["use_cache"] = False
+        self.calls.args.append((rest_args, rest_kwargs))
+        if self.last:
+            raise _Stop
+        return hidden
+
+
+class LazyModel:
+    """A LoadedModel on the meta device plus the checkpoint its tensors come from; blocks are loaded one at a time."""
+
+    def __init__(self, loaded: LoadedModel, lmap: LayerMap, checkpoint: Checkpoint,
+                 dtype: torch.dtype = torch.float32):
+        self.loaded, self.lmap, self.checkpoint, self.dtype = loaded, lmap, checkpoint, dtype
+        self.model = loaded.module
+        self.blocks = self.model.get_submodule(lmap.blocks_path)
+        self.specs: dict = {}  # a packed artifact's module specs, applied block by block as they are loaded
+        self._swapped: set[str] = set()
+
+    # ---- which tensors belong where
+    def block_names(self, i: int) -> list[str]:
+        """State names of block i as the model now names them (after any module swaps)."""
+        prefix = f"{self.lmap.blocks_path}.{i}."
+        return [prefix + n for n in _state_names(self.blocks[i])]
+
+    def trunk_names(self) -> list[str]:
+        """State names outside the block stack (embeddings, final norm, head; a tied copy once)."""
+        prefix = self.lmap.blocks_path + "."
+        return [n for n in _state_names(self.model, skip=prefix)]
+
+    # ---- loading and dropping
+    def load_block(self, i: int) -> None:
+        """Read block i (its specs applied first when the model is a packed artifact)."""
+        self._prepare(f"{self.lmap.blocks_path}.{i}.")
+        self._load(self.block_names(i))
+
+    def drop_block(self, i: int) -> None:
+        """Free every tensor of block i (including ones a transform put there)."""
+        self.blocks[i].to("meta")
+
+    def load_trunk(self, keep_storage: bool = True) -> None:
+        """Read the tensors outside the stack; with `keep_storage`, the embedding and head tables stay in the
+        checkpoint's dtype (looked up, or multiplied 8,192 rows at a time), the rest in the compute dtype."""
+        self._prepare(None)
+        self._load(self.trunk_names(), self.big_tables() if keep_storage else ())
+        self._tie()
+
+    def drop_trunk(self) -> None:
+        """Free the tensors outside the stack."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for n in self.trunk_names():
+            set_module_tensor_to_device(self.model, n, "meta")
+        self._tie()
+
+    def _tie(self) -> None:
+        """Tie the head to the embedding again (replacing a tensor unties them), unless the codes are shared."""
+        tied = getattr(self.model.config, "tie_word_embeddings", False) and hasattr(self.model, "tie_weights")
+        if tied and self.lmap.embeddings not in self.specs and self.lmap.embeddings not in self._quantized():
+            self.model.tie_weights()
+
+    def _quantized(self) -> set[str]:
+        from compress.quantize.modules import QuantEmbedding
+
+        emb = self.model.get_submodule(self.lmap.embeddings) if self.lmap.embeddings else None
+        return {self.lmap.embeddings} if isinstance(emb, QuantEmbedding) else set()
+
+    def _prepare(self, prefix: str | None) -> None:
+        """Swap in the packed modules of the artifact's specs under `prefix` (None: outside the stack), once."""
+        from compress.quantize.apply import apply_plan
+
+        stack = self.lmap.blocks_path + "."
+        mine = {n: s for n, s in self.specs.items() if n not in self._swapped
+                and (n.startswith(prefix) if prefix else not n.startswith(stack))}
+        if mine:
+            apply_plan(self.model, self.lmap, mine, empty=True)
+            self._swapped.update(mine)
+
+    def _load(self, names: list[str], keep_storage: tuple[str, ...] = ()) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        values = self.checkpoint.read(names)
+        for n in names:
+            t = values.pop(n)
+            current = _tensor(self.model, n)
+            if t.is_floating_point() and current.is_floating_point() and n not in keep_storage:
+                t = t.to(self.dtype if current.dtype == torch.float32 else current.dtype)  # fp32: the skeleton's
+            set_module_tensor_to_device(self.model, n, "cpu", value=t)
+
+    # ---- running
+    def big_tables(self) -> tuple[str, ...]:
+        """The embedding and head weights: kept in the checkpoint's dtype while loaded (they are looked up or
+        multiplied chunk by chunk), everything else is computed in the compute dtype."""
+        names = set(self.trunk_names())
+        return tuple(f"{m}.weight" for m in (self.lmap.embeddings, self.lmap.head) if m and f"{m}.weight" in names)
+
+    def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Calls:
+        """Block 0's input and every block's call arguments for one batch (the trunk must be loaded)."""
+        calls = Calls(input_ids, attention_mask, torch.empty(0))
+        n = len(self.blocks)
+        originals = list(self.blocks)
+        embed = self.model.get_submodule(self.lmap.embeddings) if self.lmap.embeddings else None
+        cast = embed.register_forward_hook(lambda m, a, out: out.to(self.dtype)) if embed is not None else None
+        for i in range(n):
+            self.blocks[i] = _Recorder(i, i == n - 1, calls)
+        try:
+            base = getattr(self.model, "base_model", self.model)
+            with torch.inference_mode():
+                if self.loaded.kind == "decoder":
+                    base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                else:
+                    base(input_ids=input_ids, attention_mask=attention_mask)
+        except _Stop:
+            pass
+        finally:
+            for i, blk in enumerate(originals):
+                self.blocks[i] = blk
+            if cast is not None:
+                cast.remove()
+        if len(calls.args) != n:
+            raise RuntimeError(f"recorded {len(calls.args)} block calls for {n} blocks: the stack is not called "
+                               "once per block in order")
+        calls.hidden = calls.hidden.to(self.dtype)
+        return calls
+
+    def run_block(self, i: int, calls: Calls, hidden: torch.Tensor) -> torch.Tensor:
+        """Block i (loaded) applied to `hidden` with the arguments the whole model would pass it."""
+        rest_args, rest_kwargs = calls.args[i]
+        return hidden_of(self.blocks[i](hidden, *rest_args, **rest_kwargs))
+
+    def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm (if the family has one) applied to the last block's output."""
+        if self.lmap.final_norm:
+            return self.model.get_submodule(self.lmap.final_norm)(hidden)
+        return hidden
+
+    def logits(self, normed: torch.Tensor, rows: int = 8192) -> torch.Tensor:
+        """LM-head logits; a float head stored in a narrower dtype is multiplied 8,192 vocabulary rows at a time,
+        so no fp32 copy of the whole head is made."""
+        head = self.model.get_submodule(self.lmap.head)
+        if isinstance(head, nn.Linear) and head.weight.dtype != normed.dtype:
+            w = head.weight
+            out = torch.cat([normed @ w[s:s + rows].to(normed.dtype).T for s in range(0, w.shape[0], rows)], dim=-1)
+            if head.bias is not None:
+                out = out + head.bias.to(normed.dtype)
+        else:
+            out = head(normed)
+        cap = self.lmap.logit_softcap
+        return torch.tanh(out / cap) * cap if cap else out
+
+    def footprint(self, module: nn.Module) -> dict[str, int]:
+        """Stored bytes, weight bytes and weight parameters of a loaded part, as weight_footprint counts them."""
+        from compress.metrics import weight_footprint
+
+        f = weight_footprint(module)
+        return {k: int(f[k]) for k in ("size_bytes", "weight_bytes", "weight_params")}
+
+
+def open_lazy(path: Path, spec: str, dtype: torch.dtype = torch.float32) -> LazyModel:
+    """The model of an HF directory (or a packed artifact) with safetensors weights, built on the meta device;
+    nothing is read yet."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from compress.models.hf import check_remote_code, load_tokenizer, model_class, quiet_transformers, wrap
+    from compress.models.layers import layer_map
+
+    quiet_transformers()
+    path = Path(path)
+    checkpoint = Checkpoint(path)
+    remote = check_remote_code(path, spec)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    with init_empty_weights(include_buffers=False):
+        model = model_class(config, spec).from_config(config, dtype=torch.float32, trust_remote_code=remote)
+    model.eval()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    loaded = wrap(model, load_tokenizer(path), spec, path)
+    lazy = LazyModel(loaded, layer_map(model), checkpoint, dtype)
+    manifest = _manifest(path)
+    if manifest is not None:
+        lazy.specs = _packed_specs(path, manifest)
+        loaded.kind, loaded.pooling = manifest.get("kind", loaded.kind), manifest.get("pooling", loaded.pooling)
+        loaded.extra["manifest"] = manifest
+    return lazy
+
+
+def _manifest(path: Path) -> dict | None:
+    import json
+
+    from compress.artifact import MANIFEST
+
+    f = Path(path) / MANIFEST
+    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+
+
+def _packed_specs(path: Path, manifest: dict) -> dict:
+    """The module specs of a packed (quantized) artifact; other artifact formats change structure and are read
+    whole instead."""
+    from compress.artifact import FORMAT
+    from compress.artifact_formats import STRUCTURE
+    from compress.errors import UserError
+    from compress.quantize.spec import QuantSpec
+
+    if manifest.get("format") != FORMAT or any(k in manifest for k in STRUCTURE):
+        raise UserError(f"{path}: a {manifest.get('format')} artifact cannot be streamed (only quantized artifacts "
+                        "of unchanged structure can); pass --stream off")
+    return {n: QuantSpec(**d) for n, d in manifest["modules"].items()}
+
+
+def _state_names(model: nn.Module, skip: str | None = None) -> list[str]:
+    """Persistent state names (but those starting with `skip`), a tensor shared under two names (tied head)
+    listed once, by its first name."""
+    seen: set[int] = set()
+    out = []
+    for name, t in model.state_dict(keep_vars=True).items():
+        if (skip and name.startswith(skip)) or id(t) in seen:
+            continue
+        seen.add(id(t))
+        out.append(name)
+    return out
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, attr)

@@ -1,0 +1,121 @@
+"""Streaming (block by block from disk) against the in-memory path on tiny llamas saved in bf16: the same artifact
+bytes, the same evaluation, and memory-free skeletons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import hf_dir
+
+from compress.stream.checkpoint import Checkpoint
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+        "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
+        "neighbourhood, this truth is so well fixed in the minds of the surrounding families.")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "austen.txt"
+    path.write_text(TEXT * 40)
+    return path
+
+
+@pytest.fixture(scope="module", params=["untied", "tied-sharded"])
+def model_dir(request, tmp_path_factory) -> Path:
+    tied = request.param.startswith("tied")
+    shard = "40KB" if "sharded" in request.param else None
+    return hf_dir(tmp_path_factory.mktemp("hf") / request.param, TEXT, tied=tied, shard=shard)
+
+
+def _weights(root: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(root.glob("*.safetensors*"))}
+
+
+def _quantize(model: Path, out: Path, stream: str, text: Path, **kw):
+    from flows.quantize import QuantizeRequest, run_quantize
+
+    req = QuantizeRequest(model=str(model), bits=4, group_size=16, data=str(text), tokens=128, eval_tokens=128,
+                          seq_len=32, out=out, stream=stream, **kw)
+    return run_quantize(req)
+
+
+@pytest.mark.parametrize("method,extra", [("rtn", {}), ("gptq", {}), ("hqq", {"symmetric": False}),
+                                          ("rtn", {"embeddings": "quantize"})])
+def test_stream_on_and_off_write_the_same_bytes(model_dir, text_file, tmp_path, method, extra):
+    off = _quantize(model_dir, tmp_path / "off", "off", text_file, method=method, **extra)
+    on = _quantize(model_dir, tmp_path / "on", "on", text_file, method=method, **extra)
+    assert on["stream"] and "stream" not in off
+    assert _weights(tmp_path / "on") == _weights(tmp_path / "off")
+    assert on["specs"] == off["specs"] and on["size_bytes"] == off["size_bytes"] and on["bpw"] == off["bpw"]
+    for k in ("ppl", "ppl_ref", "kl_mean", "top1_agreement"):
+        assert on["metrics"][k] == pytest.approx(off["metrics"][k], rel=1e-4, abs=1e-6), k
+
+
+def test_unchanged_floats_keep_the_checkpoint_dtype(model_dir, text_file, tmp_path):
+    _quantize(model_dir, tmp_path / "q", "on", text_file)
+    stored = Checkpoint(tmp_path / "q").dtypes
+    assert stored["model.norm.weight"] == torch.bfloat16
+    assert stored["model.embed_tokens.weight"] == torch.bfloat16
+    assert stored["model.layers.0.self_attn.q_proj.packed.qweight"] == torch.uint8
+
+
+def test_the_streamed_artifact_loads_and_generates(model_dir, text_file, tmp_path):
+    from compress.models import load_model
+
+    _quantize(model_dir, tmp_path / "q", "on", text_file)
+    loaded = load_model(str(tmp_path / "q"))
+    ids = loaded.tokenizer("It is a truth", return_tensors="pt")["input_ids"]
+    out = loaded.module.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 5
+
+
+def test_streaming_eval_matches_the_in_memory_eval(model_dir, text_file, tmp_path):
+    from compress.data import load_windows
+    from compress.evaluate import evaluate
+    from compress.models import load_model
+    from compress.stream.evaluate import evaluate_streaming
+    from compress.stream.lazy import open_lazy
+
+    _quantize(model_dir, tmp_path / "q", "off", text_file, method="rtn")
+    cand, ref = load_model(str(tmp_path / "q")), load_model(str(model_dir))
+    windows = load_windows(str(text_file), ref, split="evaluation", tokens=128, seq_len=32)
+    whole = evaluate(cand, ref, windows)
+    streamed = evaluate_streaming(open_lazy(tmp_path / "q", "q"), open_lazy(model_dir, "ref"), windows)
+    assert streamed.size_bytes == whole.size_bytes and streamed.bpw == whole.bpw
+    for k in ("ppl", "ppl_ref", "kl_mean", "kl_median", "top1_agreement"):
+        assert getattr(streamed, k) == pytest.approx(getattr(whole, k), rel=1e-4, abs=1e-6), k
+
+
+def test_the_skeleton_holds_no_weights(model_dir):
+    from compress.stream.lazy import open_lazy
+
+    lazy = open_lazy(model_dir, "m")
+    assert all(p.device.type == "meta" for p in lazy.model.parameters())
+    lazy.load_block(1)
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in lazy.blocks[1].parameters())
+    lazy.drop_block(1)
+    assert all(p.device.type == "meta" for p in lazy.model.parameters())
+
+
+def test_outputs_past_one_shard_are_sharded_like_hugging_face(model_dir, text_file, tmp_path, monkeypatch):
+    import json
+
+    import compress.stream.shards as shards
+    from compress.models import load_model
+
+    monkeypatch.setattr(shards, "SHARD_BYTES", 30_000)
+    _quantize(model_dir, tmp_path / "off", "off", text_file)
+    _quantize(model_dir, tmp_path / "on", "on", text_file)
+    files = _weights(tmp_path / "on")
+    assert files == _weights(tmp_path / "off")
+    index = json.loads(files["model.safetensors.index.json"])
+    n = len(files) - 1
+    assert n >= 3 and set(index["weight_map"].values()) == {f"model-{k:05d}-of-{n:05d}.safetensors"
+                                                             for k in range(1, n + 1)}
+    assert not list((tmp_path / "on").glob(".shard-*"))
+    on, off = load_model(str(tmp_path / "on")), load_model(str(tmp_path / "off"))
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    assert torch.equal(on.module(ids).logits, off.module(ids).logits)
