@@ -66,6 +66,12 @@ class StreamOptions:
 
     stream: str = "auto"
 
+    def check_stream(self) -> None:
+        """UserError for a --stream value that is not one of the choices."""
+        from compress.stream.decide import STREAM
+
+        STREAM.check(self.stream)
+
     def stream_choice(self, spec: str) -> Any:
         """compress.stream.decide's StreamChoice for `spec` under this request's --stream."""
         from compress.stream.decide import decide

@@ -125,6 +125,7 @@ def check_request(req: QuantizeRequest) -> None:
     GRANULARITY.check(req.granularity)
     EMBEDDINGS.check(req.embeddings, allow_none=True)
     req.check_data()
+    req.check_stream()
     if req.out is not None and Path(req.out).exists() and not Path(req.out).is_dir():
         raise UserError(f"--out {req.out}: exists and is not a directory")
 

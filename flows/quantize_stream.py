@@ -28,7 +28,6 @@ def check_streamable(req: QuantizeRequest) -> None:
 def run_quantize_streaming(req: QuantizeRequest, choice, plan_from_file, progress=None) -> dict:
     """Plan, quantize block by block into the output (or a scratch directory without --out), evaluate from disk."""
     from compress.artifact import FORMAT, manifest_fields, write_beside
-    from compress.atomic import atomic_dir
     from compress.quantize.apply import quantizable
     from compress.quantize.pipeline import needs_data
     from compress.stream.checkpoint import weight_files

@@ -119,3 +119,46 @@ def test_outputs_past_one_shard_are_sharded_like_hugging_face(model_dir, text_fi
     on, off = load_model(str(tmp_path / "on")), load_model(str(tmp_path / "off"))
     ids = torch.tensor([[1, 5, 9, 12, 40]])
     assert torch.equal(on.module(ids).logits, off.module(ids).logits)
+
+
+def test_compress_eval_streams_the_same_report(model_dir, text_file, tmp_path):
+    from flows.evaluation import EvalRequest, run_eval
+
+    _quantize(model_dir, tmp_path / "q", "off", text_file)
+    kw = dict(model=str(tmp_path / "q"), reference=str(model_dir), data=str(text_file), tokens=128, seq_len=32)
+    whole = run_eval(EvalRequest(**kw, stream="off"))["candidate"]
+    streamed = run_eval(EvalRequest(**kw, stream="on"))["candidate"]
+    assert streamed["provenance"]["streamed"] and streamed["tokens"] == whole["tokens"]
+    for k in ("ppl", "ppl_ref", "kl_mean", "top1_agreement", "size_bytes", "bpw"):
+        assert streamed[k] == pytest.approx(whole[k], rel=1e-4, abs=1e-6), k
+
+
+def test_bad_stream_requests_are_refused_in_one_line(model_dir, text_file, tmp_path):
+    from compress.errors import UserError
+
+    with pytest.raises(UserError, match="--stream maybe: use auto, on, off"):
+        _quantize(model_dir, tmp_path / "a", "maybe", text_file)
+    with pytest.raises(UserError, match="--layerwise"):
+        _quantize_lw(model_dir, tmp_path / "b", text_file)
+    with pytest.raises(UserError, match="--data self"):
+        from flows.quantize import QuantizeRequest, run_quantize
+
+        run_quantize(QuantizeRequest(model=str(model_dir), bits=4, group_size=16, stream="on", out=tmp_path / "c"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_stream_off_refuses_a_model_larger_than_free_memory(model_dir, monkeypatch):
+    import compress.stream.decide as decide
+    from compress.errors import UserError
+
+    monkeypatch.setattr(decide, "available_bytes", lambda: 1000)
+    with pytest.raises(UserError, match="needs about .* GiB in memory.*use --stream on"):
+        decide.decide(str(model_dir), "off")
+    assert decide.decide(str(model_dir), "auto").stream
+
+
+def _quantize_lw(model: Path, out: Path, text: Path):
+    from flows.quantize import QuantizeRequest, run_quantize
+
+    return run_quantize(QuantizeRequest(model=str(model), layerwise=True, avg_bits=4.5, data=str(text), tokens=128,
+                                        eval_tokens=128, seq_len=32, out=out, stream="on"))

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import torch
 
+CHUNK_CODES = 1 << 22  # codes packed or unpacked per step (a multiple of 8): bounds the int32 temporaries to 16 MB
+
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes (< 2**bits) into a 1-D uint8 tensor of ceil(n * bits / 8) bytes."""
     _check_bits(bits)
     flat = codes.reshape(-1).to(torch.uint8)
+    if flat.numel() > CHUNK_CODES and bits != 8:  # 8 codes always fill `bits` whole bytes: chunks concatenate exactly
+        return torch.cat([_pack(flat[s:s + CHUNK_CODES], bits) for s in range(0, flat.numel(), CHUNK_CODES)])
+    return _pack(flat, bits)
+
+
+def _pack(flat: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return flat.clone()
     if 8 % bits == 0:  # 1, 2, 4: whole codes per byte
@@ -27,6 +35,17 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of `pack`: the first `n` codes as uint8."""
     _check_bits(bits)
+    if n > CHUNK_CODES and bits != 8:
+        step = CHUNK_CODES * bits // 8  # bytes holding CHUNK_CODES codes
+        out = torch.empty(n, dtype=torch.uint8)
+        for k, s in enumerate(range(0, n, CHUNK_CODES)):
+            m = min(CHUNK_CODES, n - s)
+            out[s:s + m] = _unpack(packed[k * step:k * step + -(-m * bits // 8)], bits, m)
+        return out
+    return _unpack(packed, bits, n)
+
+
+def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 8:
         return packed[:n].clone()
     if 8 % bits == 0:

@@ -182,7 +182,7 @@ def gptq_pass(loaded: LoadedModel, lmap: LayerMap, specs: dict[str, QuantSpec], 
     task = progress.add_task("gptq", total=len(lmap.blocks)) if progress is not None else None
     with torch.inference_mode():
         for blk in lmap.blocks:
-            def feed(i=blk.index):
+            def feed(i=blk.index, hidden=hidden):
                 for b, batch in enumerate(runner.batches):
                     runner.run_block(batch, i, hidden[b])
 

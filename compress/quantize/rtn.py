@@ -62,24 +62,39 @@ def codes_for(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, s
     return torch.clamp(torch.floor(w * inv + 0.5) + zero, 0, 2**spec.bits - 1)
 
 
+CHUNK_ELEMENTS = 1 << 22  # weights per step of quantize / dequantize: bounds the float temporaries to 16 MB
+
+
 def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
-    """Round-to-nearest quantization of a [rows, cols] weight along groups of its input axis."""
+    """Round-to-nearest quantization of a [rows, cols] weight along groups of its input axis (rows in chunks:
+    groups never cross rows, so the result is the same as in one step)."""
     rows, cols = weight.shape
     g = spec.group_for(cols)
-    w = weight.detach().float().reshape(rows, cols // g, g)
-    scale, zero = group_params(w, spec)
-    q = codes_for(w, scale, zero, spec)
-    zeros = None if zero is None else zero.squeeze(-1).to(torch.uint8)
-    return QuantizedWeight(q.to(torch.uint8).reshape(rows, cols), scale.squeeze(-1), zeros, spec)
+    step = max(1, CHUNK_ELEMENTS // cols)
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    scales = torch.empty(rows, cols // g, dtype=torch.float16)
+    zeros = None if spec.symmetric else torch.empty(rows, cols // g, dtype=torch.uint8)
+    for r in range(0, rows, step):
+        w = weight[r:r + step].detach().float().reshape(-1, cols // g, g)
+        scale, zero = group_params(w, spec)
+        codes[r:r + step] = codes_for(w, scale, zero, spec).to(torch.uint8).reshape(-1, cols)
+        scales[r:r + step] = scale.squeeze(-1)
+        if zeros is not None:
+            zeros[r:r + step] = zero.squeeze(-1).to(torch.uint8)
+    return QuantizedWeight(codes, scales, zeros, spec)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
     """(code − zero) × scale per group; symmetric codes are offset by 2^(b−1)."""
     rows, cols = codes.shape
     g = spec.group_for(cols)
-    zero = 2 ** (spec.bits - 1) if zeros is None else zeros.float().unsqueeze(-1)
-    q = codes.reshape(rows, cols // g, g).float() - zero
-    return (q * scales.float().unsqueeze(-1)).reshape(rows, cols)
+    step = max(1, CHUNK_ELEMENTS // cols)
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    for r in range(0, rows, step):
+        zero = 2 ** (spec.bits - 1) if zeros is None else zeros[r:r + step].float().unsqueeze(-1)
+        q = codes[r:r + step].reshape(-1, cols // g, g).float() - zero
+        out[r:r + step] = (q * scales[r:r + step].float().unsqueeze(-1)).reshape(-1, cols)
+    return out
 
 
 def _inverse(scale: torch.Tensor) -> torch.Tensor:

@@ -112,8 +112,8 @@ def _head_metrics(models: list[LazyModel], hidden: list[list[torch.Tensor]], win
 
 def _trunk_footprint(lazy: LazyModel) -> dict[str, int]:
     """The candidate's tensors outside the stack, counted as the in-memory model holds them."""
-    from compress.stream.quantize import StreamedRun, _count_trunk
     from compress.quantize.apply import Record
+    from compress.stream.quantize import StreamedRun, _count_trunk
 
     lazy.load_trunk()
     run = StreamedRun(Record())

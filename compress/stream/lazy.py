@@ -87,6 +87,7 @@ class LazyModel:
     def drop_block(self, i: int) -> None:
         """Free every tensor of block i (including ones a transform put there)."""
         self.blocks[i].to("meta")
+        release_freed_memory()
 
     def load_trunk(self, keep_storage: bool = True) -> None:
         """Read the tensors outside the stack; with `keep_storage`, the embedding and head tables stay in the
@@ -102,6 +103,7 @@ class LazyModel:
         for n in self.trunk_names():
             set_module_tensor_to_device(self.model, n, "meta")
         self._tie()
+        release_freed_memory()
 
     def _tie(self) -> None:
         """Tie the head to the embedding again (replacing a tensor unties them), unless the codes are shared."""
@@ -127,15 +129,16 @@ class LazyModel:
             self._swapped.update(mine)
 
     def _load(self, names: list[str], keep_storage: tuple[str, ...] = ()) -> None:
+        """Read `names` one tensor at a time (so only one is ever held in both dtypes) and set them in place."""
         from accelerate.utils import set_module_tensor_to_device
 
-        values = self.checkpoint.read(names)
         for n in names:
-            t = values.pop(n)
+            t = self.checkpoint.read([n])[n]
             current = _tensor(self.model, n)
             if t.is_floating_point() and current.is_floating_point() and n not in keep_storage:
                 t = t.to(self.dtype if current.dtype == torch.float32 else current.dtype)  # fp32: the skeleton's
-            set_module_tensor_to_device(self.model, n, "cpu", value=t)
+            set_module_tensor_to_device(self.model, n, "cpu", value=t, dtype=t.dtype)  # no cast: chosen above
+        release_freed_memory()
 
     # ---- running
     def big_tables(self) -> tuple[str, ...]:
@@ -206,6 +209,26 @@ class LazyModel:
         return {k: int(f[k]) for k in ("size_bytes", "weight_bytes", "weight_params")}
 
 
+_MMAP_SET = False
+
+
+def release_freed_memory() -> None:
+    """Hand freed memory back to the system (glibc): tensors of 1 MiB and more are mapped on their own and unmapped
+    when freed, and the heap is trimmed. Without it, blocks that come and go leave the process holding the peak."""
+    global _MMAP_SET
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if not _MMAP_SET:
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+            _MMAP_SET = True
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        _MMAP_SET = True
+
+
 def open_lazy(path: Path, spec: str, dtype: torch.dtype = torch.float32) -> LazyModel:
     """The model of an HF directory (or a packed artifact) with safetensors weights, built on the meta device;
     nothing is read yet."""
@@ -216,6 +239,7 @@ def open_lazy(path: Path, spec: str, dtype: torch.dtype = torch.float32) -> Lazy
     from compress.models.layers import layer_map
 
     quiet_transformers()
+    release_freed_memory()
     path = Path(path)
     checkpoint = Checkpoint(path)
     remote = check_remote_code(path, spec)

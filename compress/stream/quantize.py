@@ -57,7 +57,7 @@ def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path,
             lazy.load_block(blk.index)
             mine = {n: specs[n] for n in blk.linears if n in specs}
 
-            def feed(i=blk.index):
+            def feed(i=blk.index, hidden=hidden):
                 for b, calls in enumerate(batches):
                     lazy.run_block(i, calls, hidden[b])
 
