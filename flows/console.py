@@ -9,7 +9,14 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from compress.errors import EnvironmentFault, UserError
@@ -64,6 +71,7 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress | PlainProgress | No
             plain.stop()
         return
     p = Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                 TimeRemainingColumn(),
                  console=stderr, transient=False)
     with p, attach(p):
         yield p

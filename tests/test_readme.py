@@ -66,6 +66,7 @@ def test_the_readme_names_every_registered_choice():
     from compress.quantize import choices as quantize_choices
     from compress.quantize.targets import SUMMARY as TARGETS
     from compress.reparam.passes import PASSES
+    from compress.stream.decide import STREAM
     from evals.gate import THRESHOLDS
     from exporters.formats import EXPORT_FORMATS
     from flows.prune import MODES
@@ -77,7 +78,7 @@ def test_the_readme_names_every_registered_choice():
         "quantize --target": list(TARGETS), "prune --method": list(prune_choices.BLOCK_METHOD),
         "prune --importance": list(prune_choices.WIDTH_IMPORTANCE), "prune modes": [f"--{m}" for m in MODES],
         "reparam passes": [f"--{p}" for p in PASSES], "export --format": list(EXPORT_FORMATS),
-        "score --methods": list(SCORERS),
+        "score --methods": list(SCORERS), "--stream": list(STREAM),
         "gate thresholds": [f"--{k.replace('_', '-')}" for k in THRESHOLDS],
     }
     missing = {what: [n for n in ns if f"`{n}" not in text and f"{n}`" not in text and f" {n} " not in text

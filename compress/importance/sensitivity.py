@@ -73,35 +73,43 @@ def score_fisher(ctx: ScoringContext) -> Scores:
     if ctx.loaded.kind != "decoder":
         raise ValueError("fisher needs a language-model loss: decoders only")
     names = [p for b in ctx.lmap.blocks for p in b.linears]
-    params = {p: weight_matrix(model.get_submodule(p)) for p in names}
+    task = ctx.task("fisher", len(ctx.windows.input_ids))
+    g2 = fisher_squares(model, names, ctx.windows, lambda: ctx.advance(task))
+    out = Scores()
+    for p in names:
+        out.linears[p] = float((g2[p] * _error(weight_matrix(model.get_submodule(p))) ** 2).sum())
+    for blk in ctx.lmap.blocks:
+        _roll_up(out, blk)
+    return out
+
+
+def fisher_squares(model: torch.nn.Module, names: list[str], windows, advance=None) -> dict[str, torch.Tensor]:
+    """The diagonal empirical Fisher of each named module's weight: the mean over calibration windows of the squared
+    gradient of the window's next-token NLL, in weight_matrix orientation ([out, in]; tied weights once)."""
     raw = {p: model.get_submodule(p).weight for p in names}
     flags = {p: w.requires_grad for p, w in raw.items()}
-    sq = {p: torch.zeros_like(raw[p]) for p in names}
-    task = ctx.task("fisher", len(ctx.windows.input_ids))
+    sq = {p: torch.zeros_like(raw[p], dtype=torch.float32) for p in names}
     try:
         for p in names:
             raw[p].requires_grad_(True)
         with torch.enable_grad():
-            for ids, mask in zip(ctx.windows.input_ids, ctx.windows.attention_mask, strict=True):
+            for ids, mask in zip(windows.input_ids, windows.attention_mask, strict=True):
                 model.zero_grad(set_to_none=True)
                 loss = model(input_ids=ids[None], attention_mask=mask[None], labels=ids[None], use_cache=False).loss
                 loss.backward()
+                done: set[int] = set()
                 for p in names:
-                    sq[p] += raw[p].grad.detach() ** 2
-                ctx.advance(task)
+                    if id(raw[p]) not in done:  # a tied weight's gradient holds both uses: count it once
+                        sq[p] += raw[p].grad.detach().float() ** 2
+                        done.add(id(raw[p]))
+                if advance is not None:
+                    advance()
     finally:
         model.zero_grad(set_to_none=True)
         for p, f in flags.items():
             raw[p].requires_grad_(f)
-    out = Scores()
-    n = len(ctx.windows.input_ids)
-    for p in names:
-        g2 = sq[p] / n
-        g2 = g2.t() if type(model.get_submodule(p)).__name__ == "Conv1D" else g2
-        out.linears[p] = float((g2 * _error(params[p]) ** 2).sum())
-    for blk in ctx.lmap.blocks:
-        _roll_up(out, blk)
-    return out
+    n = len(windows.input_ids)
+    return {p: (sq[p] / n).t() if type(model.get_submodule(p)).__name__ == "Conv1D" else sq[p] / n for p in names}
 
 
 def _roll_up(out: Scores, blk) -> None:

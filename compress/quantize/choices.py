@@ -11,7 +11,9 @@ ALLOCATOR = Choices("--allocator", {"dp": "exact knapsack on measured KL",
                                     "rank": "the seed paper's ordering by --rank-by, from --scores"})
 MEASURE = Choices("--measure", {"full": "measure KL for every unit × candidate",
                                 "fast": "measure each unit once, at the candidate nearest the budget, and scale the "
-                                        "others by weight error energy (~4× fewer measurements)"})
+                                        "others by weight error energy (~4× fewer measurements)",
+                                "fisher": "predict every unit × candidate as ½ Σ F ΔW² (diagonal Fisher from one "
+                                          "forward and backward per calibration window): no replay at all"})
 BACKEND = Choices("--backend", {"packed": "our packed codes, any width, reloadable with `compress load`",
                                 "bnb": "bitsandbytes modules for PyTorch: 8-bit -> Linear8bitLt, 4-bit -> Linear4bit "
                                        "nf4, other widths stay float; bitsandbytes quantizes by itself"})

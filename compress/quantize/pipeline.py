@@ -17,7 +17,7 @@ from compress.quantize.allocate import allocate_by_rank, solve_dp
 from compress.quantize.apply import apply_plan, is_tied, quantizable, weight_matrix
 from compress.quantize.budget import Budget
 from compress.quantize.choices import ALLOCATOR, MEASURE
-from compress.quantize.distortion import DistortionTable, Unit, measure_kl
+from compress.quantize.distortion import DistortionTable, Unit, measure_kl, predict_fisher
 from compress.quantize.spec import QuantSpec
 
 
@@ -47,7 +47,8 @@ def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candid
     """Choose one candidate per unit under the budget: exact DP on measured divergence, or the seed's ranking.
 
     `inputs` is what `plan_inputs` returned for the same arguments, when the caller validated the budget already.
-    `measure` 'full' measures every unit × candidate; 'fast' one candidate per unit (see measure_kl's anchor).
+    `measure` 'full' measures every unit × candidate; 'fast' one candidate per unit (see measure_kl's anchor);
+    'fisher' predicts every cell from the diagonal Fisher and the weight error, measuring nothing.
     """
     ALLOCATOR.check(allocator)
     MEASURE.check(measure)
@@ -56,7 +57,10 @@ def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candid
     candidates, units, sizes, budget, allowed = inputs
     t0 = time.perf_counter()
     table = None
-    if allocator == "dp":
+    if allocator == "dp" and measure == "fisher":
+        table = predict_fisher(loaded, lmap, windows, units, candidates, allowed, progress)
+        picks = solve_dp(table.distortion, sizes, budget.room)
+    elif allocator == "dp":
         ctx = ScoringContext(loaded, lmap, windows, progress)
         anchor = anchor_candidate(candidates, budget) if measure == "fast" else None
         table = measure_kl(ctx, units, candidates, allowed, anchor)

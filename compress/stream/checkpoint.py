@@ -29,6 +29,7 @@ class Checkpoint:
         self.where: dict[str, Path] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.bytes_read = 0  # for progress: how much of the checkpoint has been read so far
         for f in self.files:
             try:
                 with safe_open(str(f), framework="pt") as h:
@@ -73,6 +74,7 @@ class Checkpoint:
             with safe_open(str(f), framework="pt") as h:
                 for n in group:
                     t = h.get_tensor(n)
+                    self.bytes_read += t.numel() * t.element_size()
                     out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return out
 

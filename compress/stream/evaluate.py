@@ -39,7 +39,8 @@ def evaluate_streaming(candidate: LazyModel, reference: LazyModel | None, window
                 hidden[k] = [m.run_block(i, c, h) for c, h in zip(calls[k], hidden[k], strict=True)]
                 m.drop_block(i)
             if progress is not None:
-                progress.advance(task)
+                read = sum(m.checkpoint.bytes_read for m in models) / 1e9
+                progress.update(task, advance=1, description=f"eval blocks ({read:.1f} GB read)")
         metrics = _head_metrics(models, hidden, windows)
     if progress is not None:
         progress.advance(task)

@@ -72,7 +72,7 @@ def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path,
             writer.add(as_stored({prefix + k: v for k, v in block.state_dict().items()}, stored, lazy.dtype))
             lazy.drop_block(blk.index)
             if progress is not None:
-                progress.advance(task)
+                progress.update(task, advance=1, description=f"quantize blocks ({_gb(lazy)} read)")
         trunk = {n: s for n, s in specs.items() if not n.startswith(lmap.blocks_path + ".")}
         lazy.load_trunk(keep_storage=not trunk)
         widened = () if trunk else lazy.big_tables()
@@ -90,6 +90,10 @@ def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path,
             progress.advance(task)
     run.shards = writer.finish()
     return run
+
+
+def _gb(lazy: LazyModel) -> str:
+    return f"{lazy.checkpoint.bytes_read / 1e9:.1f} GB"
 
 
 def _capture(lazy: LazyModel, windows: Windows) -> list[Calls]:
