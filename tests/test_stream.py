@@ -162,3 +162,16 @@ def _quantize_lw(model: Path, out: Path, text: Path):
 
     return run_quantize(QuantizeRequest(model=str(model), layerwise=True, avg_bits=4.5, data=str(text), tokens=128,
                                         eval_tokens=128, seq_len=32, out=out, stream="on"))
+
+
+def test_a_damaged_streamed_artifact_is_refused_before_use(model_dir, text_file, tmp_path):
+    from compress.errors import UserError
+    from compress.stream.lazy import open_lazy
+
+    _quantize(model_dir, tmp_path / "q", "on", text_file)
+    weights = tmp_path / "q" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="model.safetensors"):
+        open_lazy(tmp_path / "q", "q")

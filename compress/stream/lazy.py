@@ -235,12 +235,14 @@ def open_lazy(path: Path, spec: str, dtype: torch.dtype = torch.float32) -> Lazy
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
+    from compress.integrity import check_before_use
     from compress.models.hf import check_remote_code, load_tokenizer, model_class, quiet_transformers, wrap
     from compress.models.layers import layer_map
 
     quiet_transformers()
     release_freed_memory()
     path = Path(path)
+    check_before_use(path)  # an output this tool wrote must match its file records
     checkpoint = Checkpoint(path)
     remote = check_remote_code(path, spec)
     config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
