@@ -44,7 +44,8 @@ def main() -> None:
     from compress.quantize.allocate import solve_dp
     from compress.quantize.apply import quantizable
     from compress.quantize.budget import Budget
-    from compress.quantize.distortion import measure_kl, predict_fisher
+    from compress.quantize.distortion import measure_kl
+    from compress.quantize.fisher import predict_fisher
     from compress.quantize.pipeline import plan_inputs, quantize
     from flows.quantize import QuantizeRequest, candidates_for, fitting_defaults
 

@@ -20,7 +20,8 @@ def test_fisher_table_grows_as_bits_shrink_and_follows_the_measured_one():
 
     from compress.importance.context import ScoringContext
     from compress.models import layer_map
-    from compress.quantize.distortion import measure_kl, predict_fisher
+    from compress.quantize.distortion import measure_kl
+    from compress.quantize.fisher import predict_fisher
     from compress.quantize.pipeline import units_for
     from compress.quantize.spec import QuantSpec
 

@@ -16,6 +16,7 @@ import torch
 from compress.importance.context import ScoringContext
 from compress.importance.report import Scores
 from compress.quantize.apply import weight_matrix
+from compress.quantize.fisher import fisher_squares
 from compress.quantize.rtn import quantize_rtn
 from compress.quantize.spec import QuantSpec
 
@@ -81,35 +82,6 @@ def score_fisher(ctx: ScoringContext) -> Scores:
     for blk in ctx.lmap.blocks:
         _roll_up(out, blk)
     return out
-
-
-def fisher_squares(model: torch.nn.Module, names: list[str], windows, advance=None) -> dict[str, torch.Tensor]:
-    """The diagonal empirical Fisher of each named module's weight: the mean over calibration windows of the squared
-    gradient of the window's next-token NLL, in weight_matrix orientation ([out, in]; tied weights once)."""
-    raw = {p: model.get_submodule(p).weight for p in names}
-    flags = {p: w.requires_grad for p, w in raw.items()}
-    sq = {p: torch.zeros_like(raw[p], dtype=torch.float32) for p in names}
-    try:
-        for p in names:
-            raw[p].requires_grad_(True)
-        with torch.enable_grad():
-            for ids, mask in zip(windows.input_ids, windows.attention_mask, strict=True):
-                model.zero_grad(set_to_none=True)
-                loss = model(input_ids=ids[None], attention_mask=mask[None], labels=ids[None], use_cache=False).loss
-                loss.backward()
-                done: set[int] = set()
-                for p in names:
-                    if id(raw[p]) not in done:  # a tied weight's gradient holds both uses: count it once
-                        sq[p] += raw[p].grad.detach().float() ** 2
-                        done.add(id(raw[p]))
-                if advance is not None:
-                    advance()
-    finally:
-        model.zero_grad(set_to_none=True)
-        for p, f in flags.items():
-            raw[p].requires_grad_(f)
-    n = len(windows.input_ids)
-    return {p: (sq[p] / n).t() if type(model.get_submodule(p)).__name__ == "Conv1D" else sq[p] / n for p in names}
 
 
 def _roll_up(out: Scores, blk) -> None:

@@ -85,41 +85,6 @@ def measure_kl(ctx: ScoringContext, units: list[Unit], candidates: list[QuantSpe
     return DistortionTable(units, candidates, table, sizes, measure, ctx.windows.describe())
 
 
-def predict_fisher(loaded, lmap, windows, units: list[Unit], candidates: list[QuantSpec],
-                   allowed: list[list[bool]] | None = None, progress=None) -> DistortionTable:
-    """Predicted divergence of every unit × candidate with no replay: ½ Σ F ΔW² over the unit's weights, F the
-    diagonal Fisher of the calibration NLL (one forward and backward per window), ΔW the candidate's RTN error.
-    KL(p ‖ p + δ) ≈ ½ δᵀ F δ to second order; the diagonal drops the cross terms."""
-    from compress.importance.sensitivity import fisher_squares
-
-    model = loaded.module
-    if loaded.kind != "decoder":
-        from compress.errors import UserError
-
-        raise UserError("--measure fisher needs a language-model loss: decoders only; use full or fast")
-    allowed = allowed or [[True] * len(candidates) for _ in units]
-    names = list(dict.fromkeys(m for u in units for m in u.modules))
-    task = progress.add_task("fisher", total=len(windows.input_ids)) if progress is not None else None
-    g2 = fisher_squares(model, names, windows, (lambda: progress.advance(task)) if progress is not None else None)
-    table = []
-    with torch.inference_mode():
-        for u, unit in enumerate(units):
-            row = []
-            for c, spec in enumerate(candidates):
-                if not allowed[u][c]:
-                    row.append(float("inf"))
-                    continue
-                total = 0.0
-                for n in unit.modules:
-                    w = weight_matrix(model.get_submodule(n)).detach().float()
-                    total += 0.5 * float((g2[n] * (_fake_quant(w, spec) - w) ** 2).sum())
-                row.append(total)
-            table.append(row)
-    sizes = [[unit_bytes(model, unit, c) for c in candidates] for unit in units]
-    return DistortionTable(units, candidates, table, sizes, "predicted kl (½ Σ F ΔW², diagonal Fisher of the "
-                           "calibration NLL)", windows.describe())
-
-
 def _measure_one(ctx: ScoringContext, unit: Unit, spec: QuantSpec, task) -> float:
     """Divergence from the reference with only `unit` quantized to `spec` (weights restored afterwards)."""
     model, r = ctx.loaded.module, ctx.runner

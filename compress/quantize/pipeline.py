@@ -17,7 +17,8 @@ from compress.quantize.allocate import allocate_by_rank, solve_dp
 from compress.quantize.apply import apply_plan, is_tied, quantizable, weight_matrix
 from compress.quantize.budget import Budget
 from compress.quantize.choices import ALLOCATOR, MEASURE
-from compress.quantize.distortion import DistortionTable, Unit, measure_kl, predict_fisher
+from compress.quantize.distortion import DistortionTable, Unit, measure_kl
+from compress.quantize.fisher import predict_fisher
 from compress.quantize.spec import QuantSpec
 
 
