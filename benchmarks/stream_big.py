@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -58,14 +59,7 @@ def params_b(model: Path) -> float:
     from compress.stream.checkpoint import Checkpoint
 
     ck = Checkpoint(model)
-    return sum(_numel(s) for s in ck.shapes.values()) / 1e9
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return sum(math.prod(s) for s in ck.shapes.values()) / 1e9
 
 
 def generate_check(artifact: Path) -> dict:

@@ -72,18 +72,24 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1.0 - F.cosine_similarity(a.double(), b.double(), dim=-1).float()
 
 
-def weight_footprint(module: nn.Module) -> dict[str, float | int]:
+def weight_footprint(module: nn.Module, skip: str | None = None,
+                     widths: dict[str, int] | None = None) -> dict[str, float | int]:
     """Stored bytes (`size_bytes`), weight-matrix parameters and effective bits per weight (`bpw`).
 
     size_bytes counts every stored tensor once (parameters and persistent buffers; tied tensors once).
     bpw = bytes of weight matrices (≥2-D parameters, or what a quantized module reports via
     `stored_weight_bytes()`/`weight_numel()`) × 8 ÷ their parameter count, as defined in ARCHITECTURE.md.
+    `skip` leaves out the submodule at that path and everything under it (a block stack left on the meta device);
+    `widths` counts the named tensors at that many bytes per element (a table held narrower than it is computed).
     """
     seen: set[int] = set()
     size = 0
     weight_bytes = 0
     weight_params = 0
-    for m in module.modules():
+    widths = widths or {}
+    for mname, m in module.named_modules():
+        if skip and (mname == skip or mname.startswith(skip + ".")):
+            continue
         if hasattr(m, "stored_weight_bytes") and hasattr(m, "weight_numel"):
             weight_bytes += int(m.stored_weight_bytes())
             weight_params += int(m.weight_numel())
@@ -94,7 +100,7 @@ def weight_footprint(module: nn.Module) -> dict[str, float | int]:
             if key in seen:
                 continue
             seen.add(key)
-            nbytes = t.numel() * t.element_size()
+            nbytes = t.numel() * widths.get(f"{mname}.{name}" if mname else name, t.element_size())
             size += nbytes
             if isinstance(t, nn.Parameter) and t.ndim >= 2 and not hasattr(m, "stored_weight_bytes"):
                 weight_bytes += nbytes

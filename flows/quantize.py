@@ -3,9 +3,11 @@ in memory, or block by block from disk (--stream; compress.stream) with the same
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -370,9 +372,9 @@ def run_quantize_streaming(req: QuantizeRequest, choice, plan_from_file, progres
         result["specs"] = {n: s.label() for n, s in specs.items()}
         return result
     calib = data.calibration() if needs_data(specs) else None
-    with _destination(req.out) as (root, keep):
+    with _destination(req.out) as root:
         run = quantize_streaming(lazy, specs, root, calib, progress, metadata={"format": FORMAT})
-        result.update(specs=run.record.specs, size_bytes=int(run.size_bytes), bpw=round(run.bpw, 4))
+        result.update(specs=run.record.specs, size_bytes=run.foot.size_bytes, bpw=round(run.foot.bpw, 4))
         result["notes"] += run.record.notes
 
         def manifest() -> dict:
@@ -383,7 +385,7 @@ def run_quantize_streaming(req: QuantizeRequest, choice, plan_from_file, progres
             result["metrics"] = _evaluate(req, root, choice.path, data, progress)
             write_beside(loaded, root, FORMAT, manifest())
         result["seconds"] = round(time.perf_counter() - t0, 2)
-        if keep:
+        if req.out is not None:
             result["out"] = str(req.out)
             result["file_bytes"] = sum(f.stat().st_size for f in weight_files(root))
     return result
@@ -399,20 +401,15 @@ def _evaluate(req: QuantizeRequest, artifact: Path, source: Path, data: _Data, p
     return evaluate_streaming(candidate, reference, data.evaluation(reference.loaded), progress).to_dict()
 
 
-class _destination:
+@contextlib.contextmanager
+def _destination(out: Path | None) -> Iterator[Path]:
     """The artifact directory to write: --out through atomic_dir (installed only when complete), or a scratch
     directory removed afterwards when there is no --out."""
+    from compress.atomic import atomic_dir
 
-    def __init__(self, out: Path | None):
-        self.out = out
-
-    def __enter__(self) -> tuple[Path, bool]:
-        from compress.atomic import atomic_dir
-
-        self._ctx = atomic_dir(Path(self.out)) if self.out is not None else tempfile.TemporaryDirectory(
-            prefix="compress-stream-")
-        root = self._ctx.__enter__()
-        return Path(root), self.out is not None
-
-    def __exit__(self, *exc) -> bool | None:
-        return self._ctx.__exit__(*exc)
+    if out is not None:
+        with atomic_dir(Path(out)) as root:
+            yield root
+    else:
+        with tempfile.TemporaryDirectory(prefix="compress-stream-") as root:
+            yield Path(root)

@@ -15,7 +15,6 @@ from compress.errors import UserError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class Checkpoint:
@@ -42,25 +41,8 @@ class Checkpoint:
                 raise UserError(f"{f}: unreadable safetensors header ({str(exc).splitlines()[0][:160]}); the "
                                 "file is truncated or damaged, re-create it") from exc
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.where
-
-    def names(self) -> list[str]:
-        """Every tensor name, in file order."""
-        return list(self.where)
-
-    def nbytes(self, names: list[str] | None = None) -> int:
-        """Stored bytes of `names` (default all)."""
-        out = 0
-        for n in names if names is not None else self.where:
-            numel = 1
-            for d in self.shapes[n]:
-                numel *= d
-            out += numel * torch.empty((), dtype=self.dtypes[n]).element_size()
-        return out
-
-    def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The named tensors, copied out of the memory-mapped files (floats cast to `dtype` when given)."""
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, copied out of the memory-mapped files in their stored dtype."""
         from safetensors import safe_open
 
         out: dict[str, torch.Tensor] = {}
@@ -75,7 +57,7 @@ class Checkpoint:
                 for n in group:
                     t = h.get_tensor(n)
                     self.bytes_read += t.numel() * t.element_size()
-                    out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                    out[n] = t
         return out
 
 

@@ -3,6 +3,7 @@ size in the compute dtype against the memory this machine has free."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def in_memory_bytes(path: Path) -> int:
     from compress.stream.checkpoint import Checkpoint
 
     ck = Checkpoint(path)
-    numel = sum(_numel(s) for s in ck.shapes.values())
+    numel = sum(math.prod(s) for s in ck.shapes.values())
     return int(numel * 4 * WHOLE_MODEL_COPIES)
 
 
@@ -84,10 +85,3 @@ def decide(spec: str, mode: str) -> StreamChoice:
         return StreamChoice(True, path, f"streamed: the whole model needs about {need / 2**30:.1f} GiB, "
                                         f"{free / 2**30:.1f} GiB are free")
     return StreamChoice(False, path, "in memory: it fits")
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

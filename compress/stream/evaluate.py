@@ -11,8 +11,9 @@ import torch
 from compress.data import Windows
 from compress.errors import UserError
 from compress.evaluate import EvalReport
-from compress.metrics import kl_per_token, log_softmax_chunked, perplexity, summarize
+from compress.metrics import kl_per_token, log_softmax_chunked, perplexity, summarize, weight_footprint
 from compress.stream.lazy import Calls, LazyModel
+from compress.stream.quantize import Footprint, trunk_footprint
 from compress.version import __version__
 
 TOKEN_ROWS = 128  # hidden-state rows per LM-head chunk: bounds the logits to 128 × vocabulary floats per model
@@ -28,40 +29,40 @@ def evaluate_streaming(candidate: LazyModel, reference: LazyModel | None, window
     task = progress.add_task("eval blocks", total=len(candidate.blocks) + 1) if progress is not None else None
     calls = [_capture(m, windows) for m in models]
     hidden = [[c.hidden for c in cs] for cs in calls]
-    foot = {"size_bytes": 0, "weight_bytes": 0, "weight_params": 0}
+    foot = Footprint()
     with torch.inference_mode():
         for i in range(len(candidate.blocks)):
             for k, m in enumerate(models):
                 m.load_block(i)
                 if k == 0:
-                    for key, v in candidate.footprint(candidate.blocks[i]).items():
-                        foot[key] += v
+                    foot.add(weight_footprint(candidate.blocks[i]))
                 hidden[k] = [m.run_block(i, c, h) for c, h in zip(calls[k], hidden[k], strict=True)]
                 m.drop_block(i)
             if progress is not None:
                 read = sum(m.checkpoint.bytes_read for m in models) / 1e9
                 progress.update(task, advance=1, description=f"eval blocks ({read:.1f} GB read)")
-        metrics = _head_metrics(models, hidden, windows)
+        metrics = _head_metrics(models, hidden, windows, foot)
     if progress is not None:
         progress.advance(task)
-    trunk = _trunk_footprint(candidate)
-    size = foot["size_bytes"] + trunk["size_bytes"]
-    bpw = (foot["weight_bytes"] + trunk["weight_bytes"]) * 8 / max(foot["weight_params"] + trunk["weight_params"], 1)
     provenance = {"tool_version": __version__, "data": windows.describe(), "windows_sha256": windows.data_hash,
                   "model_sha256": None, "reference_sha256": None, "streamed": True,
                   "model_files_sha256": files_hash(candidate),
                   "reference_files_sha256": files_hash(reference) if reference is not None else None}
     return EvalReport(model=candidate.loaded.spec, reference=reference.loaded.spec if reference else None,
-                      size_bytes=int(size), bpw=round(bpw, 4), tokens=windows.num_tokens, provenance=provenance,
-                      **metrics)
+                      size_bytes=foot.size_bytes, bpw=round(foot.bpw, 4), tokens=windows.num_tokens,
+                      provenance=provenance, **metrics)
 
 
 def files_hash(lazy: LazyModel) -> str:
-    """sha256 over the model's safetensors files in order: which stored weights were evaluated."""
+    """sha256 over the sha256s of the model's safetensors files in order: which stored weights were evaluated.
+    An output this tool wrote has them in its file records, already checked when it was opened."""
+    from compress.integrity import recorded, sha256
+
+    records = recorded(lazy.checkpoint.path) or {}
     h = hashlib.sha256()
     for f in lazy.checkpoint.files:
-        with open(f, "rb") as fh:
-            h.update(hashlib.file_digest(fh, "sha256").digest())
+        digest = records.get(f.name, {}).get("sha256") or sha256(f)
+        h.update(bytes.fromhex(digest))
     return h.hexdigest()
 
 
@@ -75,10 +76,13 @@ def _capture(lazy: LazyModel, windows: Windows) -> list[Calls]:
         lazy.drop_trunk()
 
 
-def _head_metrics(models: list[LazyModel], hidden: list[list[torch.Tensor]], windows: Windows) -> dict:
-    """Per-token NLL of each model, KL(reference ‖ candidate) and top-1 agreement, from the final hidden states."""
+def _head_metrics(models: list[LazyModel], hidden: list[list[torch.Tensor]], windows: Windows,
+                  foot: Footprint) -> dict:
+    """Per-token NLL of each model, KL(reference ‖ candidate) and top-1 agreement, from the final hidden states;
+    the candidate's modules outside the stack added to `foot` while they are loaded."""
     for m in models:
         m.load_trunk()
+    foot.add(trunk_footprint(models[0], models[0].big_tables()))
     nll: list[list[torch.Tensor]] = [[] for _ in models]
     kl, top1 = [], []
     vocab = None
@@ -109,15 +113,3 @@ def _head_metrics(models: list[LazyModel], hidden: list[list[torch.Tensor]], win
         out.update(ppl_ref=perplexity(torch.cat(nll[1])), kl_mean=stats["mean"], kl_median=stats["median"],
                    kl_p99=stats["p99"], top1_agreement=float(torch.cat(top1).mean()))
     return out
-
-
-def _trunk_footprint(lazy: LazyModel) -> dict[str, int]:
-    """The candidate's tensors outside the stack, counted as the in-memory model holds them."""
-    from compress.quantize.apply import Record
-    from compress.stream.quantize import StreamedRun, _count_trunk
-
-    lazy.load_trunk()
-    run = StreamedRun(Record())
-    _count_trunk(run, lazy, lazy.big_tables())
-    lazy.drop_trunk()
-    return {"size_bytes": run.size_bytes, "weight_bytes": run.weight_bytes, "weight_params": run.weight_params}

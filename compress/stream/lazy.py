@@ -201,13 +201,6 @@ class LazyModel:
         cap = self.lmap.logit_softcap
         return torch.tanh(out / cap) * cap if cap else out
 
-    def footprint(self, module: nn.Module) -> dict[str, int]:
-        """Stored bytes, weight bytes and weight parameters of a loaded part, as weight_footprint counts them."""
-        from compress.metrics import weight_footprint
-
-        f = weight_footprint(module)
-        return {k: int(f[k]) for k in ("size_bytes", "weight_bytes", "weight_params")}
-
 
 _MMAP_SET = False
 

@@ -5,13 +5,15 @@ and freed. The codes, and therefore the artifact's bytes, are those of the in-me
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from compress.artifact import _dedupe
 from compress.data import Windows
 from compress.errors import UserError
+from compress.metrics import weight_footprint
 from compress.quantize.apply import Record, apply_plan, weight_matrix
 from compress.quantize.spec import QuantSpec
 from compress.stream.lazy import Calls, LazyModel
@@ -21,20 +23,31 @@ CALIBRATION_BATCH = 4  # windows per calibration batch: BlockRunner's, so GPTQ's
 
 
 @dataclass
-class StreamedRun:
-    """What a streaming quantization wrote and counted: the module specs, notes, and the footprint figures
-    weight_footprint would give for the whole quantized model."""
+class Footprint:
+    """weight_footprint of a whole model, summed part by part (blocks, then the modules outside the stack)."""
 
-    record: Record
     size_bytes: int = 0
     weight_bytes: int = 0
     weight_params: int = 0
-    shards: list[Path] = field(default_factory=list)
+
+    def add(self, foot: dict) -> None:
+        """Add one part's weight_footprint (a block, or the modules outside the stack)."""
+        self.size_bytes += int(foot["size_bytes"])
+        self.weight_bytes += int(foot["weight_bytes"])
+        self.weight_params += int(foot["weight_params"])
 
     @property
     def bpw(self) -> float:
         """Stored bits per weight of the weight matrices."""
         return self.weight_bytes * 8 / self.weight_params if self.weight_params else float("nan")
+
+
+@dataclass
+class StreamedRun:
+    """What a streaming quantization did (module specs, notes) and the quantized model's footprint."""
+
+    record: Record
+    foot: Footprint
 
 
 def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path, windows: Windows | None = None,
@@ -46,7 +59,7 @@ def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path,
     model, lmap = lazy.model, lazy.lmap
     if needs_data(specs) and windows is None:
         raise UserError("gptq needs calibration data: pass --data")
-    run = StreamedRun(Record())
+    run = StreamedRun(Record(), Footprint())
     writer = ShardWriter(root, metadata=metadata)
     stored = lazy.checkpoint.dtypes
     batches = _capture(lazy, windows) if needs_data(specs) else []
@@ -67,7 +80,7 @@ def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path,
             hidden = [lazy.run_block(blk.index, calls, hidden[b]) for b, calls in enumerate(batches)]
             _merge(run.record, apply_plan(model, lmap, mine, codes))
             block = lazy.blocks[blk.index]
-            _count(run, lazy, block)
+            run.foot.add(weight_footprint(block))
             prefix = f"{lmap.blocks_path}.{blk.index}."
             writer.add(as_stored({prefix + k: v for k, v in block.state_dict().items()}, stored, lazy.dtype))
             lazy.drop_block(blk.index)
@@ -83,12 +96,12 @@ def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path,
                       if s.method == "hqq" and not s.is_float})
         _merge(run.record, apply_plan(model, lmap, trunk, codes))
         state = {n: t for n, t in model.state_dict().items() if not n.startswith(lmap.blocks_path + ".")}
-        _count_trunk(run, lazy, widened)
+        run.foot.add(trunk_footprint(lazy, widened))
         writer.add(as_stored(_dedupe(state), stored, lazy.dtype))
         lazy.drop_trunk()
         if progress is not None:
             progress.advance(task)
-    run.shards = writer.finish()
+    writer.finish()
     return run
 
 
@@ -112,39 +125,8 @@ def _merge(into: Record, part: Record) -> None:
     into.notes += part.notes
 
 
-def _count(run: StreamedRun, lazy: LazyModel, module: torch.nn.Module) -> None:
-    f = lazy.footprint(module)
-    run.size_bytes += f["size_bytes"]
-    run.weight_bytes += f["weight_bytes"]
-    run.weight_params += f["weight_params"]
-
-
-def _count_trunk(run: StreamedRun, lazy: LazyModel, widened: tuple[str, ...]) -> None:
-    """weight_footprint's rule over the modules outside the stack; the tables kept in their storage dtype
-    (`widened`) counted at the compute dtype's width, as the in-memory model holds them."""
+def trunk_footprint(lazy: LazyModel, widened: tuple[str, ...]) -> dict:
+    """weight_footprint of the modules outside the stack, the tables kept in their storage dtype (`widened`)
+    counted at the compute dtype's width, as the in-memory model holds them."""
     wide = torch.empty((), dtype=lazy.dtype).element_size()
-    stack = lazy.lmap.blocks_path
-    seen: set[int] = set()
-    for mname, m in lazy.model.named_modules():
-        if mname == stack or mname.startswith(stack + "."):
-            continue
-        packed = hasattr(m, "stored_weight_bytes") and hasattr(m, "weight_numel")
-        if packed:
-            run.weight_bytes += int(m.stored_weight_bytes())
-            run.weight_params += int(m.weight_numel())
-        for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-            if name in getattr(m, "_non_persistent_buffers_set", set()) or id(t) in seen:
-                continue
-            seen.add(id(t))
-            full = f"{mname}.{name}" if mname else name
-            nbytes = t.numel() * (wide if full in widened else t.element_size())
-            run.size_bytes += nbytes
-            if isinstance(t, torch.nn.Parameter) and t.ndim >= 2 and not packed:
-                run.weight_bytes += nbytes
-                run.weight_params += t.numel()
-
-
-def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from compress.artifact import _dedupe as dedupe
-
-    return dedupe(state)
+    return weight_footprint(lazy.model, skip=lazy.lmap.blocks_path, widths=dict.fromkeys(widened, wide))
