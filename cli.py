@@ -263,7 +263,8 @@ def quantize(
     symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="Signed codes, no zero point (default)."),
     method: str = typer.Option("rtn", "--method", help=q_choices.METHOD.help()),
     allocator: str = typer.Option("dp", "--allocator", help=q_choices.ALLOCATOR.help()),
-    measure: str = typer.Option("full", "--measure", help=q_choices.MEASURE.help("dp's distortion table:")),
+    measure: str = typer.Option(None, "--measure", help=q_choices.MEASURE.help("dp's distortion table (default: "
+                                                                                "full in memory, fisher streamed):")),
     backend: str = typer.Option("packed", "--backend", help=q_choices.BACKEND.help()),
     granularity: str = typer.Option("block", "--granularity", help=q_choices.GRANULARITY.help("What shares one "
                                                                                                "width:")),
@@ -281,6 +282,9 @@ def quantize(
     out: Path = typer.Option(None, "--out", help="Artifact directory to write (packed safetensors + compress.json)."),
     plot: Path = typer.Option(None, "--plot", help="PNG of the bits chosen per unit beside their measured damage."),
     stream: str = STREAM_OPT,
+    offload_dir: Path = typer.Option(None, "--offload-dir", help="Streamed --measure fisher: where the hidden "
+                                     "states go while they are too large for memory (default: the system's "
+                                     "temporary directory); removed at the end."),
     json_out: bool = JSON,
     arch: str = ARCH,
     trust_pickle: bool = TRUST,
@@ -302,7 +306,7 @@ def quantize(
         allocator=allocator, measure=measure, backend=backend,
         granularity=granularity, scores=scores, rank_by=rank_by, embeddings=embeddings, plan_file=plan_file,
         show_plan=show_plan, data=data, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
-        out=out, arch=arch, trust_pickle=trust_pickle, stream=stream)
+        out=out, arch=arch, trust_pickle=trust_pickle, stream=stream, offload_dir=offload_dir)
     with progress_bar(not json_out) as p:
         result = run_quantize(request, progress=p)
     if plot is not None:
@@ -319,8 +323,11 @@ def _print_quantize(result: dict) -> None:
     units = result["plan"]["meta"].get("units")
     if units:
         dist = result.get("distortion", {})
-        fast = "scaled" in result.get("distortion_measure", "")
-        stdout.print(table("plan", ["unit", "spec", "estimated divergence" if fast else "measured divergence"],
+        how = result.get("distortion_measure", "")
+        fast = "scaled" in how
+        column = "estimated divergence" if fast else "predicted divergence" if how.startswith("predicted") \
+            else "measured divergence"
+        stdout.print(table("plan", ["unit", "spec", column],
                            [[u, spec, dist.get(u, {}).get(spec)] for u, spec in units.items()]))
         if fast:
             stdout.print(f"note: --measure fast: divergence {result['distortion_measure']}; only one candidate per "

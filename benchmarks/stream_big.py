@@ -5,7 +5,8 @@ and `--stream on` against `--stream off` on SmolLM2 (same weight bytes).
 
 The big model is made by benchmarks/make_big_model.py when missing (bf16 shards, ~6 GB, never committed). Each
 command runs in its own process under `/usr/bin/time -v` (peak RSS = "Maximum resident set size"). Run it alone:
-other jobs on the two cores change the wall times (not the RSS).
+other jobs on the two cores change the wall times (not the RSS). With --only, the rows not run now are kept as an
+earlier run wrote them (each row says its date).
 """
 
 from __future__ import annotations
@@ -77,12 +78,28 @@ def generate_check(artifact: Path) -> dict:
             "new_tokens": p.stdout.strip().splitlines()[-1] if p.stdout.strip() else None}
 
 
+SECTION = "Models larger than memory: streaming block by block (issue 16)"
+
+
+def earlier(name: str) -> list[str]:
+    """The lines an earlier run wrote for `name` in this section of BENCHMARKS.md (a table row, or a paragraph
+    whose first words are the name), to keep when this run does not redo them."""
+    text = (REPO / "BENCHMARKS.md").read_text()
+    start = text.find(f"## {SECTION}\n")
+    if start < 0:
+        return []
+    end = text.find("\n## ", start + 1)
+    body = text[start:end if end > 0 else len(text)]
+    return [ln for ln in body.splitlines() if f"({name})" in ln or ln.startswith(name)]
+
+
 def main() -> None:
     from markdown import replace_section
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=BIG)
-    ap.add_argument("--only", default=None, help="run only the rows whose name contains this (no BENCHMARKS update)")
+    ap.add_argument("--only", default=None, help="run only the rows whose name contains this (the others are kept)")
+    ap.add_argument("--note", default="", help="a sentence for the header (e.g. that other jobs shared the cores)")
     a = ap.parse_args()
     big = a.model.expanduser()
     if not big.is_dir():
@@ -97,6 +114,9 @@ def main() -> None:
                                               "on", "--data", str(DATA), "--out", "q4", "--json"],
         "3B eval of the result vs the original": ["eval", "q4", "--reference", str(big), "--data", str(DATA),
                                                   "--stream", "on", "--json"],
+        "3B quantize --layerwise --measure fisher + eval": ["quantize", str(big), "--layerwise", "--avg-bits", "4.5",
+                                                            "--measure", "fisher", "--stream", "on", "--data",
+                                                            str(DATA), "--out", "lw", "--json"],
     }
     try:
         for name, args in cases.items():
@@ -106,7 +126,7 @@ def main() -> None:
             m = r["json"].get("metrics") or r["json"]
             rows.append((name, args, r, m))
             print(f"[rc {r['rc']}] {name}: {r['seconds']:.0f} s, peak RSS {r['rss'] / 2**30:.2f} GiB", flush=True)
-        gen = generate_check(work / "q4") if (work / "q4").is_dir() and not a.only else None
+        gen = {d: generate_check(work / d) for d in ("q4", "lw") if (work / d).is_dir()}
         same = []
         if not a.only or "smollm2" in a.only:
             for mode in ("off", "on"):
@@ -117,16 +137,20 @@ def main() -> None:
                       flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if a.only:
-        return
+    today = time.strftime("%Y-%m-%d")
     lines = [f"Written by `python benchmarks/stream_big.py` on {time.strftime('%Y-%m-%d')} ({platform.machine()}, "
              f"{os.cpu_count()} cores, no GPU). The model: `benchmarks/make_big_model.py` → `{shown}`, a Llama of "
              f"{n_b:.2f} B parameters (Llama-3.2-3B's shape with SmolLM2's 49,152-token vocabulary), random weights "
              "from a fixed seed, bf16 safetensors shards (5.9 GB). Data: the Austen novels (2,048 evaluation tokens, "
              "4 windows of 512). Peak RSS is `/usr/bin/time -v`'s maximum resident set size of the whole process "
-             f"(Python, torch and transformers included); target ≤ {TARGET_RSS / 2**30:.1f} GiB.", "",
-             "| command | exit | peak RSS | vs target | wall | s per B params | KL mean | top-1 |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"(Python, torch and transformers included); target ≤ {TARGET_RSS / 2**30:.1f} GiB. Rows carry the date "
+             "they were measured (`--only` reruns some and keeps the others). " + a.note, "",
+             "| command | exit | peak RSS | vs target | wall | s per B params | KL mean | top-1 | measured |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    done = {name for name, *_ in rows}
+    for name in cases:
+        if name not in done:
+            lines += [ln if ln.count("|") >= 11 else ln.rstrip() + " 2026-12-03 (stop 15) |" for ln in earlier(name)]
     for name, args, r, m in rows:
         cmd = " ".join(args).replace(str(big), shown).replace(str(DATA), "austen/")
         ok = "met" if r["rss"] <= TARGET_RSS else "**missed**"
@@ -134,12 +158,16 @@ def main() -> None:
         top1 = m.get("top1_agreement")
         lines.append(f"| `compress {cmd}` ({name}) | {r['rc']} | {r['rss'] / 2**30:.2f} GiB | {ok} | "
                      f"{r['seconds']:.0f} s | {r['seconds'] / n_b:.0f} | "
-                     f"{'' if kl is None else f'{kl:.4f}'} | {'' if top1 is None else f'{top1:.3f}'} |")
-    if gen is not None:
-        lines += ["", f"The 3 B artifact loads (whole, with the in-memory loader) and generates: {gen['new_tokens']} "
-                      f"new tokens greedily, exit {gen['rc']}, {gen['seconds']:.0f} s, peak RSS "
-                      f"{gen['rss'] / 2**30:.2f} GiB (loading whole is not streamed: the skeleton is built in fp32 "
-                      "before the packed modules replace its Linears)."]
+                     f"{'' if kl is None else f'{kl:.4f}'} | {'' if top1 is None else f'{top1:.3f}'} | {today} |")
+    for d, what in (("q4", "The 3 B artifact"), ("lw", "The 3 B layer-wise artifact")):
+        if d in gen:
+            g = gen[d]
+            lines += ["", f"{what} loads (whole, with the in-memory loader) and generates: {g['new_tokens']} new "
+                          f"tokens greedily, exit {g['rc']}, {g['seconds']:.0f} s, peak RSS {g['rss'] / 2**30:.2f} "
+                          f"GiB ({today}; loading whole is not streamed: the skeleton is built in fp32 before the "
+                          "packed modules replace its Linears)."]
+        else:
+            lines += ["", *earlier(what + " loads")]
     if same:
         identical = len({s for _, _, s in same}) == 1 and same[0][2] is not None
         lines += ["", "SmolLM2-135M, `compress quantize smollm2-135m --bits 4 --group-size 32 --stream off|on --data "
@@ -150,8 +178,15 @@ def main() -> None:
                          f"`{(sha or '')[:16]}` |")
         lines += ["", f"Weight files byte-identical: **{'yes' if identical else 'NO'}** (compress.json differs only in "
                       "its timings and the stream note)."]
-    replace_section(REPO / "BENCHMARKS.md", "Models larger than memory: streaming block by block (issue 16)",
-                    "\n".join(lines) + "\n")
+    else:
+        kept = earlier("SmolLM2-135M, `compress quantize")
+        if kept:
+            text = (REPO / "BENCHMARKS.md").read_text()
+            block = text[text.index(kept[0]):]
+            block = block[:block.index("Weight files byte-identical")]
+            tail = text[text.index("Weight files byte-identical"):].splitlines()[0]
+            lines += ["", *block.rstrip().splitlines(), "", tail]
+    replace_section(REPO / "BENCHMARKS.md", SECTION, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def weight_footprint(module: nn.Module, skip: str | None = None,
         for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
             if name in getattr(m, "_non_persistent_buffers_set", set()):
                 continue
-            key = t.data_ptr() if t.numel() else id(t)
+            key = t.data_ptr() if t.numel() and not t.is_meta else id(t)  # meta tensors all sit at 0
             if key in seen:
                 continue
             seen.add(key)

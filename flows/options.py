@@ -62,15 +62,20 @@ class OutputOptions:
 
 @dataclass
 class StreamOptions:
-    """Whether the model is worked on block by block from disk (`stream`: auto | on | off)."""
+    """Whether the model is worked on block by block from disk (`stream`: auto | on | off), and where hidden states
+    too large for memory go meanwhile (`offload_dir`; None: the system's temporary directory)."""
 
     stream: str = "auto"
+    offload_dir: Path | None = None
 
     def check_stream(self) -> None:
-        """UserError for a --stream value that is not one of the choices."""
+        """UserError for a --stream value that is not one of the choices, or an --offload-dir that is no directory."""
+        from compress.errors import UserError
         from compress.stream.decide import STREAM
 
         STREAM.check(self.stream)
+        if self.offload_dir is not None and not Path(self.offload_dir).expanduser().is_dir():
+            raise UserError(f"--offload-dir {self.offload_dir}: not a directory; create it or name an existing one")
 
     def stream_choice(self, spec: str) -> Any:
         """compress.stream.decide's StreamChoice for `spec` under this request's --stream."""

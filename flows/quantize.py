@@ -32,7 +32,7 @@ class QuantizeRequest(StreamOptions, OutputOptions, DataOptions, ModelOptions):
     symmetric: bool = True
     method: str = "rtn"
     allocator: str = "dp"
-    measure: str = "full"
+    measure: str | None = None  # None: full in memory, fisher when streamed
     backend: str = "packed"
     granularity: str = "block"
     scores: Path | None = None
@@ -125,7 +125,7 @@ def check_request(req: QuantizeRequest) -> None:
     BACKEND.check(req.backend)
     if req.backend == "bnb" and req.target != "torch":
         raise UserError(f"--backend bnb runs in PyTorch only: drop --target {req.target}")
-    MEASURE.check(req.measure)
+    MEASURE.check(req.measure, allow_none=True)
     GRANULARITY.check(req.granularity)
     EMBEDDINGS.check(req.embeddings, allow_none=True)
     req.check_data()
@@ -171,9 +171,10 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
 
 
 def _plan(req: QuantizeRequest, loaded, lmap, names: list[str], plan_from_file, data: _Data, result: dict,
-          progress) -> tuple:
+          progress, lazy=None) -> tuple:
     """The plan of the request's mode (--plan FILE, --bits N, or --layerwise under a budget) and, layer-wise, the
-    distortion table it was chosen on; checked against the target; recorded in `result`."""
+    distortion table it was chosen on; checked against the target; recorded in `result`. `lazy`: the streamed
+    model (compress.stream.LazyModel) the Fisher is computed on block by block."""
     from compress.importance.report import ImportanceReport
     from compress.plan import Plan
     from compress.quantize.pipeline import layerwise_plan, plan_inputs
@@ -201,7 +202,9 @@ def _plan(req: QuantizeRequest, loaded, lmap, names: list[str], plan_from_file, 
         calib = data.calibration()
         plan, table = layerwise_plan(loaded, lmap, calib, cands, budget, req.allocator, req.granularity,
                                      embeddings=embeddings, ranking=ranking, rank_by=req.rank_by,
-                                     progress=progress, inputs=inputs, target=req.target, measure=req.measure)
+                                     progress=progress, inputs=inputs, target=req.target,
+                                     measure=req.measure or ("fisher" if lazy is not None else "full"),
+                                     lazy=lazy, offload_dir=req.offload_dir)
         plan.meta["calibration"] = calib.describe()
     check_specs(plan.resolve(names), req.target, {lmap.embeddings} if lmap.embeddings else set())
     plan.meta["target"] = req.target
@@ -338,12 +341,12 @@ def _cols(loaded, name: str) -> int:
 
 def check_streamable(req: QuantizeRequest) -> None:
     """UserError for the modes that still need the whole model in memory."""
-    if req.layerwise:
-        raise UserError("--layerwise measures every unit against the whole model, which does not stream yet: pass "
-                        "--stream off (the model must fit in memory), or use --bits N / --plan FILE")
+    if req.layerwise and req.allocator == "dp" and req.measure not in (None, "fisher"):
+        raise UserError(f"--measure {req.measure} replays the whole model for every unit and does not stream: use "
+                        "--measure fisher (the default when streaming), or --stream off if the model fits")
     if req.backend == "bnb":
         raise UserError("--backend bnb quantizes a whole loaded model: pass --stream off")
-    if req.data in (None, "self") and (req.evaluate or req.method == "gptq"):
+    if req.data in (None, "self") and (req.evaluate or req.method == "gptq" or req.layerwise):
         raise UserError("--stream: --data self samples text from the whole model; pass --data FILE (text to "
                         "calibrate and evaluate on)")
 
@@ -366,7 +369,7 @@ def run_quantize_streaming(req: QuantizeRequest, choice, plan_from_file, progres
     names = quantizable(loaded.module, lmap)
     result: dict = {"model": req.model, "notes": [choice.why], "stream": True}
     data = _Data(req, loaded)
-    plan, _ = _plan(req, loaded, lmap, names, plan_from_file, data, result, progress)
+    plan, table = _plan(req, loaded, lmap, names, plan_from_file, data, result, progress, lazy)
     specs = plan.resolve(names)
     if req.show_plan:
         result["specs"] = {n: s.label() for n, s in specs.items()}
@@ -378,7 +381,7 @@ def run_quantize_streaming(req: QuantizeRequest, choice, plan_from_file, progres
         result["notes"] += run.record.notes
 
         def manifest() -> dict:
-            return manifest_fields(specs, artifact_manifest(loaded, plan, None, specs, run.record, result))
+            return manifest_fields(specs, artifact_manifest(loaded, plan, table, specs, run.record, result))
 
         write_beside(loaded, root, FORMAT, manifest())
         if req.evaluate:

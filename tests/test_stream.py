@@ -138,8 +138,8 @@ def test_bad_stream_requests_are_refused_in_one_line(model_dir, text_file, tmp_p
 
     with pytest.raises(UserError, match="--stream maybe: use auto, on, off"):
         _quantize(model_dir, tmp_path / "a", "maybe", text_file)
-    with pytest.raises(UserError, match="--layerwise"):
-        _quantize_lw(model_dir, tmp_path / "b", text_file)
+    with pytest.raises(UserError, match="--measure full replays the whole model"):
+        _quantize_lw(model_dir, tmp_path / "b", text_file, measure="full")
     with pytest.raises(UserError, match="--data self"):
         from flows.quantize import QuantizeRequest, run_quantize
 
@@ -157,11 +157,78 @@ def test_stream_off_refuses_a_model_larger_than_free_memory(model_dir, monkeypat
     assert decide.decide(str(model_dir), "auto").stream
 
 
-def _quantize_lw(model: Path, out: Path, text: Path):
+def _quantize_lw(model: Path, out: Path, text: Path, stream: str = "on", **kw):
     from flows.quantize import QuantizeRequest, run_quantize
 
     return run_quantize(QuantizeRequest(model=str(model), layerwise=True, avg_bits=4.5, data=str(text), tokens=128,
-                                        eval_tokens=128, seq_len=32, out=out, stream="on"))
+                                        eval_tokens=128, seq_len=32, out=out, stream=stream,
+                                        candidates="8g16,4g16,3g16", **kw))
+
+
+def test_layerwise_fisher_streamed_and_in_memory_write_the_same_bytes(model_dir, text_file, tmp_path, monkeypatch):
+    import compress.stream.fisher as fisher
+
+    off = _quantize_lw(model_dir, tmp_path / "off", text_file, stream="off", measure="fisher")
+    monkeypatch.setattr(fisher, "IN_MEMORY_BYTES", 0)  # the hidden states go through files
+    on = _quantize_lw(model_dir, tmp_path / "on", text_file, offload_dir=tmp_path)
+    assert on["plan"]["meta"]["measure"] == "fisher" and on["distortion_measure"].startswith("predicted kl")
+    assert on["distortion"] == off["distortion"]  # block by block, from disk or memory: the same numbers
+    assert on["plan"]["meta"]["units"] == off["plan"]["meta"]["units"]
+    assert len(set(on["plan"]["meta"]["units"].values())) > 1  # the budget mixes widths
+    assert _weights(tmp_path / "on") == _weights(tmp_path / "off")
+    assert not list(tmp_path.glob("compress-fisher-*"))  # the spilled hidden states are gone
+
+
+def test_the_blockwise_fisher_equals_one_whole_model_backward():
+    """Block by block (each block recomputed from its kept input, the gradient handed down) gives the same diagonal
+    Fisher as autograd through the whole model, embedding and tied head included."""
+    from test_fisher import _windows
+    from tiny_models import build
+
+    from compress.models import layer_map
+    from compress.quantize.apply import weight_matrix
+    from compress.quantize.distortion import _fake_quant
+    from compress.quantize.fisher import fisher_squares, predict_fisher
+    from compress.quantize.pipeline import units_for
+    from compress.quantize.spec import QuantSpec
+
+    for family in ("llama", "gemma2", "gpt2"):  # untied; tied with scaled embeddings and capped logits; Conv1D
+        loaded = build(family)
+        lmap = layer_map(loaded.module)
+        windows = _windows(loaded.module.config.vocab_size)
+        units = units_for(loaded.module, lmap, "block", embeddings=True)
+        cands = [QuantSpec(8, 16), QuantSpec(3, 16)]
+        table = predict_fisher(loaded, lmap, windows, units, cands)
+        g2 = fisher_squares(loaded.module, [m for u in units for m in u.modules], windows)
+        for unit, row in zip(units, table.distortion, strict=True):
+            for c, got in zip(cands, row, strict=True):
+                want = 0.0
+                for m in unit.modules:
+                    w = weight_matrix(loaded.module.get_submodule(m)).detach().float()
+                    want += 0.5 * float((g2[m] * (_fake_quant(w, c) - w) ** 2).sum())
+                assert got == pytest.approx(want, rel=1e-3), (family, unit.name, c.label())
+
+
+def test_an_offload_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    import compress.stream.fisher as fisher
+    from compress.errors import EnvironmentFault, UserError
+    from flows.options import StreamOptions
+
+    with pytest.raises(UserError, match="--offload-dir .*missing: not a directory"):
+        StreamOptions(offload_dir=tmp_path / "missing").check_stream()
+    monkeypatch.setattr(fisher, "IN_MEMORY_BYTES", 0)
+    store = fisher._Store(1, tmp_path)
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)  # the disk fills up
+    try:
+        with pytest.raises(EnvironmentFault, match="--offload-dir .*cannot write the hidden states.*No space left"):
+            store.put(0, 0, torch.zeros(4))
+    finally:
+        store.close()
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_damaged_streamed_artifact_is_refused_before_use(model_dir, text_file, tmp_path):

@@ -13,7 +13,8 @@ MEASURE = Choices("--measure", {"full": "measure KL for every unit × candidate"
                                 "fast": "measure each unit once, at the candidate nearest the budget, and scale the "
                                         "others by weight error energy (~4× fewer measurements)",
                                 "fisher": "predict every unit × candidate as ½ Σ F ΔW² (diagonal Fisher from one "
-                                          "forward and backward per calibration window): no replay at all"})
+                                          "forward and backward per calibration window, block by block): no replay; "
+                                          "the default when the model is streamed"})
 BACKEND = Choices("--backend", {"packed": "our packed codes, any width, reloadable with `compress load`",
                                 "bnb": "bitsandbytes modules for PyTorch: 8-bit -> Linear8bitLt, 4-bit -> Linear4bit "
                                        "nf4, other widths stay float; bitsandbytes quantizes by itself"})

@@ -44,12 +44,13 @@ def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candid
                    budget: Budget, allocator: str = "dp", granularity: str = "block", embeddings: bool = True,
                    ranking: ImportanceReport | None = None, rank_by: str = "lim", progress=None,
                    inputs: tuple | None = None, target: str = "torch",
-                   measure: str = "full") -> tuple[Plan, DistortionTable | None]:
+                   measure: str = "full", lazy=None, offload_dir=None) -> tuple[Plan, DistortionTable | None]:
     """Choose one candidate per unit under the budget: exact DP on measured divergence, or the seed's ranking.
 
     `inputs` is what `plan_inputs` returned for the same arguments, when the caller validated the budget already.
     `measure` 'full' measures every unit × candidate; 'fast' one candidate per unit (see measure_kl's anchor);
-    'fisher' predicts every cell from the diagonal Fisher and the weight error, measuring nothing.
+    'fisher' predicts every cell from the diagonal Fisher and the weight error, measuring nothing; block by block
+    on `lazy` (a compress.stream LazyModel) when given, hidden states spilled under `offload_dir` when large.
     """
     ALLOCATOR.check(allocator)
     MEASURE.check(measure)
@@ -59,7 +60,7 @@ def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candid
     t0 = time.perf_counter()
     table = None
     if allocator == "dp" and measure == "fisher":
-        table = predict_fisher(loaded, lmap, windows, units, candidates, allowed, progress)
+        table = predict_fisher(loaded, lmap, windows, units, candidates, allowed, progress, lazy, offload_dir)
         picks = solve_dp(table.distortion, sizes, budget.room)
     elif allocator == "dp":
         ctx = ScoringContext(loaded, lmap, windows, progress)

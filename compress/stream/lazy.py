@@ -37,9 +37,20 @@ class _Stop(Exception):
 class _Recorder(nn.Module):
     """Stands in for block `index` during the capture forward: records its arguments, passes the hidden on."""
 
-    def __init__(self, index: int, last: bool, calls: Calls):
+    def __init__(self, index: int, last: bool, calls: Calls, block: nn.Module | None = None):
         super().__init__()
         self.index, self.last, self.calls = index, last, calls
+        self._block = [block]  # in a list: not registered as a submodule
+
+    def __getattr__(self, name: str):
+        """Attributes the model reads off its blocks (Qwen3's and Gemma's `attention_type`) come from the block."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            block = self.__dict__.get("_block", [None])[0]
+            if block is None:
+                raise
+            return getattr(block, name)
 
     def forward(self, *args, **kwargs):
         hidden, rest_args, rest_kwargs = _split_hidden(args, kwargs)
@@ -56,16 +67,40 @@ class _Recorder(nn.Module):
         return hidden
 
 
+class _Grab(_Recorder):
+    """Stands in for block 0: keeps its input with the autograd graph that made it, then stops the forward."""
+
+    hidden: torch.Tensor
+
+    def __init__(self, block: nn.Module):
+        super().__init__(0, True, Calls(torch.empty(0), torch.empty(0), torch.empty(0)), block)
+
+    def forward(self, *args, **kwargs):
+        self.hidden = _split_hidden(args, kwargs)[0]
+        raise _Stop
+
+
 class LazyModel:
     """A LoadedModel on the meta device plus the checkpoint its tensors come from; blocks are loaded one at a time."""
 
-    def __init__(self, loaded: LoadedModel, lmap: LayerMap, checkpoint: Checkpoint,
+    def __init__(self, loaded: LoadedModel, lmap: LayerMap, checkpoint: Checkpoint | None,
                  dtype: torch.dtype = torch.float32):
         self.loaded, self.lmap, self.checkpoint, self.dtype = loaded, lmap, checkpoint, dtype
         self.model = loaded.module
         self.blocks = self.model.get_submodule(lmap.blocks_path)
         self.specs: dict = {}  # a packed artifact's module specs, applied block by block as they are loaded
         self._swapped: set[str] = set()
+
+    @classmethod
+    def resident(cls, loaded: LoadedModel, lmap: LayerMap) -> LazyModel:
+        """A model already whole in memory, run through the same block-by-block code (loading and dropping do
+        nothing), so an algorithm written once gives the same numbers in memory and streamed."""
+        return cls(loaded, lmap, None, next(loaded.module.parameters()).dtype)
+
+    @property
+    def streamed(self) -> bool:
+        """True when the weights come from disk block by block."""
+        return self.checkpoint is not None
 
     # ---- which tensors belong where
     def block_names(self, i: int) -> list[str]:
@@ -79,19 +114,26 @@ class LazyModel:
         return [n for n in _state_names(self.model, skip=prefix)]
 
     # ---- loading and dropping
-    def load_block(self, i: int) -> None:
-        """Read block i (its specs applied first when the model is a packed artifact)."""
+    def load_block(self, i: int, keep_storage: tuple[str, ...] = ()) -> None:
+        """Read block i (its specs applied first when the model is a packed artifact); the tensors named in
+        `keep_storage` stay in the checkpoint's dtype (the caller casts them where it uses them)."""
+        if not self.streamed:
+            return
         self._prepare(f"{self.lmap.blocks_path}.{i}.")
-        self._load(self.block_names(i))
+        self._load(self.block_names(i), keep_storage)
 
     def drop_block(self, i: int) -> None:
         """Free every tensor of block i (including ones a transform put there)."""
+        if not self.streamed:
+            return
         self.blocks[i].to("meta")
         release_freed_memory()
 
     def load_trunk(self, keep_storage: bool = True) -> None:
         """Read the tensors outside the stack; with `keep_storage`, the embedding and head tables stay in the
         checkpoint's dtype (looked up, or multiplied 8,192 rows at a time), the rest in the compute dtype."""
+        if not self.streamed:
+            return
         self._prepare(None)
         self._load(self.trunk_names(), self.big_tables() if keep_storage else ())
         self._tie()
@@ -100,6 +142,8 @@ class LazyModel:
         """Free the tensors outside the stack."""
         from accelerate.utils import set_module_tensor_to_device
 
+        if not self.streamed:
+            return
         for n in self.trunk_names():
             set_module_tensor_to_device(self.model, n, "meta")
         self._tie()
@@ -155,7 +199,7 @@ class LazyModel:
         embed = self.model.get_submodule(self.lmap.embeddings) if self.lmap.embeddings else None
         cast = embed.register_forward_hook(lambda m, a, out: out.to(self.dtype)) if embed is not None else None
         for i in range(n):
-            self.blocks[i] = _Recorder(i, i == n - 1, calls)
+            self.blocks[i] = _Recorder(i, i == n - 1, calls, originals[i])
         try:
             base = getattr(self.model, "base_model", self.model)
             with torch.inference_mode():
@@ -175,6 +219,34 @@ class LazyModel:
                                "once per block in order")
         calls.hidden = calls.hidden.to(self.dtype)
         return calls
+
+    def embedding_grad(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       d_hidden: torch.Tensor) -> torch.Tensor:
+        """The gradient at the embedding's output given the gradient at block 0's input: the trunk's path between
+        them (scaling, position embeddings) run again with autograd, stopped at block 0 (the trunk must be loaded)."""
+        embed = self.model.get_submodule(self.lmap.embeddings)
+        leaf: list[torch.Tensor] = []
+
+        def as_leaf(module, args, out):
+            leaf.append(out.detach().to(self.dtype).requires_grad_(True))
+            return leaf[0]
+
+        original = self.blocks[0]
+        grab = _Grab(original)
+        self.blocks[0] = grab
+        hook = embed.register_forward_hook(as_leaf)
+        try:
+            with torch.enable_grad():
+                base = getattr(self.model, "base_model", self.model)
+                base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            self.blocks[0] = original
+            hook.remove()
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(grab.hidden, leaf[0], d_hidden)
+        return grad
 
     def run_block(self, i: int, calls: Calls, hidden: torch.Tensor) -> torch.Tensor:
         """Block i (loaded) applied to `hidden` with the arguments the whole model would pass it."""
