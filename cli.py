@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from collections.abc import Callable
 from inspect import signature as call_signature
 from pathlib import Path
@@ -71,10 +73,26 @@ def verb(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> None:
         debug = bool(signature.bind(*args, **kwargs).arguments.get("debug", False))
-        if run_command(lambda: fn(*args, **kwargs), debug) is False:
+        if run_command(lambda: _one_of_many(fn.__name__) or fn(*args, **kwargs), debug) is False:
             raise typer.Exit(1)
 
     return run
+
+
+DISTRIBUTED_VERBS = {"quantize"}  # the verbs whose work torchrun's ranks split (compress.distributed)
+
+
+def _one_of_many(name: str) -> None:
+    """Under torchrun: refuse verbs that do not split their work; ranks other than 0 print nothing."""
+    from compress import distributed
+
+    if not distributed.launched():
+        return
+    if name not in DISTRIBUTED_VERBS:
+        raise UserError(f"torchrun: `compress {name}` runs in one process; only "
+                        f"{', '.join(sorted(DISTRIBUTED_VERBS))} split their work across ranks")
+    if not distributed.is_writer():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this rank
 
 
 def _precheck(model: str | None = None, data: str | None = None, arch: str | None = None, *,
@@ -285,6 +303,9 @@ def quantize(
     offload_dir: Path = typer.Option(None, "--offload-dir", help="Streamed --measure fisher: where the hidden "
                                      "states go while they are too large for memory (default: the system's "
                                      "temporary directory); removed at the end."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a streamed run of the same --out that was killed "
+                                "or interrupted, from its last finished block; refused if the model, data or options "
+                                "differ."),
     json_out: bool = JSON,
     arch: str = ARCH,
     trust_pickle: bool = TRUST,
@@ -306,9 +327,14 @@ def quantize(
         allocator=allocator, measure=measure, backend=backend,
         granularity=granularity, scores=scores, rank_by=rank_by, embeddings=embeddings, plan_file=plan_file,
         show_plan=show_plan, data=data, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
-        out=out, arch=arch, trust_pickle=trust_pickle, stream=stream, offload_dir=offload_dir)
-    with progress_bar(not json_out) as p:
+        out=out, arch=arch, trust_pickle=trust_pickle, stream=stream, offload_dir=offload_dir,
+        resume=resume)
+    from compress import distributed
+    if not distributed.is_writer():  # another rank of torchrun: measure its share, write and evaluate nothing
+        request.out, request.evaluate, plot = None, False, None
+    with progress_bar(not json_out and distributed.is_writer()) as p:
         result = run_quantize(request, progress=p)
+    distributed.finish()
     if plot is not None:
         from evals.plots import plot_bits
 

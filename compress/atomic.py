@@ -47,15 +47,67 @@ def atomic_dir(target: Path, expected_bytes: int | None = None) -> Iterator[Path
         for f in tmp.rglob("*"):
             f.chmod(0o755 if f.is_dir() else 0o644)
         write_marker(tmp)
-        _fault("before-install")
+        fault_point("before-install")
         old = _install(tmp, target)
-        _fault("installed")
+        fault_point("installed")
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
         written = _tree_bytes(tmp) if _disk_full(exc) else None
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, Exception) and (err := _translate(exc, target, written)) is not exc:
+            raise err from exc
+        raise
+
+
+RESUME_RECORD = "resume.json"  # in a partial directory: what the run was asked (its inputs' hash) and what it did
+
+
+def partial_dir(target: Path) -> Path:
+    """Where a resumable run of `target` keeps its work until it is complete: `.NAME.partial` beside it."""
+    target = Path(target).expanduser().absolute()
+    return target.parent / f".{target.name}.partial"
+
+
+@contextlib.contextmanager
+def resumable_dir(target: Path, resume: bool) -> Iterator[Path]:
+    """Like atomic_dir, but the work goes into `partial_dir(target)`, which outlives a kill, an interrupt or a
+    failing machine so that a later run with `resume` continues it (a run without `resume` clears it first). Bad
+    input (UserError) removes it: that run cannot be continued."""
+    target = Path(target).expanduser().absolute()
+    _refuse_early(target)
+    _make_parent(target)
+    sweep(target)
+    work = partial_dir(target)
+    if work.exists() and not resume:
+        if not (work / RESUME_RECORD).is_file() and any(work.iterdir()):
+            raise UserError(f"{work}: exists and is not an interrupted run of this tool; move it away")
+        shutil.rmtree(work)
+    try:
+        work.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise _translate(exc, target, None) from exc
+    try:
+        yield work
+        work.chmod(0o755)
+        for f in work.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
+        (work / RESUME_RECORD).unlink(missing_ok=True)
+        write_marker(work)
+        fault_point("before-install")
+        old = _install(work, target)
+        fault_point("installed")
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except UserError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    except Exception as exc:
+        if _disk_full(exc):
+            free = _mb(shutil.disk_usage(target.parent).free)
+            raise EnvironmentFault(f"no space left on the disk of {target}: {free} free; free space and run again "
+                                   f"with --resume (the finished blocks are kept in {work})") from exc
+        if (err := _translate(exc, target, None)) is not exc:
             raise err from exc
         raise
 
@@ -257,7 +309,7 @@ def _disk_full(exc: BaseException) -> bool:
     return getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or "os error 28" in text
 
 
-def _fault(point: str) -> None:
+def fault_point(point: str) -> None:
     """Tests only: die here (SIGKILL) when COMPRESS_FAULT_AT names this point."""
     if os.environ.get(_FAULT_ENV) == point:
         import signal

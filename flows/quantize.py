@@ -4,6 +4,7 @@ in memory, or block by block from disk (--stream; compress.stream) with the same
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import tempfile
 import time
@@ -43,6 +44,7 @@ class QuantizeRequest(StreamOptions, OutputOptions, DataOptions, ModelOptions):
     tokens: int = 1024
     eval_tokens: int = 2048
     evaluate: bool = True
+    resume: bool = False
 
 
 CANDIDATE = re.compile(r"^(\d+)(?:g(\d+))?([asp])?$")
@@ -130,6 +132,10 @@ def check_request(req: QuantizeRequest) -> None:
     EMBEDDINGS.check(req.embeddings, allow_none=True)
     req.check_data()
     req.check_stream()
+    if req.resume and req.out is None:
+        raise UserError("--resume continues an interrupted run of --out DIR: pass the same --out")
+    if req.resume and req.stream == "off":
+        raise UserError("--resume continues a streamed run (block by block): drop --stream off")
     if req.out is not None and Path(req.out).exists() and not Path(req.out).is_dir():
         raise UserError(f"--out {req.out}: exists and is not a directory")
 
@@ -148,6 +154,9 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     choice = req.stream_choice(req.model)
     if choice.stream:
         return run_quantize_streaming(req, choice, plan_from_file, progress)
+    if req.resume:
+        raise UserError(f"--resume continues a streamed run, and {req.model} is quantized in memory ({choice.why}): "
+                        "add --stream on")
     loaded = load_model(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
     lmap = layer_map(loaded.module)
     names = quantizable(loaded.module, lmap)
@@ -237,8 +246,8 @@ def artifact_manifest(loaded, plan, table, specs: dict, record, result: dict) ->
                 "bpw": result["bpw"], "size_bytes": result["size_bytes"],
                 "layers": {n: {"spec": s.label(), "bpw": round(s.bits_per_weight(_cols(loaded, n)), 4)}
                            for n, s in specs.items()}}
-    if table is not None:
-        manifest["distortion"] = table.to_dict()
+    if table is not None:  # a DistortionTable, or its JSON form kept by an interrupted run
+        manifest["distortion"] = table if isinstance(table, dict) else table.to_dict()
     source = loaded.extra.get("manifest") or {}
     manifest.update({k: source[k] for k in STRUCTURE if k in source})
     return manifest
@@ -352,13 +361,16 @@ def check_streamable(req: QuantizeRequest) -> None:
 
 
 def run_quantize_streaming(req: QuantizeRequest, choice, plan_from_file, progress=None) -> dict:
-    """Plan, quantize block by block into the output (or a scratch directory without --out), evaluate from disk."""
+    """Plan, quantize block by block into the output (or a scratch directory without --out), evaluate from disk.
+    With --out the work sits in a partial directory that `--resume` continues after a kill (same inputs only)."""
     from compress.artifact import FORMAT, manifest_fields, write_beside
+    from compress.plan import Plan
     from compress.quantize.apply import quantizable
     from compress.quantize.pipeline import needs_data
     from compress.stream.checkpoint import weight_files
     from compress.stream.lazy import open_lazy
     from compress.stream.quantize import quantize_streaming
+    from compress.stream.resume import ResumeRecord, check_resumable
 
     check_streamable(req)
     t0 = time.perf_counter()
@@ -369,13 +381,27 @@ def run_quantize_streaming(req: QuantizeRequest, choice, plan_from_file, progres
     names = quantizable(loaded.module, lmap)
     result: dict = {"model": req.model, "notes": [choice.why], "stream": True}
     data = _Data(req, loaded)
-    plan, table = _plan(req, loaded, lmap, names, plan_from_file, data, result, progress, lazy)
-    specs = plan.resolve(names)
     if req.show_plan:
-        result["specs"] = {n: s.label() for n, s in specs.items()}
+        plan, _ = _plan(req, loaded, lmap, names, plan_from_file, data, result, progress, lazy)
+        result["specs"] = {n: s.label() for n, s in plan.resolve(names).items()}
         return result
-    calib = data.calibration() if needs_data(specs) else None
-    with _destination(req.out) as root:
+    digest = _inputs_digest(req, choice.path, plan_from_file, data) if req.out is not None else ""
+    if req.resume:
+        check_resumable(req.out, digest)
+    with _destination(req.out, req.resume) as root:
+        record = ResumeRecord(root, digest, req.resume) if req.out is not None else None
+        if record is not None and record.get("plan") is not None:  # resumed: the interrupted run's plan
+            plan, table = Plan.from_dict(record.get("plan")), record.get("table")
+            result.update(record.get("result"))
+            result["notes"].append("resumed an interrupted run")
+        else:
+            plan, table = _plan(req, loaded, lmap, names, plan_from_file, data, result, progress, lazy)
+            if record is not None:
+                record.put(plan=plan.to_dict(), table=None if table is None else table.to_dict(),
+                           result={k: result[k] for k in ("plan", "distortion", "distortion_measure", "notes")
+                                   if k in result})
+        specs = plan.resolve(names)
+        calib = data.calibration() if needs_data(specs) else None
         run = quantize_streaming(lazy, specs, root, calib, progress, metadata={"format": FORMAT})
         result.update(specs=run.record.specs, size_bytes=run.foot.size_bytes, bpw=round(run.foot.bpw, 4))
         result["notes"] += run.record.notes
@@ -394,6 +420,20 @@ def run_quantize_streaming(req: QuantizeRequest, choice, plan_from_file, progres
     return result
 
 
+def _inputs_digest(req: QuantizeRequest, source: Path, plan_from_file, data: _Data) -> str:
+    """What decides the artifact's bytes: the options, the plan file, the calibration tokens, the weights."""
+    from dataclasses import asdict
+
+    from compress.stream.checkpoint import weight_files
+    from compress.stream.resume import inputs_digest
+
+    options = {k: v for k, v in asdict(req).items() if k not in ("out", "resume", "offload_dir", "stream", "evaluate",
+                                                                 "eval_tokens", "show_plan")}
+    extra = [json.dumps(plan_from_file.to_dict(), sort_keys=True) if plan_from_file is not None else "",
+             data.calibration().data_hash if req.layerwise or req.method == "gptq" else ""]
+    return inputs_digest(options, weight_files(source), extra)
+
+
 def _evaluate(req: QuantizeRequest, artifact: Path, source: Path, data: _Data, progress) -> dict:
     """The written artifact against its source on the evaluation windows, both read block by block."""
     from compress.stream.evaluate import evaluate_streaming
@@ -405,13 +445,13 @@ def _evaluate(req: QuantizeRequest, artifact: Path, source: Path, data: _Data, p
 
 
 @contextlib.contextmanager
-def _destination(out: Path | None) -> Iterator[Path]:
-    """The artifact directory to write: --out through atomic_dir (installed only when complete), or a scratch
-    directory removed afterwards when there is no --out."""
-    from compress.atomic import atomic_dir
+def _destination(out: Path | None, resume: bool = False) -> Iterator[Path]:
+    """The artifact directory to write: --out through a resumable partial directory (installed only when complete,
+    kept after a kill for --resume), or a scratch directory removed afterwards when there is no --out."""
+    from compress.atomic import resumable_dir
 
     if out is not None:
-        with atomic_dir(Path(out)) as root:
+        with resumable_dir(Path(out), resume) as root:
             yield root
     else:
         with tempfile.TemporaryDirectory(prefix="compress-stream-") as root:

@@ -3,6 +3,11 @@ bytes, the same evaluation, and memory-free skeletons."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +15,8 @@ import torch
 from tiny_models import hf_dir
 
 from compress.stream.checkpoint import Checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
         "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
@@ -242,3 +249,32 @@ def test_a_damaged_streamed_artifact_is_refused_before_use(model_dir, text_file,
     weights.write_bytes(bytes(data))
     with pytest.raises(UserError, match="model.safetensors"):
         open_lazy(tmp_path / "q", "q")
+
+
+def _cli(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"COMPRESS_FAULT_AT": fault} if fault else {})}
+    launch = "import sys; from cli import main; sys.argv[0] = 'compress'; main()"
+    return subprocess.run([sys.executable, "-c", launch, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_resume_after_a_sigkill_writes_the_same_artifact(model_dir, text_file, tmp_path):
+    def quantize(out: Path, *extra: str, fault: str | None = None):
+        return _cli("quantize", str(model_dir), "--bits", "4", "--group-size", "16", "--method", "gptq", "--data",
+                    str(text_file), "--tokens", "128", "--eval-tokens", "128", "--seq-len", "32", "--stream", "on",
+                    "--out", str(out), *extra, fault=fault)
+
+    assert quantize(tmp_path / "whole").returncode == 0
+    out, partial = tmp_path / "q", tmp_path / ".q.partial"
+    assert quantize(out, fault="after-block-1").returncode == -signal.SIGKILL
+    assert not out.exists() and len(list(partial.glob(".group-*.safetensors"))) == 2  # blocks 0 and 1 kept
+    before = {f.name: f.read_bytes() for f in partial.iterdir()}
+    other = quantize(out, "--resume", "--seed", "1")  # other calibration windows: another artifact
+    assert other.returncode == 2 and "had other inputs" in other.stderr
+    assert {f.name: f.read_bytes() for f in partial.iterdir()} == before  # refused without touching it
+    resumed = quantize(out, "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed an interrupted run" in json.loads(resumed.stdout)["notes"]
+    assert _weights(out) == _weights(tmp_path / "whole") and not partial.exists()
+    nothing = quantize(tmp_path / "never", "--resume")
+    assert nothing.returncode == 2 and "no interrupted run" in nothing.stderr

@@ -61,21 +61,25 @@ def measure_kl(ctx: ScoringContext, units: list[Unit], candidates: list[QuantSpe
     the ratio of the unit's weight quantization error energy Σ‖Q(W) − W‖² (divergence ∝ error energy for small
     errors): one measurement per unit instead of one per candidate.
     """
+    from compress import distributed
+
     model = ctx.loaded.module
     _ = ctx.reference_probs
     allowed = allowed or [[True] * len(candidates) for _ in units]
-    todo = len(units) if anchor is not None else sum(sum(a) for a in allowed)
-    task = ctx.task("distortion", todo)
+    options = [[c for c in range(len(candidates)) if allowed[u][c]] for u in range(len(units))]
+    picked = [min(opts, key=lambda c: abs(c - anchor)) if anchor is not None else None for opts in options]
+    cells = [(u, c) for u, opts in enumerate(options) for c in (opts if anchor is None else [picked[u]])]
+    task = ctx.task("distortion", sum(i % distributed.world() == distributed.rank() for i in range(len(cells))))
+    values = distributed.map_split(cells, lambda cell: _measure_one(ctx, units[cell[0]], candidates[cell[1]], task))
+    measured = dict(zip(cells, values, strict=True))  # with torchrun: each rank measured its share of the cells
     table = []
     for u, unit in enumerate(units):
-        options = [c for c in range(len(candidates)) if allowed[u][c]]
         if anchor is None:
-            measured = {c: _measure_one(ctx, unit, candidates[c], task) for c in options}
-            row = [measured.get(c, float("inf")) for c in range(len(candidates))]
+            row = [measured.get((u, c), float("inf")) for c in range(len(candidates))]
         else:
-            a = min(options, key=lambda c: abs(c - anchor))
-            d = _measure_one(ctx, unit, candidates[a], task)
-            energy = {c: error_energy(model, unit, candidates[c]) for c in options}
+            a = picked[u]
+            d = measured[u, a]
+            energy = {c: error_energy(model, unit, candidates[c]) for c in options[u]}
             row = [d * energy[c] / energy[a] if c in energy and energy[a] > 0 else (d if c in energy else float("inf"))
                    for c in range(len(candidates))]
         table.append(row)

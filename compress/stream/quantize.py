@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from compress.artifact import _dedupe
+from compress.atomic import fault_point
 from compress.data import Windows
 from compress.errors import UserError
 from compress.metrics import weight_footprint
@@ -52,7 +53,9 @@ class StreamedRun:
 
 def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path, windows: Windows | None = None,
                        progress=None, metadata: dict[str, str] | None = None) -> StreamedRun:
-    """Quantize `lazy` per `specs` block by block, writing safetensors shards into `root`; `windows` feed GPTQ."""
+    """Quantize `lazy` per `specs` block by block, writing safetensors shards into `root`; `windows` feed GPTQ.
+    Blocks an interrupted run already wrote into `root` are not redone (their specs, notes and footprint are read
+    back from beside them; GPTQ's hidden states from the file kept with them)."""
     from compress.quantize.hqq import hqq_quantize
     from compress.quantize.pipeline import _gptq_head_target, gptq_block, gptq_head, needs_data
 
@@ -61,12 +64,17 @@ def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path,
         raise UserError("gptq needs calibration data: pass --data")
     run = StreamedRun(Record(), Footprint())
     writer = ShardWriter(root, metadata=metadata)
+    for k in range(writer.done):  # an interrupted run's blocks
+        _restore(run, writer.notes(k))
     stored = lazy.checkpoint.dtypes
-    batches = _capture(lazy, windows) if needs_data(specs) else []
+    batches = _capture(lazy, windows) if needs_data(specs) and writer.done <= len(lmap.blocks) else []
     hidden = [c.hidden for c in batches]
-    task = progress.add_task("quantize blocks", total=len(lmap.blocks) + 1) if progress is not None else None
+    if batches and writer.done:
+        hidden = torch.load(_hidden_file(root, writer.done), weights_only=True)
+    task = progress.add_task("quantize blocks", total=len(lmap.blocks) + 1, completed=writer.done) \
+        if progress is not None else None
     with torch.inference_mode():
-        for blk in lmap.blocks:
+        for blk in lmap.blocks[writer.done:]:
             lazy.load_block(blk.index)
             mine = {n: specs[n] for n in blk.linears if n in specs}
 
@@ -78,31 +86,62 @@ def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path,
             codes.update({n: hqq_quantize(weight_matrix(model.get_submodule(n)), s) for n, s in mine.items()
                           if s.method == "hqq" and not s.is_float})
             hidden = [lazy.run_block(blk.index, calls, hidden[b]) for b, calls in enumerate(batches)]
-            _merge(run.record, apply_plan(model, lmap, mine, codes))
+            if batches:  # the next block's input, kept until that block is written too
+                torch.save(hidden, _hidden_file(root, blk.index + 1))
+            part = apply_plan(model, lmap, mine, codes)
+            _merge(run.record, part)
             block = lazy.blocks[blk.index]
-            run.foot.add(weight_footprint(block))
+            foot = weight_footprint(block)
+            run.foot.add(foot)
             prefix = f"{lmap.blocks_path}.{blk.index}."
-            writer.add(as_stored({prefix + k: v for k, v in block.state_dict().items()}, stored, lazy.dtype))
+            writer.add(as_stored({prefix + k: v for k, v in block.state_dict().items()}, stored, lazy.dtype),
+                       _notes(part, foot))
+            _hidden_file(root, blk.index).unlink(missing_ok=True)
             lazy.drop_block(blk.index)
+            fault_point(f"after-block-{blk.index}")
             if progress is not None:
                 progress.update(task, advance=1, description=f"quantize blocks ({_gb(lazy)} read)")
-        trunk = {n: s for n, s in specs.items() if not n.startswith(lmap.blocks_path + ".")}
-        lazy.load_trunk(keep_storage=not trunk)
-        widened = () if trunk else lazy.big_tables()
-        codes = {}
-        if batches and _gptq_head_target(model, lmap, trunk) is not None:
-            codes.update(gptq_head(model, lmap, trunk, [lazy.final_hidden(h) for h in hidden]))
-        codes.update({n: hqq_quantize(weight_matrix(model.get_submodule(n)), s) for n, s in trunk.items()
-                      if s.method == "hqq" and not s.is_float})
-        _merge(run.record, apply_plan(model, lmap, trunk, codes))
-        state = {n: t for n, t in model.state_dict().items() if not n.startswith(lmap.blocks_path + ".")}
-        run.foot.add(trunk_footprint(lazy, widened))
-        writer.add(as_stored(_dedupe(state), stored, lazy.dtype))
-        lazy.drop_trunk()
-        if progress is not None:
-            progress.advance(task)
+        if writer.done == len(lmap.blocks):
+            trunk = {n: s for n, s in specs.items() if not n.startswith(lmap.blocks_path + ".")}
+            lazy.load_trunk(keep_storage=not trunk)
+            widened = () if trunk else lazy.big_tables()
+            codes = {}
+            if batches and _gptq_head_target(model, lmap, trunk) is not None:
+                codes.update(gptq_head(model, lmap, trunk, [lazy.final_hidden(h) for h in hidden]))
+            codes.update({n: hqq_quantize(weight_matrix(model.get_submodule(n)), s) for n, s in trunk.items()
+                          if s.method == "hqq" and not s.is_float})
+            part = apply_plan(model, lmap, trunk, codes)
+            _merge(run.record, part)
+            state = {n: t for n, t in model.state_dict().items() if not n.startswith(lmap.blocks_path + ".")}
+            foot = trunk_footprint(lazy, widened)
+            run.foot.add(foot)
+            writer.add(as_stored(_dedupe(state), stored, lazy.dtype), _notes(part, foot))
+            _hidden_file(root, len(lmap.blocks)).unlink(missing_ok=True)
+            lazy.drop_trunk()
+            if progress is not None:
+                progress.advance(task)
     writer.finish()
     return run
+
+
+def _hidden_file(root: Path, block: int) -> Path:
+    return Path(root) / f".hidden-{block:05d}.pt"
+
+
+def _notes(part: Record, foot: dict) -> dict[str, str]:
+    """What a resumed run needs of a written group: its module specs, notes and footprint."""
+    import json
+
+    return {"record": json.dumps({"specs": part.specs, "notes": part.notes}),
+            "foot": json.dumps({k: int(foot[k]) for k in ("size_bytes", "weight_bytes", "weight_params")})}
+
+
+def _restore(run: StreamedRun, notes: dict[str, str]) -> None:
+    import json
+
+    record = json.loads(notes["record"])
+    _merge(run.record, Record(record["specs"], record["notes"]))
+    run.foot.add(json.loads(notes["foot"]))
 
 
 def _gb(lazy: LazyModel) -> str:

@@ -1,8 +1,8 @@
 """Weights written as Hugging Face writes them: `model.safetensors` when they fit one shard, else
 `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`. Groups (a block, or the tensors outside the
-stack) are added in order and never split; a shard is written as soon as the next group would overflow it, so a
-streaming run holds at most one shard of output in memory. The in-memory and streaming paths feed the same groups
-in the same order, hence the same bytes."""
+stack) are added in order and never split; each is spooled to disk as it is added (so a killed run keeps it), and
+at the end they are packed into shards, one shard in memory at a time. The in-memory and streaming paths feed the
+same groups in the same order, hence the same bytes."""
 
 from __future__ import annotations
 
@@ -17,50 +17,86 @@ SHARD_BYTES = 256 * 2**20  # small enough to hold while the next block is worked
 
 
 class ShardWriter:
-    """Accumulate groups of tensors; write a shard whenever the next group would make it exceed `max_bytes`."""
+    """Groups are written as they come, each to its own spool file (complete or absent: written aside and renamed),
+    so a run killed midway keeps every finished group and can go on from there (`done`); `finish` packs them into
+    shards, a new shard whenever the next group would make the current one exceed `max_bytes`."""
 
     def __init__(self, root: Path, max_bytes: int | None = None, metadata: dict[str, str] | None = None):
         self.root, self.metadata = Path(root), metadata or {}
         self.max_bytes = max_bytes if max_bytes is not None else SHARD_BYTES
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.written: list[tuple[Path, list[str]]] = []
-        self.total = 0
+        for part in self.root.glob(".group-*.part"):  # cut short by a kill
+            part.unlink()
+        self.groups = sorted(self.root.glob(".group-*.safetensors"))  # an interrupted run's finished groups
+        if [g.name for g in self.groups] != [_group_name(k) for k in range(len(self.groups))]:
+            raise RuntimeError(f"{self.root}: spooled groups are not numbered 0..{len(self.groups) - 1}")
 
-    def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        """One group (e.g. a block): goes to the current shard, or starts the next one if it would not fit."""
-        size = sum(_nbytes(t) for t in tensors.values())
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self._flush()
-        self.pending.update({k: v.contiguous() for k, v in tensors.items()})
-        self.pending_bytes += size
+    @property
+    def done(self) -> int:
+        """How many groups are written."""
+        return len(self.groups)
 
-    def finish(self) -> list[Path]:
-        """Write the last shard, give the shards their final names (and the index when there are several)."""
-        if self.pending or not self.written:
-            self._flush()
-        n = len(self.written)
-        weight_map: dict[str, str] = {}
-        final = []
-        for k, (tmp, names) in enumerate(self.written, start=1):
-            name = SINGLE if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
-            tmp.rename(self.root / name)
-            final.append(self.root / name)
-            weight_map.update(dict.fromkeys(names, name))
-        if n > 1:
-            index = {"metadata": {"total_size": self.total, **self.metadata},
-                     "weight_map": dict(sorted(weight_map.items()))}
-            (self.root / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return final
-
-    def _flush(self) -> None:
+    def add(self, tensors: dict[str, torch.Tensor], notes: dict[str, str] | None = None) -> None:
+        """Write one group (e.g. a block) with optional string `notes` kept beside it (see `notes`)."""
         from safetensors.torch import save_file
 
-        path = self.root / f".shard-{len(self.written) + 1:05d}.safetensors"
-        save_file(self.pending, str(path), metadata=self.metadata)
-        self.written.append((path, sorted(self.pending)))
-        self.total += self.pending_bytes
-        self.pending, self.pending_bytes = {}, 0
+        path = self.root / _group_name(len(self.groups))
+        tmp = path.with_name(path.name + ".part")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=notes or {})
+        tmp.replace(path)
+        self.groups.append(path)
+
+    def notes(self, k: int) -> dict[str, str]:
+        """The notes written with group k."""
+        return _header(self.groups[k]).get("__metadata__", {})
+
+    def finish(self) -> list[Path]:
+        """Pack the groups into shards with their final names (and the index when there are several)."""
+        from safetensors.torch import load_file, save_file
+
+        shards: list[list[Path]] = []
+        size = 0
+        for g in self.groups:
+            n = _data_bytes(g)
+            if not shards or (shards[-1] and size + n > self.max_bytes):
+                shards.append([])
+                size = 0
+            shards[-1].append(g)
+            size += n
+        if not shards:
+            shards = [[]]
+        total, weight_map, final = 0, {}, []
+        for k, part in enumerate(shards, start=1):
+            name = SINGLE if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            tensors: dict[str, torch.Tensor] = {}
+            for g in part:
+                tensors.update(load_file(str(g)))
+            save_file(tensors, str(self.root / name), metadata=self.metadata)
+            total += sum(_nbytes(t) for t in tensors.values())
+            weight_map.update(dict.fromkeys(tensors, name))
+            final.append(self.root / name)
+            del tensors
+            for g in part:
+                g.unlink()
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total, **self.metadata},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (self.root / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        self.groups = []
+        return final
+
+
+def _group_name(k: int) -> str:
+    return f".group-{k:05d}.safetensors"
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))
+
+
+def _data_bytes(path: Path) -> int:
+    return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in _header(path).items() if k != "__metadata__")
 
 
 def block_groups(state: dict[str, torch.Tensor], blocks_path: str, num_blocks: int) -> list[dict[str, torch.Tensor]]:

@@ -1,0 +1,49 @@
+"""torchrun with 2 gloo ranks on CPU: the measured distortion table is split across the ranks and gathered, and the
+artifact rank 0 writes is byte for byte the one a single process writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tiny_models import hf_dir
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 60
+
+
+def _run(prefix: list[str], model: Path, text: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = ["quantize", str(model), "--layerwise", "--avg-bits", "4.5", "--candidates", "8g16,4g16,3g16",
+            "--data", str(text), "--tokens", "128", "--eval-tokens", "128", "--seq-len", "32", "--out", str(out),
+            "--json", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*prefix, str(REPO / "cli.py"), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_two_gloo_ranks_write_the_same_artifact_as_one_process(tmp_path):
+    model = hf_dir(tmp_path / "m", TEXT[:2000])
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    for measure in ("full", "fast"):
+        one = _run([sys.executable], model, text, tmp_path / f"one-{measure}", "--measure", measure)
+        two = _run(torchrun, model, text, tmp_path / f"two-{measure}", "--measure", measure)
+        assert one.returncode == 0, one.stderr
+        assert two.returncode == 0, two.stderr
+        a, b = json.loads(one.stdout), json.loads(two.stdout)  # rank 0 alone printed
+        assert a["distortion"] == b["distortion"] and a["plan"]["meta"]["units"] == b["plan"]["meta"]["units"]
+        files = sorted(p.name for p in (tmp_path / f"one-{measure}").glob("*.safetensors"))
+        assert files and files == sorted(p.name for p in (tmp_path / f"two-{measure}").glob("*.safetensors"))
+        for f in files:
+            assert (tmp_path / f"one-{measure}" / f).read_bytes() == (tmp_path / f"two-{measure}" / f).read_bytes()
+
+
+def test_verbs_that_do_not_split_are_refused_under_torchrun(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WORLD_SIZE": "2", "RANK": "0"}
+    p = subprocess.run([sys.executable, str(REPO / "cli.py"), "inspect", "smollm2-135m"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "torchrun: `compress inspect` runs in one process" in p.stderr
