@@ -300,17 +300,25 @@ def _predict_tables(lazy: LazyModel, wanted: set[str], calls: list[Calls], norme
 
 # ---- the prediction
 
-def _errors(weight: torch.Tensor, sq: torch.Tensor, candidates: list[QuantSpec], tokens: int) -> list[float]:
-    """½ Σ (sq / tokens) (Q(W) − W)² for each candidate (rows are quantized independently, so a slice of rows is
-    predicted on its own)."""
-    w = weight.detach().float()
-    return [0.5 * float((sq * (_fake_quant(w, c) - w).square_()).sum()) / tokens for c in candidates]
+def _errors(weight: torch.Tensor, sq: torch.Tensor, candidates: list[QuantSpec], tokens: int,
+            rows: int = 1024) -> list[float]:
+    """½ Σ (sq / tokens) (Q(W) − W)² for each candidate, `rows` rows at a time (rows are quantized independently,
+    so a slice of rows is predicted on its own, and the fp32 copies stay small)."""
+    total = [0.0] * len(candidates)
+    for s in range(0, weight.shape[0], rows):
+        w = weight[s:s + rows].detach().float()
+        for k, c in enumerate(candidates):
+            total[k] += float((sq[s:s + rows] * (_fake_quant(w, c) - w).square_()).sum())
+    return [0.5 * t / tokens for t in total]
 
 
 def _predict(lazy: LazyModel, sq: dict[str, torch.Tensor], candidates: list[QuantSpec],
              tokens: int) -> dict[str, list[float]]:
+    """Each module's predicted errors; its Fisher is freed as soon as it is used."""
+    out = {}
     with torch.inference_mode():
-        out = {n: _errors(weight_matrix(lazy.model.get_submodule(n)), s, candidates, tokens) for n, s in sq.items()}
+        for n in list(sq):
+            out[n] = _errors(weight_matrix(lazy.model.get_submodule(n)), sq.pop(n), candidates, tokens)
     release_freed_memory()
     return out
 
