@@ -117,6 +117,9 @@ def main() -> None:
         "3B quantize --layerwise --measure fisher + eval": ["quantize", str(big), "--layerwise", "--avg-bits", "4.5",
                                                             "--measure", "fisher", "--stream", "on", "--data",
                                                             str(DATA), "--out", "lw", "--json"],
+        "3B --layerwise --measure fisher --show-plan (the Fisher pass alone)": [
+            "quantize", str(big), "--layerwise", "--avg-bits", "4.5", "--measure", "fisher", "--stream", "on",
+            "--data", str(DATA), "--show-plan", "--json"],
     }
     try:
         for name, args in cases.items():

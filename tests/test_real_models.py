@@ -170,3 +170,18 @@ def test_block_pruned_smollm2_loads_with_plain_transformers(austen, tmp_path):
     with torch.inference_mode():
         torch.testing.assert_close(plain(ids).logits, ours.module(ids).logits, rtol=0, atol=0)
     assert sum(p.numel() for p in plain.parameters()) == result["params_after"]
+
+
+def test_a_gguf_converts_tensor_by_tensor_to_the_same_weights(smollm2, tmp_path):
+    """--stream on a .gguf reads it through convert_gguf: block by block, every tensor equal to transformers' own
+    whole-file load (the zoo's cached conversion)."""
+    from compress.stream.checkpoint import Checkpoint
+    from compress.stream.gguf_shards import convert_gguf
+
+    source = model_dir("smollm2-135m")
+    convert_gguf(next((source / "source").glob("*.gguf")), tmp_path)
+    ours, theirs = Checkpoint(tmp_path), Checkpoint(source)
+    assert sorted(ours.shapes) == sorted(theirs.shapes)
+    for name in theirs.shapes:
+        assert torch.equal(ours.read([name])[name], theirs.read([name])[name]), name
+    assert (tmp_path / "tokenizer.json").is_file() and (tmp_path / "config.json").is_file()

@@ -65,13 +65,16 @@ def decide(spec: str, mode: str) -> StreamChoice:
     from compress.stream.checkpoint import has_checkpoint
 
     STREAM.check(mode)
+    gguf = Path(spec).expanduser()
+    if gguf.suffix == ".gguf" and gguf.is_file():
+        return _decide_gguf(spec, gguf, mode)
     path = model_dir(spec)
     streamable = path is not None and has_checkpoint(path)
     if mode == "on":
         if not streamable:
             raise UserError(f"--stream on: {spec} is not a directory of safetensors weights; stream an HF model "
-                            "directory or a quantized artifact (convert GGUF and .pt files with `compress convert` "
-                            "or save_pretrained first)")
+                            "directory, a .gguf file or a quantized artifact (save a .pt model with save_pretrained "
+                            "first)")
         return StreamChoice(True, path, "--stream on")
     if not streamable:
         return StreamChoice(False, path, "in memory: not a safetensors directory")
@@ -85,3 +88,19 @@ def decide(spec: str, mode: str) -> StreamChoice:
         return StreamChoice(True, path, f"streamed: the whole model needs about {need / 2**30:.1f} GiB, "
                                         f"{free / 2**30:.1f} GiB are free")
     return StreamChoice(False, path, "in memory: it fits")
+
+
+def _decide_gguf(spec: str, gguf: Path, mode: str) -> StreamChoice:
+    """A .gguf file streams from its conversion to safetensors shards (made once, tensor by tensor, cached)."""
+    from compress.stream.gguf_shards import cached_conversion, gguf_params
+
+    need, free = int(gguf_params(gguf) * 4 * WHOLE_MODEL_COPIES), available_bytes()
+    if mode == "on" or (mode == "auto" and need > free):
+        why = "--stream on" if mode == "on" else (f"streamed: the whole model needs about {need / 2**30:.1f} GiB, "
+                                                  f"{free / 2**30:.1f} GiB are free")
+        return StreamChoice(True, cached_conversion(gguf), f"{why}; the GGUF was converted tensor by tensor to "
+                                                           "safetensors shards in the cache")
+    if mode == "off" and need > free:
+        raise UserError(f"--stream off: {spec} needs about {need / 2**30:.1f} GiB in memory, {free / 2**30:.1f} "
+                        "GiB are free; use --stream on (block by block from disk)")
+    return StreamChoice(False, None, "in memory: it fits")
