@@ -13,7 +13,6 @@ time ratio. Run it alone: the two cores are the whole machine.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import platform
 import shutil
@@ -27,14 +26,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "text" / "austen"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-
-def weights_sha(root: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(root.glob("model*.safetensors*")):
-        h.update(f.name.encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[int, float]:
@@ -59,6 +50,7 @@ def kill_when(cmd: list[str], cwd: Path, watch: Path, groups: int) -> tuple[int,
 
 def main() -> None:
     from markdown import replace_section
+    from stream_big import weights_sha
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kill-at-block", type=int, default=15)

@@ -43,15 +43,7 @@ def atomic_dir(target: Path, expected_bytes: int | None = None) -> Iterator[Path
         raise _translate(exc, target, None) from exc
     try:
         yield tmp
-        tmp.chmod(0o755)
-        for f in tmp.rglob("*"):
-            f.chmod(0o755 if f.is_dir() else 0o644)
-        write_marker(tmp)
-        fault_point("before-install")
-        old = _install(tmp, target)
-        fault_point("installed")
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _complete(tmp, target)
     except BaseException as exc:
         written = _tree_bytes(tmp) if _disk_full(exc) else None
         shutil.rmtree(tmp, ignore_errors=True)
@@ -89,16 +81,8 @@ def resumable_dir(target: Path, resume: bool) -> Iterator[Path]:
         raise _translate(exc, target, None) from exc
     try:
         yield work
-        work.chmod(0o755)
-        for f in work.rglob("*"):
-            f.chmod(0o755 if f.is_dir() else 0o644)
         (work / RESUME_RECORD).unlink(missing_ok=True)
-        write_marker(work)
-        fault_point("before-install")
-        old = _install(work, target)
-        fault_point("installed")
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _complete(work, target)
     except UserError:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -221,6 +205,20 @@ def move_into(src: Path, target: Path) -> None:
     """Put the complete directory `src` at `target` (a sibling) in one step, then delete what was there."""
     target = Path(target).absolute()
     old = _install(Path(src).absolute(), target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _complete(tmp: Path, target: Path) -> None:
+    """A finished temporary directory: readable modes, the integrity marker, installed at `target` in one step,
+    the output it replaced deleted after."""
+    tmp.chmod(0o755)
+    for f in tmp.rglob("*"):
+        f.chmod(0o755 if f.is_dir() else 0o644)
+    write_marker(tmp)
+    fault_point("before-install")
+    old = _install(tmp, target)
+    fault_point("installed")
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
