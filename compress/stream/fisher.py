@@ -217,8 +217,8 @@ def _predicted(windows: Windows) -> int:
     return int((m[:, :-1] & m[:, 1:]).sum())
 
 
-def _chunks(lazy: LazyModel) -> list[tuple[int, int]]:
-    rows = lazy.model.get_submodule(lazy.lmap.head).weight.shape[0]
+def _chunks(rows: int) -> list[tuple[int, int]]:
+    """(start, end) of HEAD_ROWS-row slices of a table with `rows` rows."""
     return [(s, min(s + HEAD_ROWS, rows)) for s in range(0, rows, HEAD_ROWS)]
 
 
@@ -250,16 +250,16 @@ def _head_backward(lazy: LazyModel, calls: Calls, last: torch.Tensor):
     """For one window: the final-normed hidden states, each position's log-sum-exp over the vocabulary, and the
     gradient of the window's summed NLL at the last block's output (the head taken HEAD_ROWS rows at a time)."""
     keep, labels = _labels(calls)
+    head = lazy.model.get_submodule(lazy.lmap.head)
     x = last[0].clone().requires_grad_(True)  # a normal tensor (the forward ran in inference mode)
     with torch.enable_grad():
         normed = lazy.final_hidden(x)
     flat = normed.detach()
     with torch.inference_mode():
         lse = torch.logsumexp(torch.stack([torch.logsumexp(_logits(lazy, flat, s, e)[0], dim=-1)
-                                           for s, e in _chunks(lazy)]), dim=0)
+                                           for s, e in _chunks(head.weight.shape[0])]), dim=0)
         d_normed = torch.zeros_like(flat)
-        head = lazy.model.get_submodule(lazy.lmap.head)
-        for s, e in _chunks(lazy):
+        for s, e in _chunks(head.weight.shape[0]):
             d_normed += _dlogits(lazy, flat, lse, keep, labels, s, e) @ head.weight[s:e].to(flat.dtype)
     with torch.enable_grad():
         (dx,) = torch.autograd.grad(normed, x, d_normed.clone())
@@ -279,7 +279,7 @@ def _predict_tables(lazy: LazyModel, wanted: set[str], calls: list[Calls], norme
         with_head, with_embed = name == head or tied, name == emb
         table = weight_matrix(lazy.model.get_submodule(name))
         total = [0.0] * len(candidates)
-        for s, e in [(s, min(s + HEAD_ROWS, table.shape[0])) for s in range(0, table.shape[0], HEAD_ROWS)]:
+        for s, e in _chunks(table.shape[0]):
             sq = torch.zeros(e - s, table.shape[1])
             with torch.inference_mode():
                 for w, c in enumerate(calls):
