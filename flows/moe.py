@@ -80,13 +80,9 @@ class PlaceRequest(OutputOptions, DataOptions, ModelOptions):
 
 
 def _check_data(data: str | None, flag: str = "--data") -> None:
-    if data not in (None, "self"):
-        from compress.inputs import resolve_text_files
+    from compress.inputs import check_data
 
-        try:
-            resolve_text_files(data)
-        except UserError as exc:
-            raise UserError(str(exc).replace("--data", flag, 1)) from None
+    check_data(data, flag)
 
 
 def _check_common(data: str | None, seq_len: int | None, seed: int, **tokens: int) -> None:
