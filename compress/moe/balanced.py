@@ -20,10 +20,12 @@ from torch import nn
 from compress.errors import UserError
 from compress.moe.layout import MoeLayer, moe_family, moe_layers
 from compress.moe.routing import (
+    SPACES,
     RoutingCapture,
     as_module,
     block_bias,
     capture_routing,
+    choice,
     combine_weights,
     forward,
     group_mask,
@@ -42,7 +44,7 @@ METHODS = ("bip", "greedy")
 class BalancedSparseMoe(nn.Module):
     """A softmax-routed sparse block (mixtral, qwen2_moe, qwen3_moe, olmoe) choosing experts by top-k(s − q)."""
 
-    def __init__(self, block: nn.Module, layer: MoeLayer, bias: torch.Tensor | None = None):
+    def __init__(self, block: nn.Module, layer: MoeLayer, bias: torch.Tensor | None = None, space: str = "score"):
         nn.Module.__init__(self)  # not the family class's __init__: the modules are taken over from `block`
         for k, v in vars(block).items():
             if not k.startswith("_") and k != "training" and isinstance(v, int | float | bool | str):
@@ -56,6 +58,7 @@ class BalancedSparseMoe(nn.Module):
         bias = block_bias(block) if bias is None else bias
         bias = torch.zeros(len(self.experts)) if bias is None else bias
         self.register_buffer("selection_bias", bias.detach().float().clone())
+        self.selection_space = space
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states, router logits), as the family's sparse block returns them."""
@@ -65,7 +68,7 @@ class BalancedSparseMoe(nn.Module):
         x = hidden_states.view(-1, dim)
         router_logits = self.gate(x)
         scores = router_scores(router_logits, "softmax")
-        indices = select(scores, self.top_k, self.selection_bias)
+        indices = select(scores, self.top_k, self.selection_bias, self.selection_space)
         weights = combine_weights(scores, indices, self.normalize).to(x.dtype)
         out = self.routed(x, indices, weights)
         if self.has_shared:
@@ -83,7 +86,8 @@ class BalancedSparseMoe(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"top_k={self.top_k}, normalize={self.normalize}, shared={self.has_shared}"
+        return (f"top_k={self.top_k}, normalize={self.normalize}, shared={self.has_shared}, "
+                f"space={self.selection_space}")
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
@@ -101,11 +105,15 @@ def family_subclass(base: type, block_cls: type) -> type:
     return _SUBCLASSES[key]
 
 
-def apply_bias(model: nn.Module | LoadedModel, biases: dict[str, torch.Tensor]) -> nn.Module:
-    """Give each sparse block (path -> q [E]) its selection bias, in place: deepseek_v3's native bias, a
-    BalancedSparseMoe elsewhere (a block that already is one gets the new q)."""
+def apply_bias(model: nn.Module | LoadedModel, biases: dict[str, torch.Tensor], space: str = "score") -> nn.Module:
+    """Give each sparse block (path -> q [E]) its selection bias, subtracted in `space` (routing.SPACES), in place:
+    deepseek_v3's native bias (scores only), a BalancedSparseMoe elsewhere (one that already is gets the new q)."""
     module = as_module(model)
     family, fam = moe_family(module)
+    if space not in SPACES:
+        raise UserError(f"--space {space}: use one of {', '.join(SPACES)}")
+    if fam.native_bias and space != "score":
+        raise UserError(f"--space {space}: {family} adds its own bias to the router scores; use --space score")
     layers = {m.path: m for m in moe_layers(module)}
     for path, q in biases.items():
         if path not in layers:
@@ -120,8 +128,9 @@ def apply_bias(model: nn.Module | LoadedModel, biases: dict[str, torch.Tensor]) 
             getattr(block, fam.router).get_buffer(fam.native_bias).copy_(q.max() - q)
         elif block_bias(block) is not None:
             block.selection_bias.copy_(q)
+            block.selection_space = space
         else:
-            _swap(module, path, family_subclass(BalancedSparseMoe, type(block))(block, layers[path], q))
+            _swap(module, path, family_subclass(BalancedSparseMoe, type(block))(block, layers[path], q, space))
     return module
 
 
@@ -153,6 +162,7 @@ class RebalanceResult:
     tokens: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    space: str = "score"  # where q is subtracted: routing.SPACES
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -160,11 +170,14 @@ class RebalanceResult:
 
 
 def rebalance(model: nn.Module | LoadedModel, calib_windows: Windows, method: str = "bip", capacity: float = 1.1,
-              max_iter: int = 100, lr: float = 1e-3, sequential: bool = True) -> RebalanceResult:
+              max_iter: int = 100, lr: float = 1e-3, sequential: bool = True, space: str = "score",
+              margin: float = 0.0) -> RebalanceResult:
     """Capture router scores on `calib_windows`, fit q per layer (`method` bip | greedy), apply it in place.
 
     `sequential`: layer l is fitted on the scores it sees once layers < l are balanced (a forward pass stopped after
-    layer l per layer), so every layer meets the capacity on the calibration tokens of the balanced model."""
+    layer l per layer), so every layer meets the capacity on the calibration tokens of the balanced model.
+    `space`: q is subtracted from log s ('logit') or s ('score'). `margin`: fit to capacity − margin (≥ 1.0), so
+    text other than the calibration's has room before it reaches the capacity."""
     from compress.moe.bip import fit_bias_bip, fit_bias_greedy
     from compress.moe.stats import load_of, max_over_mean
 
@@ -185,10 +198,11 @@ def rebalance(model: nn.Module | LoadedModel, calib_windows: Windows, method: st
         history: list[float] = []
         fit = fit_bias_bip if method == "bip" else fit_bias_greedy
         kwargs = {"lr": lr} if method == "greedy" else {}
-        scores = rec.scores
+        scores = choice(rec.scores, space)
         allowed = (lambda q, s=scores: group_mask(s - q, *groups)) if groups else None
-        q = fit(scores, layer.top_k, capacity, max_iter=max_iter, history=history, allowed=allowed, **kwargs)
-        apply_bias(module, {layer.path: q})
+        q = fit(scores, layer.top_k, max(1.0, capacity - margin), max_iter=max_iter, history=history,
+                allowed=allowed, **kwargs)
+        apply_bias(module, {layer.path: q}, space)
         rows.append({"index": layer.index, "path": layer.path,
                      "before": max_over_mean(load_of(first[layer.index].indices, layer.num_experts)),
                      "iterations": len(history) - 1, "fit_max_over_mean": history[-1]})
@@ -196,7 +210,7 @@ def rebalance(model: nn.Module | LoadedModel, calib_windows: Windows, method: st
     for row, layer in zip(rows, layers, strict=True):
         row["after"] = max_over_mean(load_of(after[layer.index].indices, layer.num_experts))
     return RebalanceResult(method, capacity, family, current_bias(module), rows, first[layers[0].index].tokens,
-                           round(time.perf_counter() - start, 3), notes)
+                           round(time.perf_counter() - start, 3), notes, space)
 
 
 @dataclass
@@ -249,7 +263,8 @@ def save_balanced(loaded: LoadedModel, out: Path, result: RebalanceResult | None
 
     family, fam = moe_family(loaded.module)
     balance = {"family": family, "native_bias": bool(fam.native_bias), "selection_bias": current_bias(loaded.module),
-               "method": result.method if result else None, "capacity": result.capacity if result else None}
+               "method": result.method if result else None, "capacity": result.capacity if result else None,
+               "space": _space_of(loaded.module)}
     # deepseek_v3 keeps the bias in its own buffer: plain safetensors, so from_pretrained loads it as well
     return save_dir(loaded, out, FORMAT, {"moe_balance": balance, **(manifest or {})},
                     weights_format="pt" if fam.native_bias else None)
@@ -269,10 +284,21 @@ def restructure_balanced(model, manifest: dict[str, Any], path: Path | str = "ar
 
     try:
         biases = manifest["moe_balance"]["selection_bias"]
-        apply_bias(model, {p: torch.tensor(q) for p, q in biases.items()})
+        space = manifest["moe_balance"].get("space", "score")
+        apply_bias(model, {p: torch.tensor(q) for p, q in biases.items()}, space)
     except (KeyError, TypeError) as exc:
         raise UserError(f"{path}/{MANIFEST}: moe_balance.selection_bias is missing or malformed ({exc}); "
                         "re-save the model with save_balanced") from exc
+
+
+def _space_of(module: nn.Module) -> str:
+    """The space of the model's selection biases (one for all blocks; 'score' when none has a bias)."""
+    from compress.moe.routing import block_space
+
+    spaces = {block_space(module.get_submodule(ly.path)) for ly in moe_layers(module)}
+    if len(spaces) > 1:
+        raise ValueError(f"selection biases in several spaces: {sorted(spaces)}")
+    return spaces.pop() if spaces else "score"
 
 
 def _groups(module: nn.Module) -> tuple[int, int] | None:

@@ -34,9 +34,20 @@ def router_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     return F.softmax(logits, dim=-1, dtype=torch.float) if scoring == "softmax" else logits.float().sigmoid()
 
 
-def select(scores: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices of the top-k experts of (s − bias) per token (of s when there is no bias)."""
-    return torch.topk(scores if bias is None else scores - bias, top_k, dim=-1).indices
+SPACES = ("logit", "score")  # what a selection bias is subtracted from: log s (the logits up to a constant) or s
+
+
+def choice(scores: torch.Tensor, space: str = "score") -> torch.Tensor:
+    """What top-k selection ranks: the router scores s, or (space 'logit') log s — for a softmax router the logits
+    minus a per-token constant, where an expert's constant skew is a constant shift that one bias undoes."""
+    return scores if space == "score" else scores.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def select(scores: torch.Tensor, top_k: int, bias: torch.Tensor | None = None, space: str = "score") -> torch.Tensor:
+    """Indices of the top-k experts of (choice(s) − bias) per token (of s when there is no bias)."""
+    if bias is None:
+        return torch.topk(scores, top_k, dim=-1).indices
+    return torch.topk(choice(scores, space) - bias, top_k, dim=-1).indices
 
 
 def combine_weights(scores: torch.Tensor, indices: torch.Tensor, normalize: bool, scale: float = 1.0) -> torch.Tensor:
@@ -60,6 +71,11 @@ def group_mask(choice: torch.Tensor, n_group: int, topk_group: int) -> torch.Ten
 def block_bias(block: nn.Module) -> torch.Tensor | None:
     """The selection-only bias q of a sparse block we built (None for an original block)."""
     return getattr(block, "selection_bias", None)
+
+
+def block_space(block: nn.Module) -> str:
+    """Where a block's selection bias applies (SPACES); 'score' for blocks built before there was a choice."""
+    return getattr(block, "selection_space", "score")
 
 
 @dataclass
@@ -148,7 +164,7 @@ class RoutingCapture:
                 scores = router_scores(F.linear(x.float(), router.weight.float()), rec.layer.scoring)
             else:
                 scores = router_scores(output.reshape(-1, output.shape[-1]), rec.layer.scoring)
-                indices = select(scores, rec.layer.top_k, block_bias(block))
+                indices = select(scores, rec.layer.top_k, block_bias(block), block_space(block))
                 weights = combine_weights(scores, indices, rec.layer.normalize)
             keep = self.mask if self.mask is not None and self.mask.numel() == len(scores) else None
             if keep is not None:
