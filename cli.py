@@ -1095,6 +1095,14 @@ def moe_rebalance_(
     seq_len: int = SEQ_LEN,
     seed: int = SEED,
     max_iter: int = typer.Option(100, "--max-iter", help="Sweeps (bip) or steps (greedy) per layer."),
+    margin: float = typer.Option(0.0, "--margin", help="Fit the bias to capacity − margin, leaving room for text "
+                                                       "other than the calibration's (e.g. 0.05)."),
+    runtime_capacity: float = typer.Option(None, "--runtime-capacity", help="Also re-solve the routing (BIP) on "
+                                                                            "every forward pass's tokens, so no "
+                                                                            "expert exceeds this multiple of the "
+                                                                            "mean on any text (batches too small "
+                                                                            "to hold it are routed by the bias "
+                                                                            "alone); not exportable to ONNX yet."),
     out: Path = typer.Option(..., "--out", help="Artifact directory to write (compress-moe-v1 + "
                                                 "moe_rebalance.json); complete or absent."),
     json_out: bool = JSON,
@@ -1108,7 +1116,7 @@ def moe_rebalance_(
     from flows.moe import RebalanceRequest, run_rebalance
     req = RebalanceRequest(model=model, data=data, method=method, capacity=capacity, eval_data=eval_data,
                            tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
-                           max_iter=max_iter, out=out)
+                           max_iter=max_iter, margin=margin, runtime_capacity=runtime_capacity, out=out)
     with progress_bar(not json_out) as p:
         result = run_rebalance(req, progress=p)
     if json_out:

@@ -159,8 +159,30 @@ def test_logit_space_balances_and_roundtrips(tmp_path):
     assert torch.equal(logits(back.module, IDS), ref)
     export_friendly(back.module)
     torch.testing.assert_close(logits(back.module, IDS), ref, atol=1e-5, rtol=0)
-    with pytest.raises(UserError, match="--space score"):
+    with pytest.raises(UserError, match="softmax-routed families"):
         apply_bias(tiny_moe("deepseek_v3").module, {}, "logit")
+
+
+def test_runtime_capacity_bounds_the_load_on_text_the_bias_never_saw(tmp_path):
+    """A bias fitted on a few windows leaves held-out text above the capacity; re-solving the BIP on every pass
+    keeps every layer within it there too, round-trips through the artifact, and refuses ONNX export."""
+    model = skew_router(tiny_moe("mixtral").module, factor=16.0)
+    cal, held = windows(2, 64, seed=0), windows(8, 64, seed=1)
+    static = copy.deepcopy(model)
+    rebalance(static, cal, method="bip", capacity=1.1)
+    assert max(s.max_over_mean for s in moe_stats(static, held).layers) > 1.1
+    loaded = tiny_moe("mixtral")
+    skew_router(loaded.module, factor=16.0)
+    result = rebalance(loaded.module, cal, method="bip", capacity=1.1, runtime_capacity=1.1)
+    assert result.runtime_capacity == 1.1
+    assert all(s.max_over_mean <= 1.1 for s in moe_stats(loaded.module, held).layers)
+    ref = logits(loaded.module, held.input_ids[:2])
+    out = save_balanced(loaded, tmp_path / "rt", result)
+    assert json.loads((out / "compress.json").read_text())["moe_balance"]["runtime_capacity"] == 1.1
+    back = load_artifact(out)
+    assert torch.equal(logits(back.module, held.input_ids[:2]), ref)
+    with pytest.raises(UserError, match="runtime-capacity"):
+        export_friendly(back.module)
 
 
 def test_a_capacity_margin_fits_inside_the_capacity():

@@ -9,6 +9,7 @@ same router / experts / shared-expert modules (state-dict names unchanged) and a
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,13 +25,13 @@ from compress.moe.routing import (
     RoutingCapture,
     as_module,
     block_bias,
+    block_route,
     capture_routing,
     choice,
     combine_weights,
     forward,
     group_mask,
     router_scores,
-    select,
 )
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class BalancedSparseMoe(nn.Module):
         bias = torch.zeros(len(self.experts)) if bias is None else bias
         self.register_buffer("selection_bias", bias.detach().float().clone())
         self.selection_space = space
+        self.runtime_capacity: float | None = None  # per-pass BIP on top of the bias (set by apply_bias)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states, router logits), as the family's sparse block returns them."""
@@ -68,7 +70,7 @@ class BalancedSparseMoe(nn.Module):
         x = hidden_states.view(-1, dim)
         router_logits = self.gate(x)
         scores = router_scores(router_logits, "softmax")
-        indices = select(scores, self.top_k, self.selection_bias, self.selection_space)
+        indices = block_route(self, scores, self.top_k)
         weights = combine_weights(scores, indices, self.normalize).to(x.dtype)
         out = self.routed(x, indices, weights)
         if self.has_shared:
@@ -105,15 +107,20 @@ def family_subclass(base: type, block_cls: type) -> type:
     return _SUBCLASSES[key]
 
 
-def apply_bias(model: nn.Module | LoadedModel, biases: dict[str, torch.Tensor], space: str = "score") -> nn.Module:
+def apply_bias(model: nn.Module | LoadedModel, biases: dict[str, torch.Tensor], space: str = "score",
+               runtime_capacity: float | None = None) -> nn.Module:
     """Give each sparse block (path -> q [E]) its selection bias, subtracted in `space` (routing.SPACES), in place:
-    deepseek_v3's native bias (scores only), a BalancedSparseMoe elsewhere (one that already is gets the new q)."""
+    deepseek_v3's native bias (scores only), a BalancedSparseMoe elsewhere (one that already is gets the new q).
+    `runtime_capacity`: every forward pass also re-solves the BIP on its own tokens (routing.route)."""
     module = as_module(model)
     family, fam = moe_family(module)
     if space not in SPACES:
         raise UserError(f"--space {space}: use one of {', '.join(SPACES)}")
-    if fam.native_bias and space != "score":
-        raise UserError(f"--space {space}: {family} adds its own bias to the router scores; use --space score")
+    if fam.native_bias and (space != "score" or runtime_capacity is not None):
+        raise UserError(f"{family} selects with its own router and bias: --space logit and --runtime-capacity "
+                        "apply to softmax-routed families (mixtral, qwen2_moe, qwen3_moe, olmoe)")
+    if runtime_capacity is not None and not (math.isfinite(runtime_capacity) and runtime_capacity >= 1.0):
+        raise UserError(f"--runtime-capacity {runtime_capacity}: must be ≥ 1.0 (a multiple of the mean load)")
     layers = {m.path: m for m in moe_layers(module)}
     for path, q in biases.items():
         if path not in layers:
@@ -128,9 +135,11 @@ def apply_bias(model: nn.Module | LoadedModel, biases: dict[str, torch.Tensor], 
             getattr(block, fam.router).get_buffer(fam.native_bias).copy_(q.max() - q)
         elif block_bias(block) is not None:
             block.selection_bias.copy_(q)
-            block.selection_space = space
+            block.selection_space, block.runtime_capacity = space, runtime_capacity
         else:
-            _swap(module, path, family_subclass(BalancedSparseMoe, type(block))(block, layers[path], q, space))
+            new = family_subclass(BalancedSparseMoe, type(block))(block, layers[path], q, space)
+            new.runtime_capacity = runtime_capacity
+            _swap(module, path, new)
     return module
 
 
@@ -163,6 +172,7 @@ class RebalanceResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     space: str = "score"  # where q is subtracted: routing.SPACES
+    runtime_capacity: float | None = None  # per-pass BIP bound, None: the bias alone
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -171,13 +181,14 @@ class RebalanceResult:
 
 def rebalance(model: nn.Module | LoadedModel, calib_windows: Windows, method: str = "bip", capacity: float = 1.1,
               max_iter: int = 100, lr: float = 1e-3, sequential: bool = True, space: str = "score",
-              margin: float = 0.0) -> RebalanceResult:
+              margin: float = 0.0, runtime_capacity: float | None = None) -> RebalanceResult:
     """Capture router scores on `calib_windows`, fit q per layer (`method` bip | greedy), apply it in place.
 
     `sequential`: layer l is fitted on the scores it sees once layers < l are balanced (a forward pass stopped after
     layer l per layer), so every layer meets the capacity on the calibration tokens of the balanced model.
     `space`: q is subtracted from log s ('logit') or s ('score'). `margin`: fit to capacity − margin (≥ 1.0), so
-    text other than the calibration's has room before it reaches the capacity."""
+    text other than the calibration's has room before it reaches the capacity. `runtime_capacity`: the balanced
+    blocks also re-solve the BIP on every forward pass's own tokens (routing.route), a bound on any text."""
     from compress.moe.bip import fit_bias_bip, fit_bias_greedy
     from compress.moe.stats import load_of, max_over_mean
 
@@ -202,7 +213,7 @@ def rebalance(model: nn.Module | LoadedModel, calib_windows: Windows, method: st
         allowed = (lambda q, s=scores: group_mask(s - q, *groups)) if groups else None
         q = fit(scores, layer.top_k, max(1.0, capacity - margin), max_iter=max_iter, history=history,
                 allowed=allowed, **kwargs)
-        apply_bias(module, {layer.path: q}, space)
+        apply_bias(module, {layer.path: q}, space, runtime_capacity)
         rows.append({"index": layer.index, "path": layer.path,
                      "before": max_over_mean(load_of(first[layer.index].indices, layer.num_experts)),
                      "iterations": len(history) - 1, "fit_max_over_mean": history[-1]})
@@ -210,7 +221,7 @@ def rebalance(model: nn.Module | LoadedModel, calib_windows: Windows, method: st
     for row, layer in zip(rows, layers, strict=True):
         row["after"] = max_over_mean(load_of(after[layer.index].indices, layer.num_experts))
     return RebalanceResult(method, capacity, family, current_bias(module), rows, first[layers[0].index].tokens,
-                           round(time.perf_counter() - start, 3), notes, space)
+                           round(time.perf_counter() - start, 3), notes, space, runtime_capacity)
 
 
 @dataclass
@@ -264,7 +275,7 @@ def save_balanced(loaded: LoadedModel, out: Path, result: RebalanceResult | None
     family, fam = moe_family(loaded.module)
     balance = {"family": family, "native_bias": bool(fam.native_bias), "selection_bias": current_bias(loaded.module),
                "method": result.method if result else None, "capacity": result.capacity if result else None,
-               "space": _space_of(loaded.module)}
+               "space": _space_of(loaded.module), "runtime_capacity": _runtime_capacity_of(loaded.module)}
     # deepseek_v3 keeps the bias in its own buffer: plain safetensors, so from_pretrained loads it as well
     return save_dir(loaded, out, FORMAT, {"moe_balance": balance, **(manifest or {})},
                     weights_format="pt" if fam.native_bias else None)
@@ -284,8 +295,9 @@ def restructure_balanced(model, manifest: dict[str, Any], path: Path | str = "ar
 
     try:
         biases = manifest["moe_balance"]["selection_bias"]
-        space = manifest["moe_balance"].get("space", "score")
-        apply_bias(model, {p: torch.tensor(q) for p, q in biases.items()}, space)
+        balance = manifest["moe_balance"]
+        apply_bias(model, {p: torch.tensor(q) for p, q in biases.items()}, balance.get("space", "score"),
+                   balance.get("runtime_capacity"))
     except (KeyError, TypeError) as exc:
         raise UserError(f"{path}/{MANIFEST}: moe_balance.selection_bias is missing or malformed ({exc}); "
                         "re-save the model with save_balanced") from exc
@@ -299,6 +311,14 @@ def _space_of(module: nn.Module) -> str:
     if len(spaces) > 1:
         raise ValueError(f"selection biases in several spaces: {sorted(spaces)}")
     return spaces.pop() if spaces else "score"
+
+
+def _runtime_capacity_of(module: nn.Module) -> float | None:
+    """The per-pass capacity of the model's balanced blocks (None: the bias alone)."""
+    caps = {getattr(module.get_submodule(ly.path), "runtime_capacity", None) for ly in moe_layers(module)}
+    if len(caps) > 1:
+        raise ValueError(f"balanced blocks with several runtime capacities: {sorted(map(str, caps))}")
+    return caps.pop() if caps else None
 
 
 def _groups(module: nn.Module) -> tuple[int, int] | None:
