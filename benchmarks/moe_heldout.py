@@ -3,10 +3,9 @@
 The model: benchmarks/make_skewed_moe.py's Mixtral upcycled from SmolLM2-135M (8 experts, top-2, routers skewed
 toward two experts). The bias is fitted on the Austen novels except persuasion.txt (equal shares, calibration
 split) and checked on two held-out texts: the King James Bible (another style; benchmarks/heldout_text.py) and
-persuasion.txt's evaluation split. Variants: where the bias is subtracted (`score`: from the router's softmax
-scores, as before; `logit`: from their log, i.e. the router logits), and a capacity margin (fitted to capacity −
-margin). Rows give the worst and the mean per-layer max/mean expert load on each text, and KL to the unbalanced
-model on the KJV text.
+persuasion.txt's evaluation split. Variants: the bias alone, the bias fitted to capacity − margin, and the bias
+plus `--runtime-capacity` (the BIP re-solved on every forward pass's tokens, here one 512-token window). Rows
+give the worst and the mean per-layer max/mean expert load on each text, and KL to the unbalanced model on KJV.
 
     python benchmarks/make_skewed_moe.py && python benchmarks/moe_heldout.py [--tokens 8192]
 """
@@ -32,8 +31,9 @@ HEADING = "MoE balancing on held-out text of another style (issue 20)"
 RESULTS = REPO / "benchmarks" / "results" / "moe_heldout.json"
 MODEL = Path("~/.cache/compress/bench/smollm2-moe-skewed").expanduser()
 TARGET = 1.15  # issue 20: worst-layer max/mean on held-out text after balancing
-VARIANTS = {"score, no margin": ("score", 0.0), "logit, no margin": ("logit", 0.0),
-            "score, margin 0.05": ("score", 0.05), "logit, margin 0.05": ("logit", 0.05)}
+# label -> (margin, runtime capacity): the bias alone, fitted with a margin, and re-solved on every forward pass
+VARIANTS = {"bias alone": (0.0, None), "bias, margin 0.05": (0.05, None),
+            "bias + runtime capacity 1.1": (0.0, 1.1)}
 
 
 def main() -> None:
@@ -79,10 +79,10 @@ def main() -> None:
             replace_section(REPO / "BENCHMARKS.md", HEADING, render(state))
 
     chosen = VARIANTS if a.variants is None else {k: VARIANTS[k] for k in a.variants.split(";")}
-    for label, (space, margin) in chosen.items():
+    for label, (margin, runtime) in chosen.items():
         cand = copy.deepcopy(ref)
-        fit = rebalance(cand, calib, "bip", a.capacity, space=space, margin=margin)
-        row = {"variant": label, "space": space, "margin": margin, "fit_s": fit.seconds,
+        fit = rebalance(cand, calib, "bip", a.capacity, margin=margin, runtime_capacity=runtime)
+        row = {"variant": label, "margin": margin, "runtime_capacity": runtime, "fit_s": fit.seconds,
                "calibration": _worst_rows([r["after"] for r in fit.layers])}
         for name, w in held.items():
             ev = evaluate_balance(ref, cand, w)

@@ -25,7 +25,6 @@ from compress.moe.balanced import (
 from compress.moe.bip import biased_loads, capacity_tokens, fit_bias_bip, fit_bias_greedy
 from compress.moe.export_ready import DenseRoutedMoe, export_friendly
 from compress.moe.layout import moe_layers
-from compress.moe.routing import choice
 from compress.moe.stats import moe_stats
 
 
@@ -124,43 +123,6 @@ def test_bip_balances_a_skewed_mixtral():
     same = evaluate_balance(before, before, held)
     assert same.kl_mean == 0.0 and same.top1_agreement == 1.0 and same.tokens == held.num_tokens
     assert [r["before"] for r in same.layers] == [r["after"] for r in same.layers] == [r["before"] for r in ev.layers]
-
-
-def test_a_logit_bias_undoes_a_constant_logit_skew_on_shifted_tokens_where_a_score_bias_does_not():
-    """Experts preferred by a constant logit offset: the bias fitted on one set of tokens, checked on tokens whose
-    logits are spread twice as wide (another text). In log space the fitted q is the offset and carries over."""
-    gen = torch.Generator().manual_seed(0)
-    offset = torch.tensor([3.0, 1.8, 0, 0, 0, 0, 0, 0])
-    fit_on = (torch.randn(8192, 8, generator=gen) + offset).softmax(-1)
-    shifted = (2.0 * torch.randn(8192, 8, generator=gen) + offset).softmax(-1)
-    mean = 8192 * 2 / 8
-
-    def worst(scores, q, space):
-        return float(biased_loads(choice(scores, space), q, 2).max()) / mean
-
-    q_logit = fit_bias_bip(choice(fit_on, "logit"), 2, 1.1)
-    q_score = fit_bias_bip(fit_on, 2, 1.1)
-    assert worst(fit_on, q_logit, "logit") <= 1.1 and worst(fit_on, q_score, "score") <= 1.1
-    assert worst(shifted, torch.zeros(8), "score") > 2.5
-    assert worst(shifted, q_logit, "logit") < 1.25 < worst(shifted, q_score, "score")
-
-
-def test_logit_space_balances_and_roundtrips(tmp_path):
-    loaded = tiny_moe("mixtral")
-    skew_router(loaded.module)
-    cal = windows(8, 64, seed=0)
-    result = rebalance(loaded.module, cal, method="bip", space="logit")
-    assert result.space == "logit" and all(r["after"] <= 1.10 for r in result.layers)
-    assert all(loaded.module.get_submodule(m.path).selection_space == "logit" for m in moe_layers(loaded.module))
-    ref = logits(loaded.module, IDS)
-    out = save_balanced(loaded, tmp_path / "balanced", result)
-    assert json.loads((out / "compress.json").read_text())["moe_balance"]["space"] == "logit"
-    back = load_artifact(out)
-    assert torch.equal(logits(back.module, IDS), ref)
-    export_friendly(back.module)
-    torch.testing.assert_close(logits(back.module, IDS), ref, atol=1e-5, rtol=0)
-    with pytest.raises(UserError, match="softmax-routed families"):
-        apply_bias(tiny_moe("deepseek_v3").module, {}, "logit")
 
 
 def test_runtime_capacity_bounds_the_load_on_text_the_bias_never_saw(tmp_path):

@@ -21,13 +21,11 @@ from torch import nn
 from compress.errors import UserError
 from compress.moe.layout import MoeLayer, moe_family, moe_layers
 from compress.moe.routing import (
-    SPACES,
     RoutingCapture,
     as_module,
     block_bias,
     block_route,
     capture_routing,
-    choice,
     combine_weights,
     forward,
     group_mask,
@@ -45,7 +43,7 @@ METHODS = ("bip", "greedy")
 class BalancedSparseMoe(nn.Module):
     """A softmax-routed sparse block (mixtral, qwen2_moe, qwen3_moe, olmoe) choosing experts by top-k(s − q)."""
 
-    def __init__(self, block: nn.Module, layer: MoeLayer, bias: torch.Tensor | None = None, space: str = "score"):
+    def __init__(self, block: nn.Module, layer: MoeLayer, bias: torch.Tensor | None = None):
         nn.Module.__init__(self)  # not the family class's __init__: the modules are taken over from `block`
         for k, v in vars(block).items():
             if not k.startswith("_") and k != "training" and isinstance(v, int | float | bool | str):
@@ -59,7 +57,6 @@ class BalancedSparseMoe(nn.Module):
         bias = block_bias(block) if bias is None else bias
         bias = torch.zeros(len(self.experts)) if bias is None else bias
         self.register_buffer("selection_bias", bias.detach().float().clone())
-        self.selection_space = space
         self.runtime_capacity: float | None = None  # per-pass BIP on top of the bias (set by apply_bias)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +86,7 @@ class BalancedSparseMoe(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"top_k={self.top_k}, normalize={self.normalize}, shared={self.has_shared}, "
-                f"space={self.selection_space}")
+                f"runtime_capacity={self.runtime_capacity}")
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
@@ -107,18 +104,16 @@ def family_subclass(base: type, block_cls: type) -> type:
     return _SUBCLASSES[key]
 
 
-def apply_bias(model: nn.Module | LoadedModel, biases: dict[str, torch.Tensor], space: str = "score",
+def apply_bias(model: nn.Module | LoadedModel, biases: dict[str, torch.Tensor],
                runtime_capacity: float | None = None) -> nn.Module:
-    """Give each sparse block (path -> q [E]) its selection bias, subtracted in `space` (routing.SPACES), in place:
-    deepseek_v3's native bias (scores only), a BalancedSparseMoe elsewhere (one that already is gets the new q).
-    `runtime_capacity`: every forward pass also re-solves the BIP on its own tokens (routing.route)."""
+    """Give each sparse block (path -> q [E]) its selection bias, in place: deepseek_v3's native bias, a
+    BalancedSparseMoe elsewhere (a block that already is one gets the new q). `runtime_capacity`: every forward
+    pass also re-solves the BIP on its own tokens (routing.route)."""
     module = as_module(model)
     family, fam = moe_family(module)
-    if space not in SPACES:
-        raise UserError(f"--space {space}: use one of {', '.join(SPACES)}")
-    if fam.native_bias and (space != "score" or runtime_capacity is not None):
-        raise UserError(f"{family} selects with its own router and bias: --space logit and --runtime-capacity "
-                        "apply to softmax-routed families (mixtral, qwen2_moe, qwen3_moe, olmoe)")
+    if fam.native_bias and runtime_capacity is not None:
+        raise UserError(f"{family} selects with its own router and bias: --runtime-capacity applies to "
+                        "softmax-routed families (mixtral, qwen2_moe, qwen3_moe, olmoe)")
     if runtime_capacity is not None and not (math.isfinite(runtime_capacity) and runtime_capacity >= 1.0):
         raise UserError(f"--runtime-capacity {runtime_capacity}: must be ≥ 1.0 (a multiple of the mean load)")
     layers = {m.path: m for m in moe_layers(module)}
@@ -135,9 +130,9 @@ def apply_bias(model: nn.Module | LoadedModel, biases: dict[str, torch.Tensor], 
             getattr(block, fam.router).get_buffer(fam.native_bias).copy_(q.max() - q)
         elif block_bias(block) is not None:
             block.selection_bias.copy_(q)
-            block.selection_space, block.runtime_capacity = space, runtime_capacity
+            block.runtime_capacity = runtime_capacity
         else:
-            new = family_subclass(BalancedSparseMoe, type(block))(block, layers[path], q, space)
+            new = family_subclass(BalancedSparseMoe, type(block))(block, layers[path], q)
             new.runtime_capacity = runtime_capacity
             _swap(module, path, new)
     return module
@@ -171,7 +166,6 @@ class RebalanceResult:
     tokens: int
     seconds: float
     notes: list[str] = field(default_factory=list)
-    space: str = "score"  # where q is subtracted: routing.SPACES
     runtime_capacity: float | None = None  # per-pass BIP bound, None: the bias alone
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,13 +174,13 @@ class RebalanceResult:
 
 
 def rebalance(model: nn.Module | LoadedModel, calib_windows: Windows, method: str = "bip", capacity: float = 1.1,
-              max_iter: int = 100, lr: float = 1e-3, sequential: bool = True, space: str = "score",
-              margin: float = 0.0, runtime_capacity: float | None = None) -> RebalanceResult:
+              max_iter: int = 100, lr: float = 1e-3, sequential: bool = True, margin: float = 0.0,
+              runtime_capacity: float | None = None) -> RebalanceResult:
     """Capture router scores on `calib_windows`, fit q per layer (`method` bip | greedy), apply it in place.
 
     `sequential`: layer l is fitted on the scores it sees once layers < l are balanced (a forward pass stopped after
     layer l per layer), so every layer meets the capacity on the calibration tokens of the balanced model.
-    `space`: q is subtracted from log s ('logit') or s ('score'). `margin`: fit to capacity − margin (≥ 1.0), so
+    `margin`: fit to capacity − margin (≥ 1.0), so
     text other than the calibration's has room before it reaches the capacity. `runtime_capacity`: the balanced
     blocks also re-solve the BIP on every forward pass's own tokens (routing.route), a bound on any text."""
     from compress.moe.bip import fit_bias_bip, fit_bias_greedy
@@ -209,11 +203,11 @@ def rebalance(model: nn.Module | LoadedModel, calib_windows: Windows, method: st
         history: list[float] = []
         fit = fit_bias_bip if method == "bip" else fit_bias_greedy
         kwargs = {"lr": lr} if method == "greedy" else {}
-        scores = choice(rec.scores, space)
+        scores = rec.scores
         allowed = (lambda q, s=scores: group_mask(s - q, *groups)) if groups else None
         q = fit(scores, layer.top_k, max(1.0, capacity - margin), max_iter=max_iter, history=history,
                 allowed=allowed, **kwargs)
-        apply_bias(module, {layer.path: q}, space, runtime_capacity)
+        apply_bias(module, {layer.path: q}, runtime_capacity)
         rows.append({"index": layer.index, "path": layer.path,
                      "before": max_over_mean(load_of(first[layer.index].indices, layer.num_experts)),
                      "iterations": len(history) - 1, "fit_max_over_mean": history[-1]})
@@ -221,7 +215,7 @@ def rebalance(model: nn.Module | LoadedModel, calib_windows: Windows, method: st
     for row, layer in zip(rows, layers, strict=True):
         row["after"] = max_over_mean(load_of(after[layer.index].indices, layer.num_experts))
     return RebalanceResult(method, capacity, family, current_bias(module), rows, first[layers[0].index].tokens,
-                           round(time.perf_counter() - start, 3), notes, space, runtime_capacity)
+                           round(time.perf_counter() - start, 3), notes, runtime_capacity)
 
 
 @dataclass
@@ -275,7 +269,7 @@ def save_balanced(loaded: LoadedModel, out: Path, result: RebalanceResult | None
     family, fam = moe_family(loaded.module)
     balance = {"family": family, "native_bias": bool(fam.native_bias), "selection_bias": current_bias(loaded.module),
                "method": result.method if result else None, "capacity": result.capacity if result else None,
-               "space": _space_of(loaded.module), "runtime_capacity": _runtime_capacity_of(loaded.module)}
+               "runtime_capacity": _runtime_capacity_of(loaded.module)}
     # deepseek_v3 keeps the bias in its own buffer: plain safetensors, so from_pretrained loads it as well
     return save_dir(loaded, out, FORMAT, {"moe_balance": balance, **(manifest or {})},
                     weights_format="pt" if fam.native_bias else None)
@@ -296,21 +290,10 @@ def restructure_balanced(model, manifest: dict[str, Any], path: Path | str = "ar
     try:
         biases = manifest["moe_balance"]["selection_bias"]
         balance = manifest["moe_balance"]
-        apply_bias(model, {p: torch.tensor(q) for p, q in biases.items()}, balance.get("space", "score"),
-                   balance.get("runtime_capacity"))
+        apply_bias(model, {p: torch.tensor(q) for p, q in biases.items()}, balance.get("runtime_capacity"))
     except (KeyError, TypeError) as exc:
         raise UserError(f"{path}/{MANIFEST}: moe_balance.selection_bias is missing or malformed ({exc}); "
                         "re-save the model with save_balanced") from exc
-
-
-def _space_of(module: nn.Module) -> str:
-    """The space of the model's selection biases (one for all blocks; 'score' when none has a bias)."""
-    from compress.moe.routing import block_space
-
-    spaces = {block_space(module.get_submodule(ly.path)) for ly in moe_layers(module)}
-    if len(spaces) > 1:
-        raise ValueError(f"selection biases in several spaces: {sorted(spaces)}")
-    return spaces.pop() if spaces else "score"
 
 
 def _runtime_capacity_of(module: nn.Module) -> float | None:

@@ -15,7 +15,7 @@ from torch import nn
 from compress.errors import UserError
 from compress.moe.balanced import family_subclass
 from compress.moe.layout import MoeLayer, moe_family, moe_layers
-from compress.moe.routing import as_module, block_bias, block_space, combine_weights, router_scores, select
+from compress.moe.routing import as_module, block_bias, combine_weights, router_scores, select
 
 if TYPE_CHECKING:
     from compress.models.hf import LoadedModel
@@ -41,7 +41,6 @@ class DenseRoutedMoe(nn.Module):
                             "exported graph cannot do yet; export a model rebalanced without --runtime-capacity")
         bias = block_bias(block)
         self.register_buffer("selection_bias", None if bias is None else bias.detach().float().clone())
-        self.selection_space = block_space(block)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """What the family's block returns: (hidden, router_logits), or hidden alone for deepseek_v3."""
@@ -53,7 +52,7 @@ class DenseRoutedMoe(nn.Module):
             return out.reshape(batch, seq, dim)
         router_logits = self.gate(x)
         scores = router_scores(router_logits, "softmax")
-        indices = select(scores, self.top_k, self.selection_bias, self.selection_space)
+        indices = select(scores, self.top_k, self.selection_bias)
         out = self.combine(x, indices, combine_weights(scores, indices, self.normalize).to(x.dtype))
         if "shared_expert" in self.shared_names:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

@@ -34,32 +34,21 @@ def router_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     return F.softmax(logits, dim=-1, dtype=torch.float) if scoring == "softmax" else logits.float().sigmoid()
 
 
-SPACES = ("logit", "score")  # what a selection bias is subtracted from: log s (the logits up to a constant) or s
+def select(scores: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the top-k experts of (s − bias) per token (of s when there is no bias)."""
+    return torch.topk(scores if bias is None else scores - bias, top_k, dim=-1).indices
 
 
-def choice(scores: torch.Tensor, space: str = "score") -> torch.Tensor:
-    """What top-k selection ranks: the router scores s, or (space 'logit') log s — for a softmax router the logits
-    minus a per-token constant, where an expert's constant skew is a constant shift that one bias undoes."""
-    return scores if space == "score" else scores.clamp_min(torch.finfo(torch.float32).tiny).log()
-
-
-def select(scores: torch.Tensor, top_k: int, bias: torch.Tensor | None = None, space: str = "score") -> torch.Tensor:
-    """Indices of the top-k experts of (choice(s) − bias) per token (of s when there is no bias)."""
-    if bias is None:
-        return torch.topk(scores, top_k, dim=-1).indices
-    return torch.topk(choice(scores, space) - bias, top_k, dim=-1).indices
-
-
-def route(scores: torch.Tensor, top_k: int, bias: torch.Tensor | None = None, space: str = "score",
+def route(scores: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
           runtime_capacity: float | None = None) -> torch.Tensor:
-    """The experts each token of one forward pass takes: top-k of (choice(s) − bias), and with `runtime_capacity`
-    the BIP solved again on these tokens (warm from the bias), so that no expert takes more than that multiple of
-    the mean load whatever the text; skipped when the pass has too few tokens for the capacity to hold them."""
+    """The experts each token of one forward pass takes: top-k of (s − bias), and with `runtime_capacity` the BIP
+    solved again on these tokens (warm from the bias), so that no expert takes more than that multiple of the mean
+    load whatever the text; skipped when the pass has too few tokens for the capacity to hold them."""
     if runtime_capacity is None or not _holds(len(scores), top_k, scores.shape[-1], runtime_capacity):
-        return select(scores, top_k, bias, space)
+        return select(scores, top_k, bias)
     from compress.moe.bip import fit_bias_bip
 
-    c = choice(scores, space) - (0.0 if bias is None else bias)
+    c = scores - (0.0 if bias is None else bias)
     c = c - fit_bias_bip(c, top_k, runtime_capacity)
     return _within_capacity(c, top_k, math.floor(runtime_capacity * len(c) * top_k / c.shape[-1] + 1e-9))
 
@@ -110,14 +99,9 @@ def block_bias(block: nn.Module) -> torch.Tensor | None:
     return getattr(block, "selection_bias", None)
 
 
-def block_space(block: nn.Module) -> str:
-    """Where a block's selection bias applies (SPACES); 'score' for blocks built before there was a choice."""
-    return getattr(block, "selection_space", "score")
-
-
 def block_route(block: nn.Module, scores: torch.Tensor, top_k: int) -> torch.Tensor:
-    """`route` with a block's own selection bias, space and runtime capacity (none for an original block)."""
-    return route(scores, top_k, block_bias(block), block_space(block), getattr(block, "runtime_capacity", None))
+    """`route` with a block's own selection bias and runtime capacity (none for an original block)."""
+    return route(scores, top_k, block_bias(block), getattr(block, "runtime_capacity", None))
 
 
 @dataclass
