@@ -50,7 +50,8 @@ JSON = typer.Option(False, "--json", help="Print machine-readable JSON on stdout
 MODEL = typer.Argument(..., help="Zoo name (see `compress models list`), HF model directory, .gguf file, or "
                                  "weights file with a config beside it.")
 DATA = typer.Option(_DATA.data, "--data", help="Text file, directory of *.txt, glob, or 'self' (sampled from the "
-                                               "model; default for decoders).")
+                                               "model; default for decoders); several comma-separated give each "
+                                               "an equal share of the windows.")
 TOKENS = typer.Option(_DATA.tokens, "--tokens", help="Tokens to use (whole windows).")
 SEQ_LEN = typer.Option(_DATA.seq_len, "--seq-len", help="Window length in tokens (default 512 decoders, 256 "
                                                         "encoders).")
@@ -586,6 +587,10 @@ def prune(
                                                       "1024 for --sublayers and --width: FinerCut measures "
                                                       "candidates × removals)."),
     eval_tokens: int = typer.Option(2048, "--eval-tokens", help="Held-out tokens for the before/after metrics."),
+    eval_data: str = typer.Option(None, "--eval-data", help="Held-out text for the after-pruning metrics (its "
+                                                            "evaluation split), e.g. another style than --data: "
+                                                            "shows whether the choice holds beyond its "
+                                                            "calibration text."),
     seq_len: int = SEQ_LEN,
     seed: int = SEED,
     out: Path = typer.Option(None, "--out", help="Directory to write (complete or absent)."),
@@ -601,13 +606,13 @@ def prune(
     FFN channels) or weights (--sparsity), chosen by importance measured on calibration data."""
     claim_outputs(force, dirs={"--out": out}, files={"--plot": plot})
     allow_remote_code(trust_remote_code)
-    _precheck(model, data, arch)
+    _precheck(model, data, arch, eval_data=eval_data)
     from flows.prune import PruneRequest, run_prune
     request = PruneRequest(model=model, blocks=blocks, sublayers=sublayers, width=width, sparsity=sparsity,
                            pattern=pattern, granularity=granularity, adaptive=adaptive,
                            importance=importance, heal=heal, heal_lr=heal_lr, method=method, data=data,
-                           tokens=tokens,
-                           eval_tokens=eval_tokens, seq_len=seq_len, seed=seed, out=out, arch=arch,
+                           tokens=tokens, eval_tokens=eval_tokens, eval_data=eval_data, seq_len=seq_len, seed=seed,
+                           out=out, arch=arch,
                            trust_pickle=trust_pickle)
     with progress_bar(not json_out) as p:
         result = run_prune(request, progress=p)
@@ -646,6 +651,11 @@ def prune(
              for k in keys]
     stdout.print(table("after pruning (held-out windows)" + (f", healed {heal} steps" if healed else ""),
                        ["metric", "value", "original"] + (["before healing"] if healed else []), rows))
+    gen = result.get("generalization") or {}
+    if gen.get("heldout_over_selection") is not None:
+        stdout.print(f"selection {gen['divergence']} {gen['selection']:.4g} on the calibration windows vs "
+                     f"{gen['heldout']:.4g} held-out (×{gen['heldout_over_selection']:.2f}; well above 1: the choice "
+                     "fits its calibration text, so calibrate on several sources, e.g. --data a.txt,b/,self)")
     for note in result["notes"]:
         stdout.print(f"note: {note}")
     for path in (result.get("out"), plot):
@@ -1085,6 +1095,14 @@ def moe_rebalance_(
     seq_len: int = SEQ_LEN,
     seed: int = SEED,
     max_iter: int = typer.Option(100, "--max-iter", help="Sweeps (bip) or steps (greedy) per layer."),
+    margin: float = typer.Option(0.0, "--margin", help="Fit the bias to capacity − margin, leaving room for text "
+                                                       "other than the calibration's (e.g. 0.05)."),
+    runtime_capacity: float = typer.Option(None, "--runtime-capacity", help="Also re-solve the routing (BIP) on "
+                                                                            "every forward pass's tokens, so no "
+                                                                            "expert exceeds this multiple of the "
+                                                                            "mean on any text (batches too small "
+                                                                            "to hold it are routed by the bias "
+                                                                            "alone); not exportable to ONNX yet."),
     out: Path = typer.Option(..., "--out", help="Artifact directory to write (compress-moe-v1 + "
                                                 "moe_rebalance.json); complete or absent."),
     json_out: bool = JSON,
@@ -1098,7 +1116,7 @@ def moe_rebalance_(
     from flows.moe import RebalanceRequest, run_rebalance
     req = RebalanceRequest(model=model, data=data, method=method, capacity=capacity, eval_data=eval_data,
                            tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
-                           max_iter=max_iter, out=out)
+                           max_iter=max_iter, margin=margin, runtime_capacity=runtime_capacity, out=out)
     with progress_bar(not json_out) as p:
         result = run_rebalance(req, progress=p)
     if json_out:

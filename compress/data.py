@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from compress.errors import UserError
-from compress.inputs import SPLITS, resolve_text_files  # noqa: F401  (re-exported: data specs are checked there)
+from compress.inputs import SPLITS, resolve_text_files, split_sources  # noqa: F401  (data specs are checked there)
 from compress.models.hf import LoadedModel
 from compress.progress import phase
 
@@ -63,7 +63,8 @@ def load_windows(
     seed: int = 0,
     sequential: bool = False,
 ) -> Windows:
-    """Windows for `spec` (text file, directory, glob or "self"); `sequential` keeps document order, no split."""
+    """Windows for `spec` (a text file, directory, glob or "self", or several of them comma-separated, mixed in
+    equal shares by `mix_equal`, each split on its own); `sequential` keeps document order, no split."""
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
     if tokens <= 0:
@@ -78,32 +79,56 @@ def load_windows(
             raise UserError(f"{loaded.spec} is an encoder and cannot generate its own data: pass --data "
                             "(a text file, a directory or a glob of text files)")
         spec = "self"
-    if spec == "self":
-        if not loaded.can_generate:
-            raise UserError(f"--data self: {loaded.spec} is an encoder and cannot generate text; pass --data "
-                            "a text file, a directory or a glob of text files")
-        ids = sample_self(loaded, n_windows, seq_len, seed + (1 if split == "evaluation" else 0))
+    sources = split_sources(spec)
+    if len(sources) == 1 and sources[0] == "self":
+        ids = _self_windows(loaded, n_windows, seq_len, seed, split)
         return Windows(ids, torch.ones_like(ids), split, "self", seed)
+    share = -(-n_windows // len(sources))  # what a model-sampled source is asked for
+    per_source = [_source_windows(src, loaded, seq_len, seed, split, sequential, share) for src in sources]
+    ids = torch.stack(mix_equal(per_source)[:n_windows])
+    return Windows(ids, torch.ones_like(ids), split if not sequential else "all", spec, seed)
+
+
+def mix_equal(per_source: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Windows of several sources, one from each in turn: every source gets an equal share of any prefix, and a
+    source that runs out leaves its turns to the others (so a long novel does not drown a short text)."""
+    mixed = []
+    for k in range(max(map(len, per_source), default=0)):
+        mixed.extend(ws[k] for ws in per_source if k < len(ws))
+    return mixed
+
+
+def _self_windows(loaded: LoadedModel, n: int, seq_len: int, seed: int, split: str) -> torch.Tensor:
+    if not loaded.can_generate:
+        raise UserError(f"--data self: {loaded.spec} is an encoder and cannot generate text; pass --data "
+                        "a text file, a directory or a glob of text files")
+    return sample_self(loaded, n, seq_len, seed + (1 if split == "evaluation" else 0))
+
+
+def _source_windows(src: str, loaded: LoadedModel, seq_len: int, seed: int, split: str, sequential: bool,
+                    share: int) -> list[torch.Tensor]:
+    """One source's windows of `split`: its files cut in order, then (unless `sequential`) shuffled with `seed`
+    and halved, the first half calibration, the second evaluation; 'self' samples `share` windows."""
+    if src == "self":
+        return list(_self_windows(loaded, share, seq_len, seed, split))
     if loaded.tokenizer is None:
         raise UserError(f"{loaded.spec} has no tokenizer beside its weights: text data cannot be tokenized")
-    files = resolve_text_files(spec)
     windows = []
-    for f in files:
+    for f in resolve_text_files(src):
         windows.extend(_cut(_tokenize(loaded, f.read_text(encoding="utf-8", errors="replace")), loaded, seq_len))
     if not windows:
-        raise UserError(f"--data {spec}: too short for one window of {seq_len} tokens; give more text or a "
+        raise UserError(f"--data {src}: too short for one window of {seq_len} tokens; give more text or a "
                         "smaller --seq-len")
     order = list(range(len(windows)))
     if not sequential:
         order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed)).tolist()
         if split != "all":
             if len(order) < 2:
-                raise UserError(f"--data {spec}: only one window of {seq_len} tokens, too little to split into "
+                raise UserError(f"--data {src}: only one window of {seq_len} tokens, too little to split into "
                                 "calibration and evaluation; give more text or a smaller --seq-len")
             half = len(order) // 2
             order = order[:half] if split == "calibration" else order[half:]
-    ids = torch.stack([windows[i] for i in order[:n_windows]])
-    return Windows(ids, torch.ones_like(ids), split if not sequential else "all", spec, seed)
+    return [windows[i] for i in order]
 
 
 def _tokenize(loaded: LoadedModel, text: str) -> list[int]:

@@ -40,10 +40,16 @@ def check_model(spec: str, arch: str | None = None) -> None:
                     f"weights file ({', '.join(sorted(WEIGHT_SUFFIXES))}) with a config")
 
 
+def split_sources(spec: str) -> list[str]:
+    """The comma-separated sources of a --data spec (a file, directory, glob or 'self' each), in order."""
+    return [part.strip() for part in spec.split(",") if part.strip()] or [spec]
+
+
 def check_data(spec: str | None, flag: str = "--data") -> None:
-    """UserError when a --data spec (other than None/'self') names no text."""
-    if spec not in (None, "self"):
-        resolve_text_files(spec, flag)
+    """UserError when a --data spec names no text: each comma-separated source other than 'self' must."""
+    for source in split_sources(spec) if spec else ():
+        if source != "self":
+            resolve_text_files(source, flag)
 
 
 def resolve_text_files(spec: str, flag: str = "--data") -> list[Path]:

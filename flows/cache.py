@@ -64,11 +64,15 @@ def file_fingerprint(path: Path, what: str) -> dict:
 
 
 def data_fingerprint(spec: str | None) -> Any:
-    """'self' / None as they are; text data as the ordered (name, sha256) of every file the spec resolves to."""
+    """'self' / None as they are; text data as the ordered (name, sha256) of every file the spec resolves to;
+    several comma-separated sources (mixed in equal shares) as the list of theirs."""
     if spec in (None, "self"):
         return spec
-    from compress.inputs import resolve_text_files
+    from compress.inputs import resolve_text_files, split_sources
 
+    sources = split_sources(spec)
+    if len(sources) > 1:
+        return {"sources": [data_fingerprint(s) for s in sources], "mix": "equal"}
     return {"files": [[f.name, file_digest(f)] for f in resolve_text_files(spec)]}
 
 

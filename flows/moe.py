@@ -52,6 +52,8 @@ class RebalanceRequest(OutputOptions, DataOptions, ModelOptions):
     eval_tokens: int = 2048
     max_iter: int = 100
     lr: float = 1e-3  # greedy's step
+    margin: float = 0.0  # fit to capacity − margin: room for text other than the calibration's
+    runtime_capacity: float | None = None  # also re-solve the BIP on every forward pass (a bound on any text)
 
 
 @dataclass(kw_only=True)
@@ -80,13 +82,9 @@ class PlaceRequest(OutputOptions, DataOptions, ModelOptions):
 
 
 def _check_data(data: str | None, flag: str = "--data") -> None:
-    if data not in (None, "self"):
-        from compress.inputs import resolve_text_files
+    from compress.inputs import check_data
 
-        try:
-            resolve_text_files(data)
-        except UserError as exc:
-            raise UserError(str(exc).replace("--data", flag, 1)) from None
+    check_data(data, flag)
 
 
 def _check_common(data: str | None, seq_len: int | None, seed: int, **tokens: int) -> None:
@@ -129,6 +127,12 @@ def check_rebalance(req: RebalanceRequest) -> None:
         raise UserError(f"--max-iter {req.max_iter}: give at least 1 sweep")
     if not (isinstance(req.lr, int | float) and math.isfinite(req.lr) and req.lr > 0):
         raise UserError(f"--lr {req.lr}: give a positive step for --method greedy, e.g. 1e-3")
+    if not (math.isfinite(req.margin) and 0.0 <= req.margin < req.capacity - 1.0 + 1e-9):
+        raise UserError(f"--margin {req.margin}: give 0 ≤ margin ≤ capacity − 1 (the bias is fitted to capacity − "
+                        f"margin ≥ 1.0), e.g. 0.05")
+    if req.runtime_capacity is not None and not (math.isfinite(req.runtime_capacity) and req.runtime_capacity >= 1.0):
+        raise UserError(f"--runtime-capacity {req.runtime_capacity}: must be ≥ 1.0 (a multiple of the mean load), "
+                        "e.g. the --capacity")
     _check_common(req.data, req.seq_len, req.seed, tokens=req.tokens, eval_tokens=req.eval_tokens)
     _check_data(req.eval_data, "--eval-data")
     _check_out_dir(req.out)
@@ -274,6 +278,19 @@ def run_stats(req: MoeStatsRequest, progress: Any = None) -> dict[str, Any]:
     return result
 
 
+def held_out_advice(rows: list[dict], req: RebalanceRequest) -> list[str]:
+    """A note when the held-out load is over the capacity although calibration met it: the bias alone does not
+    carry over to this text, and what to do next."""
+    worst = max(r["after"] for r in rows)
+    if worst <= req.capacity + 0.05 or req.runtime_capacity is not None:
+        return []
+    return [f"held-out max/mean {worst:.2f} is over the capacity {req.capacity:g}: the bias fitted on the "
+            "calibration text does not hold on this text (a router this skewed moves with the text). Next steps: "
+            f"--runtime-capacity {req.capacity:g} re-solves the routing on every forward pass (bounded on any "
+            "text; not exportable yet); calibrate on several sources (--data a,b,self) with --margin 0.05; or "
+            "replicate the hot experts (`compress moe place --replicas N`)."]
+
+
 def run_rebalance(req: RebalanceRequest, progress: Any = None) -> dict[str, Any]:
     """Fit a selection bias per layer on calibration windows, measure load / KL / top-1 against the original on
     held-out windows, save a compress-moe-v1 artifact (+ moe_rebalance.json) when `out` is given."""
@@ -287,7 +304,8 @@ def run_rebalance(req: RebalanceRequest, progress: Any = None) -> dict[str, Any]
         capacity_tokens(calib.num_tokens, ly.top_k, ly.num_experts, req.capacity)
     original = copy.deepcopy(loaded)
     with _phase(progress, f"fit {req.method}"):
-        fit = rebalance(loaded, calib, req.method, req.capacity, max_iter=req.max_iter, lr=req.lr)
+        fit = rebalance(loaded, calib, req.method, req.capacity, max_iter=req.max_iter, lr=req.lr, margin=req.margin,
+                        runtime_capacity=req.runtime_capacity)
     balance, metrics = _measure(original, loaded, heldout, progress)
     fitted = {r["index"]: r for r in fit.layers}
     rows = [{**row, "calib_before": fitted[row["index"]]["before"], "calib_after": fitted[row["index"]]["after"],
@@ -297,7 +315,8 @@ def run_rebalance(req: RebalanceRequest, progress: Any = None) -> dict[str, Any]
               "summary": {**_summary(rows), "calib_max_over_mean_worst_after": max(r["after"] for r in fit.layers),
                           "kl_mean": balance.kl_mean, "kl_p99": balance.kl_p99,
                           "top1_agreement": balance.top1_agreement},
-              "bias": fit.bias, "fit_seconds": fit.seconds, "notes": fit.notes, "metrics": metrics}
+              "bias": fit.bias, "fit_seconds": fit.seconds, "notes": fit.notes + held_out_advice(rows, req),
+              "margin": req.margin, "runtime_capacity": req.runtime_capacity, "metrics": metrics}
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if req.out is not None:
         result["out"] = str(req.out)

@@ -47,10 +47,9 @@ class DataOptions:
 
     def check_data(self, flag: str = "--data") -> None:
         """UserError when `data` names text that is not there (before any model is loaded)."""
-        if self.data not in (None, "self"):
-            from compress.inputs import resolve_text_files
+        from compress.inputs import check_data
 
-            resolve_text_files(self.data, flag)
+        check_data(self.data, flag)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compress.errors import UserError
+from compress.inputs import check_data
 from compress.prune.choices import BLOCK_METHOD, SPARSITY_GRANULARITY, WIDTH_IMPORTANCE, parse_pattern
 from flows.options import DataOptions, ModelOptions, OutputOptions
 
@@ -37,6 +38,7 @@ class PruneRequest(OutputOptions, DataOptions, ModelOptions):
     method: str | None = None  # blocks: bi | ablation | greedy (default); sublayers: greedy (FinerCut) only
     tokens: int | None = None  # calibration tokens; None: 2048 for blocks, 1024 for sublayers
     eval_tokens: int = 2048
+    eval_data: str | None = None  # held-out text for the metrics (its evaluation split); None: the split of data
     evaluate: bool = True
 
 
@@ -107,6 +109,7 @@ def check_request(req: PruneRequest) -> str:
         if n is not None and n <= 0:
             raise UserError(f"{flag} {n}: must be a positive number of tokens")
     req.check_data()
+    check_data(req.eval_data, "--eval-data")
     if req.out is not None and Path(req.out).exists() and not Path(req.out).is_dir():
         raise UserError(f"--out {req.out}: exists and is not a directory")
     return mode
@@ -116,7 +119,7 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
     """Choose the units to remove on calibration windows, remove them, evaluate against the original on held-out
     windows and save: blocks as a plain transformers model, sublayers as an artifact dir `compress load` reads."""
     mode = check_request(req)
-    from compress.data import load_split
+    from compress.data import load_split, load_windows
     from compress.evaluate import evaluate
     from compress.importance.context import ScoringContext
     from compress.models import layer_map, load_model
@@ -141,6 +144,9 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
     method = ("adaptive" if req.adaptive else "uniform") if mode in SHARE_MODES else req.method or "greedy"
     tokens = req.tokens or DEFAULT_TOKENS[mode]
     calib, heldout = load_split(req.data, loaded, tokens, req.eval_tokens, req.seq_len, req.seed)
+    if req.eval_data is not None:
+        heldout = load_windows(req.eval_data, loaded, split="evaluation", tokens=req.eval_tokens, seq_len=req.seq_len,
+                               seed=req.seed)
     reference = copy.deepcopy(loaded) if req.evaluate or req.heal else None
     params_before = _params(loaded.module)
     ctx = ScoringContext(loaded, lmap, calib, progress)
@@ -150,6 +156,7 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
                                                                               for n in b.sublayers}),
                     "divergence": ctx.divergence_name, "calibration": calib.describe(), "notes": []}
     sel, rules, removed_modules = PRUNERS[mode](ctx, count, method, req, result)
+    ctx_name = ctx.divergence_name
     del ctx
     result["plan"] = {"rules": rules, "meta": {"mode": mode, "method": result["method"], "count": count,
                                                "calibration": calib.describe()}}
@@ -165,6 +172,8 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
                                "the calibration windows; metrics before healing: heal.metrics_before")
     if reference is not None:
         result["metrics"] = evaluate(loaded, reference, heldout, progress).to_dict()
+        result["evaluation"] = heldout.describe()
+        result["generalization"] = generalization(sel.divergence[-1], result["metrics"], ctx_name)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if req.out is not None:
         _save(loaded, mode, removed_modules, Path(req.out), result)
@@ -260,6 +269,18 @@ def _save(loaded, mode: str, removed_modules: dict | None, out: Path, result: di
             elif p.is_file():
                 shutil.copy(p, tmp / name)
         (tmp / "prune.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def generalization(selection: float | None, metrics: dict, divergence: str) -> dict:
+    """The divergence the choice reached on its own calibration windows beside the same measure on the held-out
+    windows, and their ratio: well above 1 means the choice fitted its calibration text (overfitting)."""
+    if divergence == "kl":
+        heldout = metrics.get("kl_mean")
+    else:  # encoders: 1 − cosine of pooled embeddings, the mean of which is 1 − the mean cosine
+        heldout = None if metrics.get("emb_cosine") is None else 1.0 - metrics["emb_cosine"]
+    ratio = heldout / selection if heldout is not None and selection else None
+    return {"divergence": divergence, "selection": selection, "heldout": heldout,
+            "heldout_over_selection": None if ratio is None else round(ratio, 4)}
 
 
 def _params(module) -> int:

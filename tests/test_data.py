@@ -95,3 +95,55 @@ def test_self_sampled_calibration_and_evaluation_come_from_one_generation_and_di
     assert not any(torch.equal(a, b) for a in cal.input_ids for b in ev.input_ids)
     again = load_split("self", loaded, 48, 64, seq_len=16, seed=3)
     assert torch.equal(again[0].input_ids, cal.input_ids)
+
+
+def _cut_rows(lm, path, seq_len=50) -> set[tuple[int, ...]]:
+    from compress.data import _cut, _tokenize
+
+    return {tuple(t.tolist()) for t in _cut(_tokenize(lm, path.read_text()), lm, seq_len)}
+
+
+def test_several_sources_get_equal_shares_each_split_on_its_own(corpus):
+    """A long and a short source: the short one still gives half of the windows (until it runs out), and each
+    source's calibration and evaluation windows stay apart."""
+    lm = _loaded()
+    long = corpus / "long.txt"
+    import random
+
+    rng = random.Random(7)
+    long.write_text("".join(rng.choice("abcdefghijklmnopqrstuvwxyz .,") for _ in range(10000)))  # 5× doc0
+    spec = f"{corpus / 'doc0.txt'},{long}"
+    short_rows, long_rows = _cut_rows(lm, corpus / "doc0.txt"), _cut_rows(lm, long)
+    cal = load_windows(spec, lm, split="calibration", tokens=8 * 50, seq_len=50)
+    rows = [tuple(r.tolist()) for r in cal.input_ids]
+    assert [r in short_rows for r in rows] == [True, False] * 4  # one from each in turn
+    everything = load_windows(spec, lm, split="calibration", tokens=10**6, seq_len=50)
+    n_short = sum(tuple(r.tolist()) in short_rows for r in everything.input_ids)
+    assert n_short == len(short_rows) // 2 and len(everything.input_ids) == n_short + len(long_rows) // 2
+    ev = load_windows(spec, lm, split="evaluation", tokens=10**6, seq_len=50)
+    assert not _rows(everything) & _rows(ev)
+    assert _rows(load_windows(str(long), lm, split="calibration", tokens=10**6, seq_len=50)) <= long_rows
+
+
+def test_self_mixes_with_text_and_data_checks_skip_it(corpus):
+    from tiny_models import build
+
+    from compress.inputs import check_data
+
+    check_data(f"self,{corpus / 'doc0.txt'}")
+    with pytest.raises(UserError, match="no such file"):
+        check_data(f"self,{corpus / 'missing.txt'}")
+    loaded = build("llama")
+    loaded.tokenizer = FakeTokenizer()
+    w = load_windows(f"self,{corpus / 'doc0.txt'}", loaded, split="calibration", tokens=4 * 16, seq_len=16)
+    text_rows = _cut_rows(loaded, corpus / "doc0.txt", 16)
+    assert [tuple(r.tolist()) in text_rows for r in w.input_ids] == [False, True] * 2
+
+
+def test_fingerprint_of_several_sources_differs_from_their_pooled_files(corpus):
+    from flows.cache import data_fingerprint
+
+    a, b = corpus / "doc0.txt", corpus / "doc1.txt"
+    mixed = data_fingerprint(f"{a},{b}")
+    assert mixed["mix"] == "equal" and [s["files"][0][0] for s in mixed["sources"]] == ["doc0.txt", "doc1.txt"]
+    assert data_fingerprint(str(a))["files"][0][0] == "doc0.txt"

@@ -103,6 +103,25 @@ def test_rebalance_writes_an_artifact_whose_routing_uses_the_bias(tmp_path):
     assert moved > 0  # the bias changes which experts some tokens use
 
 
+def test_rebalance_runtime_capacity_holds_on_held_out_text_and_the_bias_alone_advises_it(tmp_path):
+    """Too few calibration tokens for the bias to carry over: the bias alone ends over the capacity on held-out
+    windows and says what to do; --runtime-capacity bounds the held-out load and is recorded."""
+    few = ["--tokens", "32", "--eval-tokens", "256", "--seq-len", "16"]
+    r = invoke("rebalance", "tiny-moe", *few, "--out", str(tmp_path / "a"), "--json")
+    assert r.exit_code == 0, r.output
+    alone = json.loads(r.stdout)
+    assert alone["summary"]["max_over_mean_worst_after"] > 1.15
+    assert any("--runtime-capacity 1.1" in n for n in alone["notes"])
+    r = invoke("rebalance", "tiny-moe", *few, "--runtime-capacity", "1.1", "--margin", "0.05",
+               "--out", str(tmp_path / "b"), "--json")
+    assert r.exit_code == 0, r.output
+    bounded = json.loads(r.stdout)
+    assert bounded["runtime_capacity"] == 1.1 and bounded["margin"] == 0.05
+    assert bounded["summary"]["max_over_mean_worst_after"] <= 1.1 and not bounded["notes"]
+    manifest = json.loads((tmp_path / "b" / "compress.json").read_text())
+    assert manifest["moe_balance"]["runtime_capacity"] == 1.1
+
+
 @pytest.mark.parametrize("schedule, merge", [("uniform", False), ("descending", True)])
 def test_prune_writes_a_loadable_artifact_with_fewer_experts(tmp_path, schedule, merge):
     out = tmp_path / "pruned"
@@ -161,6 +180,8 @@ def test_place_json_invariants(tmp_path):
     (["place", "tiny-llama", "--devices", "2", "--data", "self", "--out", "{out}"], "has no experts"),
     (["rebalance", "tiny-moe", "--capacity", "0.9", "--out", "{out}"], "--capacity 0.9"),
     (["rebalance", "tiny-moe", "--method", "auction", "--out", "{out}"], "use one of bip, greedy"),
+    (["rebalance", "tiny-moe", "--margin", "0.2", "--out", "{out}"], "--margin 0.2"),
+    (["rebalance", "tiny-moe", "--runtime-capacity", "0.5", "--out", "{out}"], "--runtime-capacity 0.5"),
     (["prune", "tiny-moe", "--experts", "80%", "--out", "{out}"], "remove at most 18"),
     (["prune", "tiny-moe", "--experts", "100%", "--out", "{out}"], "--experts 100%"),
     (["prune", "tiny-moe", "--experts", "25%", "--schedule", "zigzag", "--out", "{out}"], "--schedule zigzag"),

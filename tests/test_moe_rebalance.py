@@ -125,6 +125,35 @@ def test_bip_balances_a_skewed_mixtral():
     assert [r["before"] for r in same.layers] == [r["after"] for r in same.layers] == [r["before"] for r in ev.layers]
 
 
+def test_runtime_capacity_bounds_the_load_on_text_the_bias_never_saw(tmp_path):
+    """A bias fitted on a few windows leaves held-out text above the capacity; re-solving the BIP on every pass
+    keeps every layer within it there too, round-trips through the artifact, and refuses ONNX export."""
+    model = skew_router(tiny_moe("mixtral").module, factor=16.0)
+    cal, held = windows(2, 64, seed=0), windows(8, 64, seed=1)
+    static = copy.deepcopy(model)
+    rebalance(static, cal, method="bip", capacity=1.1)
+    assert max(s.max_over_mean for s in moe_stats(static, held).layers) > 1.1
+    loaded = tiny_moe("mixtral")
+    skew_router(loaded.module, factor=16.0)
+    result = rebalance(loaded.module, cal, method="bip", capacity=1.1, runtime_capacity=1.1)
+    assert result.runtime_capacity == 1.1
+    assert all(s.max_over_mean <= 1.1 for s in moe_stats(loaded.module, held).layers)
+    ref = logits(loaded.module, held.input_ids[:2])
+    out = save_balanced(loaded, tmp_path / "rt", result)
+    assert json.loads((out / "compress.json").read_text())["moe_balance"]["runtime_capacity"] == 1.1
+    back = load_artifact(out)
+    assert torch.equal(logits(back.module, held.input_ids[:2]), ref)
+    with pytest.raises(UserError, match="runtime-capacity"):
+        export_friendly(back.module)
+
+
+def test_a_capacity_margin_fits_inside_the_capacity():
+    model = skew_router(tiny_moe("mixtral").module)
+    cal = windows(8, 64, seed=0)
+    result = rebalance(model, cal, method="bip", capacity=1.2, margin=0.1)
+    assert all(r["after"] <= 1.10 for r in result.layers), [r["after"] for r in result.layers]
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_balanced_artifact_roundtrip(family, tmp_path):
     loaded = tiny_moe(family)

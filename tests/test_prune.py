@@ -120,6 +120,35 @@ def test_prune_blocks_cli_writes_a_plain_model(tiny_dirs, tmp_path):
     torch.testing.assert_close(_logits(model, ids), _logits(original.module, ids), rtol=0, atol=1e-5)
 
 
+def test_eval_data_scores_the_choice_on_other_text_beside_its_selection_kl(tmp_path):
+    """--data two sources, --eval-data a third: the held-out windows come from the third text only, and the
+    result puts the selection KL (calibration) beside the held-out KL."""
+    import random
+
+    from tiny_models import hf_dir
+
+    rng = random.Random(0)
+    texts = {name: " ".join(rng.choice(words) for _ in range(3000)) for name, words in
+             (("a", ["the", "sense", "and", "manor", "ball"]), ("b", ["thou", "shalt", "lord", "unto", "spake"]),
+              ("c", ["ship", "whale", "sea", "harpoon", "deck"]))}
+    for name, text in texts.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+    model = hf_dir(tmp_path / "m", " ".join(texts.values()), dtype=torch.float32)
+    r = runner.invoke(app, ["prune", str(model), "--blocks", "1", "--method", "ablation",
+                            "--data", f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}", "--eval-data",
+                            str(tmp_path / "c.txt"), "--tokens", "128", "--eval-tokens", "64", "--seq-len", "16",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["evaluation"]["source"] == str(tmp_path / "c.txt")
+    gen = result["generalization"]
+    assert gen["divergence"] == "kl" and gen["selection"] == result["selection"]["divergence"][-1]
+    assert gen["heldout"] == result["metrics"]["kl_mean"]
+    assert gen["heldout_over_selection"] == round(gen["heldout"] / gen["selection"], 4)
+    bad = runner.invoke(app, ["prune", str(model), "--blocks", "1", "--eval-data", str(tmp_path / "nope.txt")])
+    assert bad.exit_code == 2 and "--eval-data" in bad.stderr
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_finercut_artifact_reloads_to_identical_outputs(family, tiny_dirs, tmp_path):
     out, png = tmp_path / "fc", tmp_path / "fc.png"

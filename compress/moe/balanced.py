@@ -9,6 +9,7 @@ same router / experts / shared-expert modules (state-dict names unchanged) and a
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,12 +24,12 @@ from compress.moe.routing import (
     RoutingCapture,
     as_module,
     block_bias,
+    block_route,
     capture_routing,
     combine_weights,
     forward,
     group_mask,
     router_scores,
-    select,
 )
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class BalancedSparseMoe(nn.Module):
         bias = block_bias(block) if bias is None else bias
         bias = torch.zeros(len(self.experts)) if bias is None else bias
         self.register_buffer("selection_bias", bias.detach().float().clone())
+        self.runtime_capacity: float | None = None  # per-pass BIP on top of the bias (set by apply_bias)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states, router logits), as the family's sparse block returns them."""
@@ -65,7 +67,7 @@ class BalancedSparseMoe(nn.Module):
         x = hidden_states.view(-1, dim)
         router_logits = self.gate(x)
         scores = router_scores(router_logits, "softmax")
-        indices = select(scores, self.top_k, self.selection_bias)
+        indices = block_route(self, scores, self.top_k)
         weights = combine_weights(scores, indices, self.normalize).to(x.dtype)
         out = self.routed(x, indices, weights)
         if self.has_shared:
@@ -83,7 +85,8 @@ class BalancedSparseMoe(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"top_k={self.top_k}, normalize={self.normalize}, shared={self.has_shared}"
+        return (f"top_k={self.top_k}, normalize={self.normalize}, shared={self.has_shared}, "
+                f"runtime_capacity={self.runtime_capacity}")
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
@@ -101,11 +104,18 @@ def family_subclass(base: type, block_cls: type) -> type:
     return _SUBCLASSES[key]
 
 
-def apply_bias(model: nn.Module | LoadedModel, biases: dict[str, torch.Tensor]) -> nn.Module:
+def apply_bias(model: nn.Module | LoadedModel, biases: dict[str, torch.Tensor],
+               runtime_capacity: float | None = None) -> nn.Module:
     """Give each sparse block (path -> q [E]) its selection bias, in place: deepseek_v3's native bias, a
-    BalancedSparseMoe elsewhere (a block that already is one gets the new q)."""
+    BalancedSparseMoe elsewhere (a block that already is one gets the new q). `runtime_capacity`: every forward
+    pass also re-solves the BIP on its own tokens (routing.route)."""
     module = as_module(model)
     family, fam = moe_family(module)
+    if fam.native_bias and runtime_capacity is not None:
+        raise UserError(f"{family} selects with its own router and bias: --runtime-capacity applies to "
+                        "softmax-routed families (mixtral, qwen2_moe, qwen3_moe, olmoe)")
+    if runtime_capacity is not None and not (math.isfinite(runtime_capacity) and runtime_capacity >= 1.0):
+        raise UserError(f"--runtime-capacity {runtime_capacity}: must be ≥ 1.0 (a multiple of the mean load)")
     layers = {m.path: m for m in moe_layers(module)}
     for path, q in biases.items():
         if path not in layers:
@@ -120,8 +130,11 @@ def apply_bias(model: nn.Module | LoadedModel, biases: dict[str, torch.Tensor]) 
             getattr(block, fam.router).get_buffer(fam.native_bias).copy_(q.max() - q)
         elif block_bias(block) is not None:
             block.selection_bias.copy_(q)
+            block.runtime_capacity = runtime_capacity
         else:
-            _swap(module, path, family_subclass(BalancedSparseMoe, type(block))(block, layers[path], q))
+            new = family_subclass(BalancedSparseMoe, type(block))(block, layers[path], q)
+            new.runtime_capacity = runtime_capacity
+            _swap(module, path, new)
     return module
 
 
@@ -153,6 +166,7 @@ class RebalanceResult:
     tokens: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    runtime_capacity: float | None = None  # per-pass BIP bound, None: the bias alone
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -160,11 +174,15 @@ class RebalanceResult:
 
 
 def rebalance(model: nn.Module | LoadedModel, calib_windows: Windows, method: str = "bip", capacity: float = 1.1,
-              max_iter: int = 100, lr: float = 1e-3, sequential: bool = True) -> RebalanceResult:
+              max_iter: int = 100, lr: float = 1e-3, sequential: bool = True, margin: float = 0.0,
+              runtime_capacity: float | None = None) -> RebalanceResult:
     """Capture router scores on `calib_windows`, fit q per layer (`method` bip | greedy), apply it in place.
 
     `sequential`: layer l is fitted on the scores it sees once layers < l are balanced (a forward pass stopped after
-    layer l per layer), so every layer meets the capacity on the calibration tokens of the balanced model."""
+    layer l per layer), so every layer meets the capacity on the calibration tokens of the balanced model.
+    `margin`: fit to capacity − margin (≥ 1.0), so
+    text other than the calibration's has room before it reaches the capacity. `runtime_capacity`: the balanced
+    blocks also re-solve the BIP on every forward pass's own tokens (routing.route), a bound on any text."""
     from compress.moe.bip import fit_bias_bip, fit_bias_greedy
     from compress.moe.stats import load_of, max_over_mean
 
@@ -187,8 +205,9 @@ def rebalance(model: nn.Module | LoadedModel, calib_windows: Windows, method: st
         kwargs = {"lr": lr} if method == "greedy" else {}
         scores = rec.scores
         allowed = (lambda q, s=scores: group_mask(s - q, *groups)) if groups else None
-        q = fit(scores, layer.top_k, capacity, max_iter=max_iter, history=history, allowed=allowed, **kwargs)
-        apply_bias(module, {layer.path: q})
+        q = fit(scores, layer.top_k, max(1.0, capacity - margin), max_iter=max_iter, history=history,
+                allowed=allowed, **kwargs)
+        apply_bias(module, {layer.path: q}, runtime_capacity)
         rows.append({"index": layer.index, "path": layer.path,
                      "before": max_over_mean(load_of(first[layer.index].indices, layer.num_experts)),
                      "iterations": len(history) - 1, "fit_max_over_mean": history[-1]})
@@ -196,7 +215,7 @@ def rebalance(model: nn.Module | LoadedModel, calib_windows: Windows, method: st
     for row, layer in zip(rows, layers, strict=True):
         row["after"] = max_over_mean(load_of(after[layer.index].indices, layer.num_experts))
     return RebalanceResult(method, capacity, family, current_bias(module), rows, first[layers[0].index].tokens,
-                           round(time.perf_counter() - start, 3), notes)
+                           round(time.perf_counter() - start, 3), notes, runtime_capacity)
 
 
 @dataclass
@@ -249,7 +268,8 @@ def save_balanced(loaded: LoadedModel, out: Path, result: RebalanceResult | None
 
     family, fam = moe_family(loaded.module)
     balance = {"family": family, "native_bias": bool(fam.native_bias), "selection_bias": current_bias(loaded.module),
-               "method": result.method if result else None, "capacity": result.capacity if result else None}
+               "method": result.method if result else None, "capacity": result.capacity if result else None,
+               "runtime_capacity": _runtime_capacity_of(loaded.module)}
     # deepseek_v3 keeps the bias in its own buffer: plain safetensors, so from_pretrained loads it as well
     return save_dir(loaded, out, FORMAT, {"moe_balance": balance, **(manifest or {})},
                     weights_format="pt" if fam.native_bias else None)
@@ -269,10 +289,19 @@ def restructure_balanced(model, manifest: dict[str, Any], path: Path | str = "ar
 
     try:
         biases = manifest["moe_balance"]["selection_bias"]
-        apply_bias(model, {p: torch.tensor(q) for p, q in biases.items()})
+        balance = manifest["moe_balance"]
+        apply_bias(model, {p: torch.tensor(q) for p, q in biases.items()}, balance.get("runtime_capacity"))
     except (KeyError, TypeError) as exc:
         raise UserError(f"{path}/{MANIFEST}: moe_balance.selection_bias is missing or malformed ({exc}); "
                         "re-save the model with save_balanced") from exc
+
+
+def _runtime_capacity_of(module: nn.Module) -> float | None:
+    """The per-pass capacity of the model's balanced blocks (None: the bias alone)."""
+    caps = {getattr(module.get_submodule(ly.path), "runtime_capacity", None) for ly in moe_layers(module)}
+    if len(caps) > 1:
+        raise ValueError(f"balanced blocks with several runtime capacities: {sorted(map(str, caps))}")
+    return caps.pop() if caps else None
 
 
 def _groups(module: nn.Module) -> tuple[int, int] | None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from compress.errors import UserError
 from compress.moe.balanced import family_subclass
 from compress.moe.layout import MoeLayer, moe_family, moe_layers
 from compress.moe.routing import as_module, block_bias, combine_weights, router_scores, select
@@ -35,6 +36,9 @@ class DenseRoutedMoe(nn.Module):
         for n in self.shared_names:
             setattr(self, n, getattr(block, n))
         self.top_k, self.normalize = layer.top_k, layer.normalize
+        if getattr(block, "runtime_capacity", None) is not None:
+            raise UserError("this MoE re-solves its routing on every forward pass (--runtime-capacity), which an "
+                            "exported graph cannot do yet; export a model rebalanced without --runtime-capacity")
         bias = block_bias(block)
         self.register_buffer("selection_bias", None if bias is None else bias.detach().float().clone())
 

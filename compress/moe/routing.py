@@ -39,6 +39,43 @@ def select(scores: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -
     return torch.topk(scores if bias is None else scores - bias, top_k, dim=-1).indices
 
 
+def route(scores: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
+          runtime_capacity: float | None = None) -> torch.Tensor:
+    """The experts each token of one forward pass takes: top-k of (s − bias), and with `runtime_capacity` the BIP
+    solved again on these tokens (warm from the bias), so that no expert takes more than that multiple of the mean
+    load whatever the text; skipped when the pass has too few tokens for the capacity to hold them."""
+    if runtime_capacity is None or not _holds(len(scores), top_k, scores.shape[-1], runtime_capacity):
+        return select(scores, top_k, bias)
+    from compress.moe.bip import fit_bias_bip
+
+    c = scores - (0.0 if bias is None else bias)
+    c = c - fit_bias_bip(c, top_k, runtime_capacity)
+    return _within_capacity(c, top_k, math.floor(runtime_capacity * len(c) * top_k / c.shape[-1] + 1e-9))
+
+
+def _within_capacity(c: torch.Tensor, top_k: int, cap: int) -> torch.Tensor:
+    """Top-k of `c` with no expert over `cap` tokens: where the BIP's sweeps stopped short, an over-full expert
+    keeps its `cap` tokens of highest margin and the rest move to their next choice, until none is over."""
+    c = c.clone()
+    for _ in range(2 * c.shape[-1]):
+        values, idx = torch.topk(c, top_k + 1 if top_k < c.shape[-1] else top_k, dim=-1)
+        chosen = idx[:, :top_k]
+        load = torch.bincount(chosen.reshape(-1), minlength=c.shape[-1])
+        if int(load.max()) <= cap:
+            break
+        rival = values[:, -1:]  # the (k+1)-th value: what a token falls back to
+        for e in torch.nonzero(load > cap).flatten().tolist():
+            tokens = torch.nonzero((chosen == e).any(-1)).flatten()
+            margin = c[tokens, e] - rival[tokens, 0]
+            c[tokens[torch.argsort(margin, stable=True)[:len(tokens) - cap]], e] = -math.inf
+    return torch.topk(c, top_k, dim=-1).indices
+
+
+def _holds(tokens: int, top_k: int, experts: int, capacity: float) -> bool:
+    """Whether `experts` experts of floor(capacity × mean) tokens each can take every token's top-k."""
+    return math.floor(capacity * tokens * top_k / experts + 1e-9) * experts >= tokens * top_k
+
+
 def combine_weights(scores: torch.Tensor, indices: torch.Tensor, normalize: bool, scale: float = 1.0) -> torch.Tensor:
     """Weights of the chosen experts, from the original scores s; renormalised to sum 1 when the family does."""
     w = scores.gather(-1, indices)
@@ -60,6 +97,11 @@ def group_mask(choice: torch.Tensor, n_group: int, topk_group: int) -> torch.Ten
 def block_bias(block: nn.Module) -> torch.Tensor | None:
     """The selection-only bias q of a sparse block we built (None for an original block)."""
     return getattr(block, "selection_bias", None)
+
+
+def block_route(block: nn.Module, scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """`route` with a block's own selection bias and runtime capacity (none for an original block)."""
+    return route(scores, top_k, block_bias(block), getattr(block, "runtime_capacity", None))
 
 
 @dataclass
@@ -148,7 +190,7 @@ class RoutingCapture:
                 scores = router_scores(F.linear(x.float(), router.weight.float()), rec.layer.scoring)
             else:
                 scores = router_scores(output.reshape(-1, output.shape[-1]), rec.layer.scoring)
-                indices = select(scores, rec.layer.top_k, block_bias(block))
+                indices = block_route(block, scores, rec.layer.top_k)
                 weights = combine_weights(scores, indices, rec.layer.normalize)
             keep = self.mask if self.mask is not None and self.mask.numel() == len(scores) else None
             if keep is not None:
