@@ -17,3 +17,22 @@ def replace_section(path: Path, heading: str, body: str) -> None:
     found = pattern.search(text)
     text = pattern.sub(lambda _: section, text) if found else text.rstrip() + "\n\n" + section
     path.write_text(text.rstrip() + "\n")
+
+
+def publish_state(state: dict, started: float, results: Path, heading: str, render, markdown: bool = True) -> None:
+    """Stamp a benchmark's state with its wall time and machine, keep it as JSON, and (unless `markdown` is off)
+    rewrite its BENCHMARKS.md section with `render(state)`: called after every row, so a stopped run keeps them."""
+    import json
+    import os
+    import platform
+    import time
+
+    import torch
+
+    state["seconds"] = round(time.perf_counter() - started, 1)
+    state["machine"] = {"cores": os.cpu_count(), "arch": platform.machine(), "torch": torch.__version__,
+                        "load": os.getloadavg()[0]}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(state, indent=1))
+    if markdown:
+        replace_section(results.parents[2] / "BENCHMARKS.md", heading, render(state))

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,7 +36,7 @@ VARIANTS = {"bias alone": (0.0, None), "bias, margin 0.05": (0.05, None),
 
 def main() -> None:
     from heldout_text import kjv_text
-    from markdown import replace_section
+    from markdown import publish_state
 
     from compress.data import load_windows
     from compress.models import load_model
@@ -70,13 +68,7 @@ def main() -> None:
     print(json.dumps(state["before"]), flush=True)
 
     def publish() -> None:
-        state["seconds"] = round(time.perf_counter() - t0, 1)
-        state["machine"] = {"cores": os.cpu_count(), "arch": platform.machine(), "torch": torch.__version__,
-                            "load": os.getloadavg()[0]}
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(state, indent=1))
-        if not a.no_markdown:
-            replace_section(REPO / "BENCHMARKS.md", HEADING, render(state))
+        publish_state(state, t0, RESULTS, HEADING, render, not a.no_markdown)
 
     chosen = VARIANTS if a.variants is None else {k: VARIANTS[k] for k in a.variants.split(";")}
     for label, (margin, runtime) in chosen.items():

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,7 +37,7 @@ def mixes() -> dict[str, str]:
 
 def main() -> None:
     from heldout_text import kjv_text
-    from markdown import replace_section
+    from markdown import publish_state
 
     from compress.data import load_windows
     from compress.evaluate import evaluate
@@ -75,13 +73,7 @@ def main() -> None:
     chosen = mixes() if a.mixes is None else {k: v for k, v in mixes().items() if k in a.mixes.split(";")}
 
     def publish() -> None:
-        state["seconds"] = round(time.perf_counter() - t0, 1)
-        state["machine"] = {"cores": os.cpu_count(), "arch": platform.machine(), "torch": torch.__version__,
-                            "load": os.getloadavg()[0]}
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(state, indent=1))
-        if not a.no_markdown:
-            replace_section(REPO / "BENCHMARKS.md", HEADING, render(state))
+        publish_state(state, t0, RESULTS, HEADING, render, not a.no_markdown)
 
     for label, spec in chosen.items():
         calib = load_windows(spec, ref, split="calibration", tokens=a.tokens, seq_len=512)
