@@ -54,6 +54,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kill-at-block", type=int, default=15)
+    ap.add_argument("--part", choices=("all", "resume", "torchrun"), default="all",
+                    help="run one half only (its rows alone are written)")
     a = ap.parse_args()
     cli = [sys.executable, str(REPO / "cli.py")]
     work = Path(tempfile.mkdtemp(prefix="resume-dist-"))
@@ -64,39 +66,47 @@ def main() -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 str(REPO / "cli.py")]
     try:
-        rc_whole, t_whole = run([*cli, *base, "--out", "whole"], work)
-        rc_kill, t_kill = kill_when([*cli, *base, "--out", "q"], work, work / ".q.partial", a.kill_at_block + 1)
-        kept = len(list((work / ".q.partial").glob(".group-*.safetensors")))
-        rc_res, t_res = run([*cli, *base, "--out", "q", "--resume"], work)
-        resume_same = rc_whole == rc_res == 0 and weights_sha(work / "whole") == weights_sha(work / "q")
-        print(f"resume: whole {t_whole:.0f} s, killed ({rc_kill}) after {t_kill:.0f} s with {kept} groups, resumed "
-              f"{t_res:.0f} s, same bytes: {resume_same}", flush=True)
-        rc_one, t_one = run([*cli, *lw, "--out", "one"], work)
-        rc_two, t_two = run([*torchrun, *lw, "--out", "two"], work, {**ENV, "OMP_NUM_THREADS": "1"})
-        dist_same = rc_one == rc_two == 0 and weights_sha(work / "one") == weights_sha(work / "two")
-        print(f"torchrun: one {t_one:.0f} s, two ranks {t_two:.0f} s, same bytes: {dist_same}", flush=True)
+        if a.part in ("all", "resume"):
+            rc_whole, t_whole = run([*cli, *base, "--out", "whole"], work)
+            rc_kill, t_kill = kill_when([*cli, *base, "--out", "q"], work, work / ".q.partial", a.kill_at_block + 1)
+            kept = len(list((work / ".q.partial").glob(".group-*.safetensors")))
+            rc_res, t_res = run([*cli, *base, "--out", "q", "--resume"], work)
+            resume_same = rc_whole == rc_res == 0 and weights_sha(work / "whole") == weights_sha(work / "q")
+            print(f"resume: whole {t_whole:.0f} s, killed ({rc_kill}) after {t_kill:.0f} s with {kept} groups, "
+                  f"resumed {t_res:.0f} s, same bytes: {resume_same}", flush=True)
+        if a.part in ("all", "torchrun"):
+            rc_one, t_one = run([*cli, *lw, "--out", "one"], work)
+            rc_two, t_two = run([*torchrun, *lw, "--out", "two"], work, {**ENV, "OMP_NUM_THREADS": "1"})
+            dist_same = rc_one == rc_two == 0 and weights_sha(work / "one") == weights_sha(work / "two")
+            print(f"torchrun: one {t_one:.0f} s, two ranks {t_two:.0f} s, same bytes: {dist_same}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    lines = [
-        f"Written by `python benchmarks/resume_distributed.py --kill-at-block {a.kill_at_block}` on "
+    head = [
+        f"Written by `python benchmarks/resume_distributed.py --kill-at-block {a.kill_at_block} --part {a.part}` on "
         f"{time.strftime('%Y-%m-%d')} ({platform.machine()}, {os.cpu_count()} cores, no GPU). Data: the Austen "
         "novels (`austen/`, the shared test data).", "",
-        "| case | command | exit | wall | weight files vs uninterrupted single process |", "|---|---|---|---|---|",
+        "| case | command | exit | wall | weight files vs uninterrupted single process |", "|---|---|---|---|---|"]
+    resume_rows = [
         f"| uninterrupted | `compress {' '.join(base[:-2])} austen/ --out whole` | {rc_whole} | {t_whole:.0f} s | "
         "(reference) |",
         f"| SIGKILL once block {a.kill_at_block} is written | same, `--out q` | {rc_kill} | {t_kill:.0f} s | "
         f"{kept} block groups kept in `.q.partial` |",
         f"| `--resume` | same, `--out q --resume` | {rc_res} | {t_res:.0f} s | "
-        f"**{'byte-identical' if resume_same else 'DIFFERENT'}** |",
+        f"**{'byte-identical' if resume_same else 'DIFFERENT'}** |"] if a.part != "torchrun" else []
+    torchrun_rows = [
         f"| one process | `compress {' '.join(lw[:-2])} austen/ --out one` | {rc_one} | {t_one:.0f} s | (reference) |",
         f"| torchrun, 2 gloo ranks | `torchrun --standalone --nproc-per-node 2 cli.py ...same... --out two` | "
-        f"{rc_two} | {t_two:.0f} s | **{'byte-identical' if dist_same else 'DIFFERENT'}** |", "",
-        f"Killed + resumed wall time / uninterrupted: **{(t_kill + t_res) / t_whole:.2f}×** (the resumed run redoes "
-        "the capture of calibration inputs and the content hash of the inputs). Two ranks / one process: "
-        f"**{t_two / t_one:.2f}×** wall time (the ranks split the measured cells; each also loads the model, builds "
-        "the reference and, on rank 0, evaluates, and the two cores were already both used by one process's "
-        "threads).",
-    ]
+        f"{rc_two} | {t_two:.0f} s | **{'byte-identical' if dist_same else 'DIFFERENT'}** |"] \
+        if a.part != "resume" else []
+    ratios = []
+    if resume_rows:
+        ratios.append(f"Killed + resumed wall time / uninterrupted: **{(t_kill + t_res) / t_whole:.2f}×** (the "
+                      "resumed run redoes the capture of calibration inputs and the content hash of the inputs).")
+    if torchrun_rows:
+        ratios.append(f"Two ranks / one process: **{t_two / t_one:.2f}×** wall time (the ranks split the measured "
+                      "cells; each also loads the model, builds the reference and, on rank 0, evaluates, and the two "
+                      "cores were already both used by one process's threads).")
+    lines = [*head, *resume_rows, *torchrun_rows, "", " ".join(ratios)]
     replace_section(REPO / "BENCHMARKS.md", "Resume after SIGKILL, and torchrun (issue 16)", "\n".join(lines) + "\n")
 
 
