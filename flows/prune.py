@@ -143,8 +143,10 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
              else width_fraction(_amount(req, mode), f"--{mode}"))
     method = ("adaptive" if req.adaptive else "uniform") if mode in SHARE_MODES else req.method or "greedy"
     tokens = req.tokens or DEFAULT_TOKENS[mode]
-    calib, heldout = load_split(req.data, loaded, tokens, req.eval_tokens, req.seq_len, req.seed)
-    if req.eval_data is not None:
+    if req.eval_data is None:
+        calib, heldout = load_split(req.data, loaded, tokens, req.eval_tokens, req.seq_len, req.seed)
+    else:  # the held-out windows come from the other text: none are drawn from --data
+        calib = load_windows(req.data, loaded, split="calibration", tokens=tokens, seq_len=req.seq_len, seed=req.seed)
         heldout = load_windows(req.eval_data, loaded, split="evaluation", tokens=req.eval_tokens, seq_len=req.seq_len,
                                seed=req.seed)
     reference = copy.deepcopy(loaded) if req.evaluate or req.heal else None
@@ -156,7 +158,6 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
                                                                               for n in b.sublayers}),
                     "divergence": ctx.divergence_name, "calibration": calib.describe(), "notes": []}
     sel, rules, removed_modules = PRUNERS[mode](ctx, count, method, req, result)
-    ctx_name = ctx.divergence_name
     del ctx
     result["plan"] = {"rules": rules, "meta": {"mode": mode, "method": result["method"], "count": count,
                                                "calibration": calib.describe()}}
@@ -173,7 +174,7 @@ def run_prune(req: PruneRequest, progress=None) -> dict:
     if reference is not None:
         result["metrics"] = evaluate(loaded, reference, heldout, progress).to_dict()
         result["evaluation"] = heldout.describe()
-        result["generalization"] = generalization(sel.divergence[-1], result["metrics"], ctx_name)
+        result["generalization"] = generalization(sel.divergence[-1], result["metrics"], result["divergence"])
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if req.out is not None:
         _save(loaded, mode, removed_modules, Path(req.out), result)

@@ -180,9 +180,9 @@ def rebalance(model: nn.Module | LoadedModel, calib_windows: Windows, method: st
 
     `sequential`: layer l is fitted on the scores it sees once layers < l are balanced (a forward pass stopped after
     layer l per layer), so every layer meets the capacity on the calibration tokens of the balanced model.
-    `margin`: fit to capacity − margin (≥ 1.0), so
-    text other than the calibration's has room before it reaches the capacity. `runtime_capacity`: the balanced
-    blocks also re-solve the BIP on every forward pass's own tokens (routing.route), a bound on any text."""
+    `margin`: fit to capacity − margin (≥ 1.0), so text other than the calibration's has room before it reaches the
+    capacity. `runtime_capacity`: the balanced blocks also re-solve the BIP on every forward pass's own tokens
+    (routing.route), a bound on any text."""
     from compress.moe.bip import fit_bias_bip, fit_bias_greedy
     from compress.moe.stats import load_of, max_over_mean
 
@@ -288,8 +288,8 @@ def restructure_balanced(model, manifest: dict[str, Any], path: Path | str = "ar
     from compress.artifact import MANIFEST
 
     try:
-        biases = manifest["moe_balance"]["selection_bias"]
         balance = manifest["moe_balance"]
+        biases = balance["selection_bias"]
         apply_bias(model, {p: torch.tensor(q) for p, q in biases.items()}, balance.get("runtime_capacity"))
     except (KeyError, TypeError) as exc:
         raise UserError(f"{path}/{MANIFEST}: moe_balance.selection_bias is missing or malformed ({exc}); "

@@ -33,13 +33,18 @@ def biased_loads(scores: torch.Tensor, q: torch.Tensor, top_k: int, allowed: All
     return torch.bincount(idx.reshape(-1), minlength=scores.shape[1])
 
 
+def capacity_limit(tokens: int, top_k: int, num_experts: int, capacity: float) -> int:
+    """Most tokens one expert may take: floor(capacity × mean load), mean = tokens·k/E (unchecked)."""
+    return math.floor(capacity * tokens * top_k / num_experts + 1e-9)
+
+
 def capacity_tokens(tokens: int, top_k: int, num_experts: int, capacity: float) -> int:
     """Most tokens one expert may take: floor(capacity × mean load), mean = tokens·k/E; UserError when infeasible."""
     if not math.isfinite(capacity) or capacity < 1.0:
         raise UserError(f"--capacity {capacity}: must be ≥ 1.0 (a multiple of the mean expert load); try 1.1")
     if not 0 < top_k <= num_experts:
         raise UserError(f"top_k {top_k}: must be between 1 and the number of experts ({num_experts})")
-    cap = math.floor(capacity * tokens * top_k / num_experts + 1e-9)
+    cap = capacity_limit(tokens, top_k, num_experts, capacity)
     if cap * num_experts < tokens * top_k:
         raise UserError(f"--capacity {capacity}: {num_experts} experts × {cap} tokens cannot hold {tokens} tokens × "
                         f"top-{top_k}; raise the capacity or calibrate on more tokens")

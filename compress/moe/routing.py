@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.moe.bip import capacity_limit, fit_bias_bip
 from compress.moe.layout import MoeLayer, moe_layers
 
 if TYPE_CHECKING:
@@ -44,13 +45,12 @@ def route(scores: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
     """The experts each token of one forward pass takes: top-k of (s − bias), and with `runtime_capacity` the BIP
     solved again on these tokens (warm from the bias), so that no expert takes more than that multiple of the mean
     load whatever the text; skipped when the pass has too few tokens for the capacity to hold them."""
-    if runtime_capacity is None or not _holds(len(scores), top_k, scores.shape[-1], runtime_capacity):
+    tokens, experts = scores.shape
+    cap = None if runtime_capacity is None else capacity_limit(tokens, top_k, experts, runtime_capacity)
+    if cap is None or cap * experts < tokens * top_k:
         return select(scores, top_k, bias)
-    from compress.moe.bip import fit_bias_bip
-
     c = scores - (0.0 if bias is None else bias)
-    c = c - fit_bias_bip(c, top_k, runtime_capacity)
-    return _within_capacity(c, top_k, math.floor(runtime_capacity * len(c) * top_k / c.shape[-1] + 1e-9))
+    return _within_capacity(c - fit_bias_bip(c, top_k, runtime_capacity), top_k, cap)
 
 
 def _within_capacity(c: torch.Tensor, top_k: int, cap: int) -> torch.Tensor:
@@ -69,11 +69,6 @@ def _within_capacity(c: torch.Tensor, top_k: int, cap: int) -> torch.Tensor:
             margin = c[tokens, e] - rival[tokens, 0]
             c[tokens[torch.argsort(margin, stable=True)[:len(tokens) - cap]], e] = -math.inf
     return torch.topk(c, top_k, dim=-1).indices
-
-
-def _holds(tokens: int, top_k: int, experts: int, capacity: float) -> bool:
-    """Whether `experts` experts of floor(capacity × mean) tokens each can take every token's top-k."""
-    return math.floor(capacity * tokens * top_k / experts + 1e-9) * experts >= tokens * top_k
 
 
 def combine_weights(scores: torch.Tensor, indices: torch.Tensor, normalize: bool, scale: float = 1.0) -> torch.Tensor:
