@@ -307,6 +307,13 @@ def quantize(
     resume: bool = typer.Option(False, "--resume", help="Continue a streamed run of the same --out that was killed "
                                 "or interrupted, from its last finished block; refused if the model, data or options "
                                 "differ."),
+    imatrix: Path = typer.Option(None, "--imatrix", help="Reuse this importance matrix (llama.cpp imatrix GGUF, e.g. "
+                                 "from --imatrix-out or llama-imatrix) instead of collecting one."),
+    imatrix_out: Path = typer.Option(None, "--imatrix-out", help="Also write the importance matrix used to this file "
+                                     "(llama.cpp imatrix GGUF; llama-quantize --imatrix reads it)."),
+    use_imatrix: bool = typer.Option(True, "--imatrix-weighting/--no-imatrix", help="RTN with calibration data "
+                                     "(--data, --layerwise) picks each group's scale by the importance matrix (mean "
+                                     "squared activation per input channel); --no-imatrix for plain min/max RTN."),
     json_out: bool = JSON,
     arch: str = ARCH,
     trust_pickle: bool = TRUST,
@@ -315,7 +322,7 @@ def quantize(
     debug: bool = DEBUG,
 ) -> None:
     """Quantize weights: uniform (--bits) or layer-wise under a budget (--layerwise --avg-bits B), or by --plan."""
-    claim_outputs(force, dirs={"--out": out}, files={"--plot": plot})
+    claim_outputs(force, dirs={"--out": out}, files={"--plot": plot, "--imatrix-out": imatrix_out})
     if plot is not None and not layerwise:
         raise UserError("--plot draws the width --layerwise chose per unit; a --bits or --plan run has no "
                         "allocation to draw: drop --plot or add --layerwise")
@@ -329,10 +336,10 @@ def quantize(
         granularity=granularity, scores=scores, rank_by=rank_by, embeddings=embeddings, plan_file=plan_file,
         show_plan=show_plan, data=data, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
         out=out, arch=arch, trust_pickle=trust_pickle, stream=stream, offload_dir=offload_dir,
-        resume=resume)
+        resume=resume, imatrix=imatrix, imatrix_out=imatrix_out, use_imatrix=use_imatrix)
     from compress import distributed
     if not distributed.is_writer():  # another rank of torchrun: measure its share, write and evaluate nothing
-        request.out, request.evaluate, plot = None, False, None
+        request.out, request.evaluate, plot, request.imatrix_out = None, False, None, None
     with progress_bar(not json_out and distributed.is_writer()) as p:
         result = run_quantize(request, progress=p)
     distributed.finish()

@@ -22,10 +22,11 @@ def is_artifact(path: Path) -> bool:
 
 
 def save_artifact(loaded, specs: dict, out: Path, manifest: dict[str, Any],
-                  storage: dict[str, torch.dtype] | None = None) -> Path:
+                  storage: dict[str, torch.dtype] | None = None, extra=None) -> Path:
     """Write the (already quantized) model in `loaded` to `out` with its specs and manifest; float tensors the
-    quantization left alone are stored in their `storage` dtype (the source checkpoint's)."""
-    return save_dir(loaded, out, FORMAT, manifest_fields(specs, manifest), storage=storage)
+    quantization left alone are stored in their `storage` dtype (the source checkpoint's); `extra(dir)` writes
+    further files into the directory before it is installed."""
+    return save_dir(loaded, out, FORMAT, manifest_fields(specs, manifest), storage=storage, extra=extra)
 
 
 def manifest_fields(specs: dict, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -34,7 +35,7 @@ def manifest_fields(specs: dict, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_dir(loaded, out: Path, fmt: str, fields: dict[str, Any], weights_format: str | None = None,
-             storage: dict[str, torch.dtype] | None = None) -> Path:
+             storage: dict[str, torch.dtype] | None = None, extra=None) -> Path:
     """Write `loaded` to `out` atomically: safetensors shards (tied tensors once, tagged `weights_format`, default
     `fmt`; see compress.stream.shards), config, tokenizer and compress.json = {format, tool_version, base, family,
     kind, pooling, **fields}."""
@@ -48,6 +49,8 @@ def save_dir(loaded, out: Path, fmt: str, fields: dict[str, Any], weights_format
             writer.add(group)
         writer.finish()
         write_beside(loaded, tmp, fmt, fields)
+        if extra is not None:
+            extra(tmp)
     return out
 
 

@@ -45,6 +45,9 @@ class QuantizeRequest(StreamOptions, OutputOptions, DataOptions, ModelOptions):
     eval_tokens: int = 2048
     evaluate: bool = True
     resume: bool = False
+    imatrix: Path | None = None  # an importance matrix to reuse (llama.cpp imatrix GGUF)
+    imatrix_out: Path | None = None  # where to write the one collected or used
+    use_imatrix: bool = True  # False: plain min/max RTN even with calibration data (--no-imatrix)
 
 
 CANDIDATE = re.compile(r"^(\d+)(?:g(\d+))?([asp])?$")
@@ -138,6 +141,100 @@ def check_request(req: QuantizeRequest) -> None:
         raise UserError("--resume continues a streamed run (block by block): drop --stream off")
     if req.out is not None and Path(req.out).exists() and not Path(req.out).is_dir():
         raise UserError(f"--out {req.out}: exists and is not a directory")
+    _check_imatrix_options(req)
+
+
+def _check_imatrix_options(req: QuantizeRequest) -> None:
+    """UserError for --imatrix / --imatrix-out / --no-imatrix combinations that cannot be honoured."""
+    if not req.use_imatrix and (req.imatrix is not None or req.imatrix_out is not None):
+        raise UserError("--no-imatrix turns the importance matrix off: drop --imatrix / --imatrix-out")
+    if req.imatrix is not None:
+        if req.method != "rtn":
+            raise UserError(f"--imatrix weights RTN's rounding; --method {req.method} does not use it: pass "
+                            "--method rtn or drop --imatrix")
+        if not Path(req.imatrix).expanduser().is_file():
+            raise UserError(f"--imatrix {req.imatrix}: no such file; pass an imatrix GGUF written by --imatrix-out "
+                            "or llama-imatrix")
+    if req.imatrix_out is not None and not wants_imatrix(req):
+        raise UserError("--imatrix-out writes the importance matrix RTN uses: it needs --method rtn and calibration "
+                        "data (--data FILE, --layerwise or --imatrix)")
+
+
+def wants_imatrix(req: QuantizeRequest) -> bool:
+    """True when RTN's rounding is weighted by an importance matrix: --method rtn with calibration data (--data,
+    --layerwise) or a given --imatrix, unless --no-imatrix."""
+    return req.use_imatrix and req.method == "rtn" and (req.imatrix is not None or req.data is not None
+                                                        or req.layerwise)
+
+
+class _Importance:
+    """The run's importance matrix, made on first use: read from --imatrix (checked against the model) or
+    collected block by block on the calibration windows; None when the request does not use one."""
+
+    def __init__(self, req: QuantizeRequest, lazy, names: list[str], data: _Data, progress=None):
+        self.req, self.lazy, self.names, self.data, self.progress = req, lazy, names, data, progress
+        self._value = None
+
+    @property
+    def wanted(self) -> bool:
+        return wants_imatrix(self.req)
+
+    def get(self):
+        """The ImportanceMatrix, or None."""
+        if not self.wanted:
+            return None
+        if self._value is None:
+            from compress.quantize.apply import weight_matrix
+            from compress.quantize.imatrix import collect, load_gguf
+
+            model, lmap = self.lazy.model, self.lazy.lmap
+            if self.req.imatrix is not None:
+                src = Path(self.req.imatrix).expanduser()
+                imat = load_gguf(src, self.names, len(lmap.blocks))
+                widths = {n: weight_matrix(model.get_submodule(n)).shape[1] for n in self.names
+                          if n != lmap.embeddings or n in imat.sums}
+                imat.check(widths, str(self.req.imatrix))
+            else:
+                imat = collect(self.lazy, self.data.calibration(), self.names, self.progress)
+            self._value = imat
+        return self._value
+
+    def digest(self) -> str:
+        """What the matrix depends on, for the resume digest: the file's bytes, or the calibration windows."""
+        if not self.wanted:
+            return ""
+        if self.req.imatrix is not None:
+            from compress.integrity import sha256
+
+            return "imatrix:" + sha256(Path(self.req.imatrix).expanduser())
+        return "imatrix-calibration:" + self.data.calibration().data_hash
+
+    def write(self, root: Path) -> None:
+        """imatrix.gguf into the artifact directory `root` (when one was used)."""
+        from compress.quantize.imatrix import FILE, save_gguf
+
+        if self._value is not None:
+            save_gguf(self._value, Path(root) / FILE, len(self.lazy.lmap.blocks))
+
+    def write_out(self, result: dict) -> None:
+        """--imatrix-out: the matrix written through a temporary sibling (a file this tool did not write is
+        refused, as for every output)."""
+        from compress.atomic import atomic_file
+        from compress.quantize.imatrix import save_gguf
+
+        if self.req.imatrix_out is None or self.get() is None:
+            return
+        with atomic_file(Path(self.req.imatrix_out)) as tmp:
+            save_gguf(self._value, tmp, len(self.lazy.lmap.blocks))
+        result["imatrix_out"] = str(self.req.imatrix_out)
+
+    def describe(self) -> dict | None:
+        """The matrix's provenance for the result and the manifest."""
+        if self._value is None:
+            return None
+        return {"source": str(self.req.imatrix) if self.req.imatrix is not None else "collected",
+                "modules": len(self._value.sums), "tokens": max(self._value.counts.values(), default=0),
+                "sha256": self._value.digest()}
 
 
 def run_quantize(req: QuantizeRequest, progress=None) -> dict:
@@ -162,25 +259,39 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     names = quantizable(loaded.module, lmap)
     result: dict = {"model": req.model, "notes": []}
     data = _Data(req, loaded)
-    plan, table = _plan(req, loaded, lmap, names, plan_from_file, data, result, progress)
+    from compress.stream.lazy import LazyModel
+
+    importance = _Importance(req, LazyModel.resident(loaded, lmap), names, data, progress)
+    plan, table = _plan(req, loaded, lmap, names, plan_from_file, data, result, progress, importance=importance)
     if req.show_plan:
         result["specs"] = {n: s.label() for n, s in plan.resolve(names).items()}
         return result
     if req.backend == "bnb":
         return _finish_bnb(req, loaded, plan, names, result, t0, progress, data)
     calib = data.calibration() if needs_data(plan.resolve(names)) or table is not None else None
-    specs, record = quantize(loaded, lmap, plan, calib, progress)
+    imat = importance.get()
+    specs, record = quantize(loaded, lmap, plan, calib, progress, imatrix=imat)
+    _note_imatrix(importance, result)
+    importance.write_out(result)
     result["specs"] = record.specs
     result["notes"] += record.notes
     _measure(req, loaded, result, data, progress)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if req.out is not None:
-        _save(req, loaded, plan, table, specs, record, result)
+        _save(req, loaded, plan, table, specs, record, result, importance)
     return result
 
 
+def _note_imatrix(importance: _Importance, result: dict) -> None:
+    info = importance.describe()
+    if info is not None:
+        result["imatrix"] = info
+        result["notes"].append(f"RTN weighted by an importance matrix ({info['source']}, {info['tokens']} tokens per "
+                               "module; --no-imatrix for plain min/max RTN)")
+
+
 def _plan(req: QuantizeRequest, loaded, lmap, names: list[str], plan_from_file, data: _Data, result: dict,
-          progress, lazy=None) -> tuple:
+          progress, lazy=None, importance: _Importance | None = None) -> tuple:
     """The plan of the request's mode (--plan FILE, --bits N, or --layerwise under a budget) and, layer-wise, the
     distortion table it was chosen on; checked against the target; recorded in `result`. `lazy`: the streamed
     model (compress.stream.LazyModel) the Fisher is computed on block by block."""
@@ -209,13 +320,15 @@ def _plan(req: QuantizeRequest, loaded, lmap, names: list[str], plan_from_file, 
         embeddings = req.embeddings != "keep"
         inputs = plan_inputs(loaded.module, lmap, cands, budget, req.granularity, embeddings, req.target)
         calib = data.calibration()
+        imat = importance.get() if importance is not None and req.allocator == "dp" else None
         plan, table = layerwise_plan(loaded, lmap, calib, cands, budget, req.allocator, req.granularity,
                                      embeddings=embeddings, ranking=ranking, rank_by=req.rank_by,
                                      progress=progress, inputs=inputs, target=req.target,
                                      measure=req.measure or ("fisher" if lazy is not None else "full"),
-                                     lazy=lazy, offload_dir=req.offload_dir)
+                                     lazy=lazy, offload_dir=req.offload_dir, imatrix=imat)
         plan.meta["calibration"] = calib.describe()
     check_specs(plan.resolve(names), req.target, {lmap.embeddings} if lmap.embeddings else set())
+    _check_shapes(loaded.module, plan.resolve(names))
     plan.meta["target"] = req.target
     result["plan"] = plan.to_dict()
     if table is not None:
@@ -225,14 +338,25 @@ def _plan(req: QuantizeRequest, loaded, lmap, names: list[str], plan_from_file, 
     return plan, table
 
 
-def _save(req: QuantizeRequest, loaded, plan, table, specs: dict, record, result: dict) -> None:
+def _check_shapes(model, specs: dict) -> None:
+    """UserError for a group that does not divide a module's width, before any data pass (the importance matrix,
+    GPTQ) is spent on a plan that cannot be applied."""
+    from compress.quantize.apply import weight_matrix
+
+    for name, spec in specs.items():
+        if not spec.is_float:
+            spec.check_shape(name, weight_matrix(model.get_submodule(name)).shape[1])
+
+
+def _save(req: QuantizeRequest, loaded, plan, table, specs: dict, record, result: dict,
+          importance: _Importance | None = None) -> None:
     """The artifact: packed weights and a manifest with the plan, metrics, per-layer specs and the distortion
     table; structure inherited from a source artifact (MoE experts cut, router bias) is kept."""
     from compress.artifact import save_artifact
     from compress.stream.checkpoint import weight_files
 
     save_artifact(loaded, specs, Path(req.out), artifact_manifest(loaded, plan, table, specs, record, result),
-                  storage=source_dtypes(loaded))
+                  storage=source_dtypes(loaded), extra=importance.write if importance is not None else None)
     result["out"] = str(req.out)
     result["file_bytes"] = sum(f.stat().st_size for f in weight_files(Path(req.out)))
 
@@ -248,6 +372,8 @@ def artifact_manifest(loaded, plan, table, specs: dict, record, result: dict) ->
                            for n, s in specs.items()}}
     if table is not None:  # a DistortionTable, or its JSON form kept by an interrupted run
         manifest["distortion"] = table if isinstance(table, dict) else table.to_dict()
+    if result.get("imatrix") is not None:
+        manifest["imatrix"] = result["imatrix"]
     source = loaded.extra.get("manifest") or {}
     manifest.update({k: source[k] for k in STRUCTURE if k in source})
     return manifest
@@ -381,11 +507,12 @@ def run_quantize_streaming(req: QuantizeRequest, choice, plan_from_file, progres
     names = quantizable(loaded.module, lmap)
     result: dict = {"model": req.model, "notes": [choice.why], "stream": True}
     data = _Data(req, loaded)
+    importance = _Importance(req, lazy, names, data, progress)
     if req.show_plan:
         plan, _ = _plan(req, loaded, lmap, names, plan_from_file, data, result, progress, lazy)
         result["specs"] = {n: s.label() for n, s in plan.resolve(names).items()}
         return result
-    digest = _inputs_digest(req, choice.path, plan_from_file, data) if req.out is not None else ""
+    digest = _inputs_digest(req, choice.path, plan_from_file, data, importance) if req.out is not None else ""
     if req.resume:
         check_resumable(req.out, digest)
     with _destination(req.out, req.resume) as root:
@@ -395,14 +522,19 @@ def run_quantize_streaming(req: QuantizeRequest, choice, plan_from_file, progres
             result.update(record.get("result"))
             result["notes"].append("resumed an interrupted run")
         else:
-            plan, table = _plan(req, loaded, lmap, names, plan_from_file, data, result, progress, lazy)
+            plan, table = _plan(req, loaded, lmap, names, plan_from_file, data, result, progress, lazy,
+                                importance)
             if record is not None:
                 record.put(plan=plan.to_dict(), table=None if table is None else table.to_dict(),
                            result={k: result[k] for k in ("plan", "distortion", "distortion_measure", "notes")
                                    if k in result})
         specs = plan.resolve(names)
         calib = data.calibration() if needs_data(specs) else None
-        run = quantize_streaming(lazy, specs, root, calib, progress, metadata={"format": FORMAT})
+        imat = importance.get()
+        run = quantize_streaming(lazy, specs, root, calib, progress, metadata={"format": FORMAT}, imatrix=imat)
+        _note_imatrix(importance, result)
+        importance.write(root)
+        importance.write_out(result)
         result.update(specs=run.record.specs, size_bytes=run.foot.size_bytes, bpw=round(run.foot.bpw, 4))
         result["notes"] += run.record.notes
 
@@ -420,7 +552,8 @@ def run_quantize_streaming(req: QuantizeRequest, choice, plan_from_file, progres
     return result
 
 
-def _inputs_digest(req: QuantizeRequest, source: Path, plan_from_file, data: _Data) -> str:
+def _inputs_digest(req: QuantizeRequest, source: Path, plan_from_file, data: _Data,
+                   importance: _Importance | None = None) -> str:
     """What decides the artifact's bytes: the options, the plan file, the calibration tokens, the weights."""
     from dataclasses import asdict
 
@@ -428,9 +561,11 @@ def _inputs_digest(req: QuantizeRequest, source: Path, plan_from_file, data: _Da
     from compress.stream.resume import inputs_digest
 
     options = {k: v for k, v in asdict(req).items() if k not in ("out", "resume", "offload_dir", "stream", "evaluate",
+                                                                 "imatrix_out",
                                                                  "eval_tokens", "show_plan")}
     extra = [json.dumps(plan_from_file.to_dict(), sort_keys=True) if plan_from_file is not None else "",
-             data.calibration().data_hash if req.layerwise or req.method == "gptq" else ""]
+             data.calibration().data_hash if req.layerwise or req.method == "gptq" else "",
+             importance.digest() if importance is not None else ""]
     return inputs_digest(options, weight_files(source), extra)
 
 

@@ -52,7 +52,8 @@ def unit_bytes(model: torch.nn.Module, unit: Unit, spec: QuantSpec) -> int:
 
 @torch.inference_mode()
 def measure_kl(ctx: ScoringContext, units: list[Unit], candidates: list[QuantSpec],
-               allowed: list[list[bool]] | None = None, anchor: int | None = None) -> DistortionTable:
+               allowed: list[list[bool]] | None = None, anchor: int | None = None,
+               imatrix=None) -> DistortionTable:
     """Quantize one unit at a time to each candidate (RTN, fake-quant in place, then restored) and measure the
     divergence of the model's output from the reference on the calibration windows. Candidates a unit may not
     take (`allowed[u][c]` false, e.g. for the deployment target) get an infinite distortion, unmeasured.
@@ -70,7 +71,8 @@ def measure_kl(ctx: ScoringContext, units: list[Unit], candidates: list[QuantSpe
     picked = [min(opts, key=lambda c: abs(c - anchor)) if anchor is not None else None for opts in options]
     cells = [(u, c) for u, opts in enumerate(options) for c in (opts if anchor is None else [picked[u]])]
     task = ctx.task("distortion", sum(i % distributed.world() == distributed.rank() for i in range(len(cells))))
-    values = distributed.map_split(cells, lambda cell: _measure_one(ctx, units[cell[0]], candidates[cell[1]], task))
+    values = distributed.map_split(cells, lambda cell: _measure_one(ctx, units[cell[0]], candidates[cell[1]], task,
+                                                                     imatrix))
     measured = dict(zip(cells, values, strict=True))  # with torchrun: each rank measured its share of the cells
     table = []
     for u, unit in enumerate(units):
@@ -79,23 +81,24 @@ def measure_kl(ctx: ScoringContext, units: list[Unit], candidates: list[QuantSpe
         else:
             a = picked[u]
             d = measured[u, a]
-            energy = {c: error_energy(model, unit, candidates[c]) for c in options[u]}
+            energy = {c: error_energy(model, unit, candidates[c], imatrix=imatrix) for c in options[u]}
             row = [d * energy[c] / energy[a] if c in energy and energy[a] > 0 else (d if c in energy else float("inf"))
                    for c in range(len(candidates))]
         table.append(row)
     sizes = [[unit_bytes(model, unit, c) for c in candidates] for unit in units]
-    measure = ctx.divergence_name + ("" if anchor is None else f" (measured at {candidates[anchor].label()}, "
+    measure = ctx.divergence_name + (", importance-weighted RTN" if imatrix is not None else "") + (
+        "" if anchor is None else f" (measured at {candidates[anchor].label()}, "
                                                                "scaled by weight error energy)")
     return DistortionTable(units, candidates, table, sizes, measure, ctx.windows.describe())
 
 
-def _measure_one(ctx: ScoringContext, unit: Unit, spec: QuantSpec, task) -> float:
+def _measure_one(ctx: ScoringContext, unit: Unit, spec: QuantSpec, task, imatrix=None) -> float:
     """Divergence from the reference with only `unit` quantized to `spec` (weights restored afterwards)."""
     model, r = ctx.loaded.module, ctx.runner
     originals = {n: weight_matrix(model.get_submodule(n)).detach().clone() for n in unit.modules}
     try:
         for n, w in originals.items():
-            weight_matrix(model.get_submodule(n)).copy_(_fake_quant(w, spec))
+            weight_matrix(model.get_submodule(n)).copy_(_fake_quant(w, spec, importance_of(imatrix, n)))
         vals = []
         for b, batch in enumerate(r.batches):
             if unit.block is not None:
@@ -110,20 +113,32 @@ def _measure_one(ctx: ScoringContext, unit: Unit, spec: QuantSpec, task) -> floa
     return float(torch.cat(vals).mean())
 
 
-def _fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def _fake_quant(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> torch.Tensor:
     if spec.is_float:
         return w.half().float() if spec.bits == 16 else w
-    return quantize_rtn(w, spec).dequantize()
+    return quantize_rtn(w, spec, importance).dequantize()
 
 
-def error_energy(model: torch.nn.Module, unit: Unit, spec: QuantSpec, row_step: int = 4) -> float:
-    """Σ‖Q(W) − W‖² over the unit's matrices under `spec`, estimated from every `row_step`-th row (rows are
-    quantized independently, so the estimate is unbiased and only ratios of it are used), scaled to all rows."""
+def importance_of(imatrix, name: str) -> torch.Tensor | None:
+    """The importance of module `name`'s input columns, or None (no matrix, or a module it has no entry for)."""
+    if imatrix is None:
+        return None
+    return imatrix.mean(name)
+
+
+def error_energy(model: torch.nn.Module, unit: Unit, spec: QuantSpec, row_step: int = 4, imatrix=None) -> float:
+    """Σ‖Q(W) − W‖² over the unit's matrices under `spec` (each column weighted by its importance when `imatrix`
+    is given), estimated from every `row_step`-th row (rows are quantized independently, so the estimate is
+    unbiased and only ratios of it are used), scaled to all rows."""
     total = 0.0
     for n in unit.modules:
         w = weight_matrix(model.get_submodule(n)).detach().float()
         rows = w[::row_step]
-        total += float(((_fake_quant(rows, spec) - rows) ** 2).sum()) * w.shape[0] / rows.shape[0]
+        imp = importance_of(imatrix, n)
+        err = (_fake_quant(rows, spec, imp) - rows) ** 2
+        if imp is not None:
+            err = err * imp.to(err.device)
+        total += float(err.sum()) * w.shape[0] / rows.shape[0]
     return total
 
 

@@ -48,13 +48,13 @@ def fisher_squares(model: torch.nn.Module, names: list[str], windows, advance=No
 
 def predict_fisher(loaded, lmap, windows, units: list[Unit], candidates: list[QuantSpec],
                    allowed: list[list[bool]] | None = None, progress=None, lazy=None,
-                   offload_dir=None) -> DistortionTable:
+                   offload_dir=None, imatrix=None) -> DistortionTable:
     """Predicted divergence of every unit × candidate with no replay: ½ Σ F ΔW² over the unit's weights, F the
     per-token diagonal Fisher of the calibration NLL, ΔW the candidate's RTN error (KL(p ‖ p + δ) ≈ ½ δᵀ F δ to
     second order; the diagonal drops the cross terms). Computed block by block (compress.stream.fisher) on `lazy`,
-    or on the model in memory."""
+    or on the model in memory. With `imatrix`, ΔW is importance-weighted RTN's error."""
     from compress.stream.fisher import predict_blockwise
     from compress.stream.lazy import LazyModel
 
     lazy = lazy or LazyModel.resident(loaded, lmap)
-    return predict_blockwise(lazy, windows, units, candidates, allowed, progress, offload_dir)
+    return predict_blockwise(lazy, windows, units, candidates, allowed, progress, offload_dir, imatrix)

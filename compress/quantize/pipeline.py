@@ -44,13 +44,15 @@ def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candid
                    budget: Budget, allocator: str = "dp", granularity: str = "block", embeddings: bool = True,
                    ranking: ImportanceReport | None = None, rank_by: str = "lim", progress=None,
                    inputs: tuple | None = None, target: str = "torch",
-                   measure: str = "full", lazy=None, offload_dir=None) -> tuple[Plan, DistortionTable | None]:
+                   measure: str = "full", lazy=None, offload_dir=None,
+                   imatrix=None) -> tuple[Plan, DistortionTable | None]:
     """Choose one candidate per unit under the budget: exact DP on measured divergence, or the seed's ranking.
 
     `inputs` is what `plan_inputs` returned for the same arguments, when the caller validated the budget already.
     `measure` 'full' measures every unit × candidate; 'fast' one candidate per unit (see measure_kl's anchor);
     'fisher' predicts every cell from the diagonal Fisher and the weight error, measuring nothing; block by block
     on `lazy` (a compress.stream LazyModel) when given, hidden states spilled under `offload_dir` when large.
+    `imatrix` (an ImportanceMatrix) makes every measured or predicted candidate importance-weighted RTN.
     """
     ALLOCATOR.check(allocator)
     MEASURE.check(measure)
@@ -60,12 +62,13 @@ def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candid
     t0 = time.perf_counter()
     table = None
     if allocator == "dp" and measure == "fisher":
-        table = predict_fisher(loaded, lmap, windows, units, candidates, allowed, progress, lazy, offload_dir)
+        table = predict_fisher(loaded, lmap, windows, units, candidates, allowed, progress, lazy, offload_dir,
+                               imatrix)
         picks = solve_dp(table.distortion, sizes, budget.room)
     elif allocator == "dp":
         ctx = ScoringContext(loaded, lmap, windows, progress)
         anchor = anchor_candidate(candidates, budget) if measure == "fast" else None
-        table = measure_kl(ctx, units, candidates, allowed, anchor)
+        table = measure_kl(ctx, units, candidates, allowed, anchor, imatrix)
         picks = solve_dp(table.distortion, sizes, budget.room)
     else:
         picks = allocate_by_rank(_rank_order(units, ranking, rank_by), sizes, budget.room, allowed)
@@ -151,9 +154,11 @@ def hqq_codes(loaded: LoadedModel, lmap: LayerMap, specs: dict[str, QuantSpec], 
     return {n: hqq_quantize(weight_matrix(loaded.module.get_submodule(n)), s) for n, s in specs.items()}
 
 
-def quantize(loaded: LoadedModel, lmap: LayerMap, plan: Plan, windows: Windows | None = None, progress=None):
+def quantize(loaded: LoadedModel, lmap: LayerMap, plan: Plan, windows: Windows | None = None, progress=None,
+             imatrix=None):
     """Apply `plan` to the model in place, each method's codes made by its handler (METHOD_HANDLERS); returns
-    (specs, Record). Methods that need data (GPTQ's Hessians) use `windows`."""
+    (specs, Record). Methods that need data (GPTQ's Hessians) use `windows`; RTN weights its rounding by
+    `imatrix` (an ImportanceMatrix) when given."""
     t0 = time.perf_counter()
     specs = plan.resolve(quantizable(loaded.module, lmap))
     quantized = {}
@@ -164,9 +169,24 @@ def quantize(loaded: LoadedModel, lmap: LayerMap, plan: Plan, windows: Windows |
         if handler.needs_data and windows is None:
             raise UserError(f"{method} needs calibration data: pass --data")
         quantized.update(handler.codes(loaded, lmap, mine, windows, progress))
+    if imatrix is not None:
+        quantized.update(weighted_rtn(loaded.module, specs, imatrix))
     record = apply_plan(loaded.module, lmap, specs, quantized)
     record.seconds = round(time.perf_counter() - t0, 2)
     return specs, record
+
+
+def weighted_rtn(model, specs: dict[str, QuantSpec], imatrix) -> dict:
+    """Importance-weighted RTN codes of the RTN modules `imatrix` has an entry for (the others stay plain RTN)."""
+    from compress.quantize.distortion import importance_of
+    from compress.quantize.rtn import quantize_rtn
+
+    out = {}
+    for n, s in specs.items():
+        imp = importance_of(imatrix, n) if s.method == "rtn" and not s.is_float else None
+        if imp is not None:
+            out[n] = quantize_rtn(weight_matrix(model.get_submodule(n)), s, imp)
+    return out
 
 
 def needs_data(specs: dict[str, QuantSpec]) -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 from compress.data import Windows
 from compress.errors import EnvironmentFault, UserError
 from compress.quantize.apply import weight_matrix
-from compress.quantize.distortion import DistortionTable, Unit, _fake_quant, unit_bytes
+from compress.quantize.distortion import DistortionTable, Unit, _fake_quant, importance_of, unit_bytes
 from compress.quantize.spec import QuantSpec
 from compress.stream.lazy import Calls, LazyModel, release_freed_memory
 
@@ -33,8 +33,9 @@ MEASURE = "predicted kl (½ Σ F ΔW², diagonal Fisher of the calibration NLL p
 
 def predict_blockwise(lazy: LazyModel, windows: Windows, units: list[Unit], candidates: list[QuantSpec],
                       allowed: list[list[bool]] | None = None, progress=None,
-                      offload_dir: Path | None = None) -> DistortionTable:
-    """The predicted distortion table of `units` × `candidates` (a disallowed cell is inf, not computed)."""
+                      offload_dir: Path | None = None, imatrix=None) -> DistortionTable:
+    """The predicted distortion table of `units` × `candidates` (a disallowed cell is inf, not computed); with
+    `imatrix`, each candidate's error is that of importance-weighted RTN, as the plan will quantize."""
     if lazy.loaded.kind != "decoder":
         raise UserError("--measure fisher needs a language-model loss: decoders only; use full or fast")
     allowed = allowed or [[True] * len(candidates) for _ in units]
@@ -70,13 +71,14 @@ def predict_blockwise(lazy: LazyModel, windows: Windows, units: list[Unit], cand
         for blk in reversed(lazy.lmap.blocks):  # backward: each block recomputed from its input
             names = [n for n in blk.linears if n in wanted]
             sq, d_hidden = _backward_block(lazy, blk.index, calls, store, d_hidden, names)
-            per_module.update(_predict(lazy, sq, candidates, tokens))
+            per_module.update(_predict(lazy, sq, candidates, tokens, imatrix))
             del sq
             lazy.drop_block(blk.index)
             step(f"backward block {blk.index}")
         lazy.load_trunk()
         d_embed = [lazy.embedding_grad(c.input_ids, c.attention_mask, d) for c, d in zip(calls, d_hidden, strict=True)]
-        per_module.update(_predict_tables(lazy, wanted, calls, normed, lse, d_embed, candidates, tokens))
+        per_module.update(_predict_tables(lazy, wanted, calls, normed, lse, d_embed, candidates, tokens,
+                                          imatrix))
         lazy.drop_trunk()
         step("embedding and head")
     finally:
@@ -84,7 +86,8 @@ def predict_blockwise(lazy: LazyModel, windows: Windows, units: list[Unit], cand
     table = [[sum(per_module[m][c] for m in u.modules) if allowed[i][c] else float("inf")
               for c in range(len(candidates))] for i, u in enumerate(units)]
     sizes = [[unit_bytes(lazy.model, u, c) for c in candidates] for u in units]
-    return DistortionTable(units, candidates, table, sizes, MEASURE, windows.describe())
+    measure = MEASURE + (", importance-weighted RTN" if imatrix is not None else "")
+    return DistortionTable(units, candidates, table, sizes, measure, windows.describe())
 
 
 # ---- the block stack
@@ -267,7 +270,7 @@ def _head_backward(lazy: LazyModel, calls: Calls, last: torch.Tensor):
 
 
 def _predict_tables(lazy: LazyModel, wanted: set[str], calls: list[Calls], normed, lse, d_embed,
-                    candidates: list[QuantSpec], tokens: int) -> dict[str, list[float]]:
+                    candidates: list[QuantSpec], tokens: int, imatrix=None) -> dict[str, list[float]]:
     """½ Σ F ΔW² of the embedding and head tables, HEAD_ROWS rows at a time: the head's gradient is
     dlogitsᵀ · normed, the embedding's the output gradient added at each token's row, summed first when tied."""
     emb, head = lazy.lmap.embeddings, lazy.lmap.head
@@ -292,7 +295,8 @@ def _predict_tables(lazy: LazyModel, wanted: set[str], calls: list[Calls], norme
                         inside = (ids >= s) & (ids < e)
                         g.index_add_(0, ids[inside] - s, d_embed[w][0][inside].to(g.dtype))
                     sq += g.square_()
-                for k, val in enumerate(_errors(table[s:e], sq, candidates, tokens)):
+                imp = importance_of(imatrix, name)
+                for k, val in enumerate(_errors(table[s:e], sq, candidates, tokens, imp)):
                     total[k] += val
         out[name] = total
     return out
@@ -301,24 +305,25 @@ def _predict_tables(lazy: LazyModel, wanted: set[str], calls: list[Calls], norme
 # ---- the prediction
 
 def _errors(weight: torch.Tensor, sq: torch.Tensor, candidates: list[QuantSpec], tokens: int,
-            rows: int = 1024) -> list[float]:
+            importance: torch.Tensor | None = None, rows: int = 1024) -> list[float]:
     """½ Σ (sq / tokens) (Q(W) − W)² for each candidate, `rows` rows at a time (rows are quantized independently,
     so a slice of rows is predicted on its own, and the fp32 copies stay small)."""
     total = [0.0] * len(candidates)
     for s in range(0, weight.shape[0], rows):
         w = weight[s:s + rows].detach().float()
         for k, c in enumerate(candidates):
-            total[k] += float((sq[s:s + rows] * (_fake_quant(w, c) - w).square_()).sum())
+            total[k] += float((sq[s:s + rows] * (_fake_quant(w, c, importance) - w).square_()).sum())
     return [0.5 * t / tokens for t in total]
 
 
 def _predict(lazy: LazyModel, sq: dict[str, torch.Tensor], candidates: list[QuantSpec],
-             tokens: int) -> dict[str, list[float]]:
+             tokens: int, imatrix=None) -> dict[str, list[float]]:
     """Each module's predicted errors; its Fisher is freed as soon as it is used."""
     out = {}
     with torch.inference_mode():
         for n in list(sq):
-            out[n] = _errors(weight_matrix(lazy.model.get_submodule(n)), sq.pop(n), candidates, tokens)
+            out[n] = _errors(weight_matrix(lazy.model.get_submodule(n)), sq.pop(n), candidates, tokens,
+                             importance_of(imatrix, n))
     release_freed_memory()
     return out
 

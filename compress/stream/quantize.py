@@ -52,12 +52,13 @@ class StreamedRun:
 
 
 def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path, windows: Windows | None = None,
-                       progress=None, metadata: dict[str, str] | None = None) -> StreamedRun:
+                       progress=None, metadata: dict[str, str] | None = None, imatrix=None) -> StreamedRun:
     """Quantize `lazy` per `specs` block by block, writing safetensors shards into `root`; `windows` feed GPTQ.
     Blocks an interrupted run already wrote into `root` are not redone (their specs, notes and footprint are read
-    back from beside them; GPTQ's hidden states from the file kept with them)."""
+    back from beside them; GPTQ's hidden states from the file kept with them). RTN weights its rounding by
+    `imatrix` (an ImportanceMatrix) when given."""
     from compress.quantize.hqq import hqq_quantize
-    from compress.quantize.pipeline import _gptq_head_target, gptq_block, gptq_head, needs_data
+    from compress.quantize.pipeline import _gptq_head_target, gptq_block, gptq_head, needs_data, weighted_rtn
 
     model, lmap = lazy.model, lazy.lmap
     if needs_data(specs) and windows is None:
@@ -85,6 +86,8 @@ def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path,
             codes = gptq_block(model, blk.linears, mine, feed) if batches else {}
             codes.update({n: hqq_quantize(weight_matrix(model.get_submodule(n)), s) for n, s in mine.items()
                           if s.method == "hqq" and not s.is_float})
+            if imatrix is not None:
+                codes.update(weighted_rtn(model, mine, imatrix))
             hidden = [lazy.run_block(blk.index, calls, hidden[b]) for b, calls in enumerate(batches)]
             if batches:  # the next block's input, kept until that block is written too
                 torch.save(hidden, _hidden_file(root, blk.index + 1))
@@ -110,6 +113,8 @@ def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path,
                 codes.update(gptq_head(model, lmap, trunk, [lazy.final_hidden(h) for h in hidden]))
             codes.update({n: hqq_quantize(weight_matrix(model.get_submodule(n)), s) for n, s in trunk.items()
                           if s.method == "hqq" and not s.is_float})
+            if imatrix is not None:
+                codes.update(weighted_rtn(model, trunk, imatrix))
             part = apply_plan(model, lmap, trunk, codes)
             _merge(run.record, part)
             state = {n: t for n, t in model.state_dict().items() if not n.startswith(lmap.blocks_path + ".")}
