@@ -20,7 +20,7 @@ from compress.prune import choices as p_choices
 from compress.quantize import choices as q_choices
 from compress.quantize.targets import DEFAULT_CANDIDATES
 from compress.quantize.targets import SUMMARY as TARGET_SUMMARY
-from compress.stream.decide import STREAM
+from compress.stream.decide import DEVICE, STREAM
 from compress.trust import allow_remote_code
 from exporters.formats import OPSETS, format_help
 from flows.console import print_json, progress_bar, run_command, stderr, stdout, table
@@ -62,6 +62,7 @@ TRUST = typer.Option(_MODEL.trust_pickle, "--trust-pickle", help="Allow pickled 
 TRUST_CODE = typer.Option(False, "--trust-remote-code", help="Allow a model directory's own Python code (config.json "
                                                              "auto_map) to run, as transformers' flag does.")
 STREAM_OPT = typer.Option("auto", "--stream", help=STREAM.help("Work on the model block by block from disk:"))
+DEVICE_OPT = typer.Option("auto", "--device", help=DEVICE.help("Where streamed blocks are computed:"))
 FORCE = typer.Option(False, "--force", help="Replace an existing output that compress did not write (never /, the "
                                             "home or the working directory). Without it such a path is refused.")
 
@@ -233,6 +234,7 @@ def eval_(
                                                           "first 6 windows of 512 tokens, no split."),
     out: Path = typer.Option(None, "--out", help="Also write the report as JSON to this file (for `compress gate`)."),
     stream: str = STREAM_OPT,
+    device: str = DEVICE_OPT,
     json_out: bool = JSON,
     arch: str = ARCH,
     trust_pickle: bool = TRUST,
@@ -246,7 +248,8 @@ def eval_(
     _precheck(model, data, arch, reference=reference)
     from flows.evaluation import EvalRequest, check_request, run_eval
     req = EvalRequest(model=model, reference=reference, data=data, tokens=tokens, seq_len=seq_len, seed=seed,
-                      split=split, protocol=protocol, out=out, arch=arch, trust_pickle=trust_pickle, stream=stream)
+                      split=split, protocol=protocol, out=out, arch=arch, trust_pickle=trust_pickle, stream=stream,
+                      device=device)
     check_request(req)
     with progress_bar(not json_out) as p:
         report = run_eval(req, progress=p)["candidate"]
@@ -301,6 +304,7 @@ def quantize(
     out: Path = typer.Option(None, "--out", help="Artifact directory to write (packed safetensors + compress.json)."),
     plot: Path = typer.Option(None, "--plot", help="PNG of the bits chosen per unit beside their measured damage."),
     stream: str = STREAM_OPT,
+    device: str = DEVICE_OPT,
     offload_dir: Path = typer.Option(None, "--offload-dir", help="Streamed --measure fisher: where the hidden "
                                      "states go while they are too large for memory (default: the system's "
                                      "temporary directory); removed at the end."),
@@ -335,7 +339,7 @@ def quantize(
         allocator=allocator, measure=measure, backend=backend,
         granularity=granularity, scores=scores, rank_by=rank_by, embeddings=embeddings, plan_file=plan_file,
         show_plan=show_plan, data=data, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
-        out=out, arch=arch, trust_pickle=trust_pickle, stream=stream, offload_dir=offload_dir,
+        out=out, arch=arch, trust_pickle=trust_pickle, stream=stream, offload_dir=offload_dir, device=device,
         resume=resume, imatrix=imatrix, imatrix_out=imatrix_out, use_imatrix=use_imatrix)
     from compress import distributed
     if not distributed.is_writer():  # another rank of torchrun: measure its share, write and evaluate nothing

@@ -54,6 +54,7 @@ def run_eval(req: EvalRequest, progress: Any = None, load: Callable[[str], Any] 
     choices = [req.stream_choice(s) for s in (req.model, req.reference) if s]
     if any(c.stream for c in choices):
         return _run_streaming(req, choices, window, progress)
+    req.compute_device(streamed=False)
     cand = load(req.model)
     ref = load(req.reference) if req.reference else None
     with phase("prepare data"):
@@ -79,13 +80,15 @@ def _run_streaming(req: EvalRequest, choices: list, window: dict, progress: Any)
         raise UserError("--stream: --data self samples text from the whole model; pass --data FILE")
     paths = [c.path if c.stream else decide(s, "on").path for c, s in zip(choices, (req.model, req.reference),
                                                                            strict=False)]
-    cand = open_lazy(paths[0], req.model)
-    ref = open_lazy(paths[1], req.reference) if req.reference else None
+    device = req.compute_device(streamed=True)
+    cand = open_lazy(paths[0], req.model, device=device)
+    ref = open_lazy(paths[1], req.reference, device=device) if req.reference else None
     with phase("prepare data"):
         windows = load_windows(req.data, (ref or cand).loaded, split=req.split, seed=req.seed, **window)
     result = {"candidate": evaluate_streaming(cand, ref, windows, progress).to_dict()}
     if req.baseline and ref is not None:
-        result["baseline"] = evaluate_streaming(open_lazy(paths[1], req.reference), open_lazy(paths[1], req.reference),
+        result["baseline"] = evaluate_streaming(open_lazy(paths[1], req.reference, device=device),
+                                                open_lazy(paths[1], req.reference, device=device),
                                                 windows, progress).to_dict()
     if req.out is not None:
         from compress.atomic import write_json

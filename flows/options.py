@@ -66,15 +66,24 @@ class StreamOptions:
 
     stream: str = "auto"
     offload_dir: Path | None = None
+    device: str = "auto"
 
     def check_stream(self) -> None:
-        """UserError for a --stream value that is not one of the choices, or an --offload-dir that is no directory."""
+        """UserError for a --stream or --device value that is not one of the choices, or an --offload-dir that is
+        no directory."""
         from compress.errors import UserError
-        from compress.stream.decide import STREAM
+        from compress.stream.decide import DEVICE, STREAM
 
         STREAM.check(self.stream)
+        DEVICE.check(self.device)
         if self.offload_dir is not None and not Path(self.offload_dir).expanduser().is_dir():
             raise UserError(f"--offload-dir {self.offload_dir}: not a directory; create it or name an existing one")
+
+    def compute_device(self, streamed: bool) -> Any:
+        """The torch.device the run computes on (compress.stream.decide.resolve_device)."""
+        from compress.stream.decide import resolve_device
+
+        return resolve_device(self.device, streamed)
 
     def stream_choice(self, spec: str) -> Any:
         """compress.stream.decide's StreamChoice for `spec` under this request's --stream."""

@@ -254,6 +254,7 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     if req.resume:
         raise UserError(f"--resume continues a streamed run, and {req.model} is quantized in memory ({choice.why}): "
                         "add --stream on")
+    req.compute_device(streamed=False)
     loaded = load_model(req.model, arch=req.arch, trust_pickle=req.trust_pickle)
     lmap = layer_map(loaded.module)
     names = quantizable(loaded.module, lmap)
@@ -500,7 +501,7 @@ def run_quantize_streaming(req: QuantizeRequest, choice, plan_from_file, progres
 
     check_streamable(req)
     t0 = time.perf_counter()
-    lazy = open_lazy(choice.path, req.model)
+    lazy = open_lazy(choice.path, req.model, device=req.compute_device(streamed=True))
     if lazy.specs:
         raise UserError(f"{req.model} is already quantized: quantize its source model instead")
     loaded, lmap = lazy.loaded, lazy.lmap
@@ -563,6 +564,7 @@ def _inputs_digest(req: QuantizeRequest, source: Path, plan_from_file, data: _Da
     options = {k: v for k, v in asdict(req).items() if k not in ("out", "resume", "offload_dir", "stream", "evaluate",
                                                                  "imatrix_out",
                                                                  "eval_tokens", "show_plan")}
+    options["device"] = str(req.compute_device(streamed=True))  # auto resolves by machine: what the bytes follow
     extra = [json.dumps(plan_from_file.to_dict(), sort_keys=True) if plan_from_file is not None else "",
              data.calibration().data_hash if req.layerwise or req.method == "gptq" else "",
              importance.digest() if importance is not None else ""]
@@ -574,8 +576,9 @@ def _evaluate(req: QuantizeRequest, artifact: Path, source: Path, data: _Data, p
     from compress.stream.evaluate import evaluate_streaming
     from compress.stream.lazy import open_lazy
 
-    candidate = open_lazy(artifact, req.model)
-    reference = open_lazy(source, req.model)
+    device = req.compute_device(streamed=True)
+    candidate = open_lazy(artifact, req.model, device=device)
+    reference = open_lazy(source, req.model, device=device)
     return evaluate_streaming(candidate, reference, data.evaluation(reference.loaded), progress).to_dict()
 
 

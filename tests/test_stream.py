@@ -278,3 +278,26 @@ def test_resume_after_a_sigkill_writes_the_same_artifact(model_dir, text_file, t
     assert _weights(out) == _weights(tmp_path / "whole") and not partial.exists()
     nothing = quantize(tmp_path / "never", "--resume")
     assert nothing.returncode == 2 and "no interrupted run" in nothing.stderr
+
+
+def test_device_choices_resolve_or_refuse_in_one_line(monkeypatch):
+    from compress.errors import UserError
+    from compress.stream.decide import resolve_device
+
+    assert resolve_device("cpu", True).type == "cpu" and resolve_device("auto", False).type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", True).type == "cpu"
+    with pytest.raises(UserError, match="torch sees no CUDA device"):
+        resolve_device("cuda", True)
+    with pytest.raises(UserError, match="unknown|use one of|--device"):
+        resolve_device("tpu", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", True).type == "cuda" and resolve_device("auto", False).type == "cpu"
+    with pytest.raises(UserError, match="only streamed runs compute on the GPU"):
+        resolve_device("cuda", False)
+
+
+def test_an_explicit_cpu_device_writes_the_same_bytes(model_dir, text_file, tmp_path):
+    _quantize(model_dir, tmp_path / "auto", "on", text_file)
+    _quantize(model_dir, tmp_path / "cpu", "on", text_file, device="cpu")
+    assert _weights(tmp_path / "auto") == _weights(tmp_path / "cpu")

@@ -25,11 +25,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    codes = torch.zeros(rows, cols, dtype=torch.uint8)
-    scales = torch.zeros(rows, cols // g, dtype=torch.float16)
-    zeros = None if spec.symmetric else torch.zeros(rows, cols // g, dtype=torch.uint8)
+    dev = W.device
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=dev)
+    scales = torch.zeros(rows, cols // g, dtype=torch.float16, device=dev)
+    zeros = None if spec.symmetric else torch.zeros(rows, cols // g, dtype=torch.uint8, device=dev)
     scale = zero = None
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -59,16 +60,21 @@ class HessianCollector:
     """Accumulates XᵀX of a Linear's inputs over calibration batches (forward pre-hook)."""
 
     def __init__(self, module: torch.nn.Module, cols: int):
-        self.H = torch.zeros(cols, cols, dtype=torch.float64)
+        self.H: torch.Tensor | None = None  # made on the device of the first input
+        self.cols = cols
         self.n = 0
         self.handle = module.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, args):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        if self.H is None:
+            self.H = torch.zeros(self.cols, self.cols, dtype=torch.float64, device=x.device)
         self.H += 2.0 * x.T @ x
         self.n += x.shape[0]
 
     def result(self) -> torch.Tensor:
         """The mean Hessian 2XᵀX / n."""
         self.handle.remove()
+        if self.H is None:
+            return torch.zeros(self.cols, self.cols, dtype=torch.float64)
         return self.H / max(self.n, 1)

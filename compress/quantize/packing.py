@@ -23,13 +23,13 @@ def _pack(flat: torch.Tensor, bits: int) -> torch.Tensor:
         per = 8 // bits
         pad = (-flat.numel()) % per
         x = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, per).to(torch.int32)
-        shifts = torch.arange(per, dtype=torch.int32) * bits
+        shifts = torch.arange(per, dtype=torch.int32, device=flat.device) * bits
         return (x << shifts).sum(1).to(torch.uint8)
-    bit_idx = torch.arange(bits, dtype=torch.uint8)
+    bit_idx = torch.arange(bits, dtype=torch.uint8, device=flat.device)
     stream = ((flat.unsqueeze(1) >> bit_idx) & 1).reshape(-1)
     pad = (-stream.numel()) % 8
     stream = torch.cat([stream, stream.new_zeros(pad)]).reshape(-1, 8).to(torch.int32)
-    return (stream << torch.arange(8, dtype=torch.int32)).sum(1).to(torch.uint8)
+    return (stream << torch.arange(8, dtype=torch.int32, device=flat.device)).sum(1).to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -37,7 +37,7 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     _check_bits(bits)
     if n > CHUNK_CODES and bits != 8:
         step = CHUNK_CODES * bits // 8  # bytes holding CHUNK_CODES codes
-        out = torch.empty(n, dtype=torch.uint8)
+        out = torch.empty(n, dtype=torch.uint8, device=packed.device)
         for k, s in enumerate(range(0, n, CHUNK_CODES)):
             m = min(CHUNK_CODES, n - s)
             out[s:s + m] = _unpack(packed[k * step:k * step + -(-m * bits // 8)], bits, m)
@@ -50,10 +50,11 @@ def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         return packed[:n].clone()
     if 8 % bits == 0:
         per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.uint8) * bits
+        shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
         return ((packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
-    stream = ((packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[: n * bits]
-    weights = (1 << torch.arange(bits, dtype=torch.int32))
+    bit = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    stream = ((packed.unsqueeze(1) >> bit) & 1).reshape(-1)[: n * bits]
+    weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device))
     return (stream.reshape(n, bits).to(torch.int32) * weights).sum(1).to(torch.uint8)
 
 

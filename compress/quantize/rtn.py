@@ -73,15 +73,16 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, importance: torch.Tensor
     rows, cols = weight.shape
     g = spec.group_for(cols)
     step = max(1, CHUNK_ELEMENTS // cols)
-    codes = torch.empty(rows, cols, dtype=torch.uint8)
-    scales = torch.empty(rows, cols // g, dtype=torch.float16)
-    zeros = None if spec.symmetric else torch.empty(rows, cols // g, dtype=torch.uint8)
+    dev = weight.device
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=dev)
+    scales = torch.empty(rows, cols // g, dtype=torch.float16, device=dev)
+    zeros = None if spec.symmetric else torch.empty(rows, cols // g, dtype=torch.uint8, device=dev)
     for r in range(0, rows, step):
         w = weight[r:r + step].detach().float().reshape(-1, cols // g, g)
         if importance is None:
             scale, zero = group_params(w, spec)
         else:
-            scale, zero = weighted_params(w, spec, _column_weights(importance, cols, g))
+            scale, zero = weighted_params(w, spec, _column_weights(importance.to(dev), cols, g))
         codes[r:r + step] = codes_for(w, scale, zero, spec).to(torch.uint8).reshape(-1, cols)
         scales[r:r + step] = scale.squeeze(-1)
         if zeros is not None:
@@ -165,7 +166,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     rows, cols = codes.shape
     g = spec.group_for(cols)
     step = max(1, CHUNK_ELEMENTS // cols)
-    out = torch.empty(rows, cols, dtype=torch.float32)
+    out = torch.empty(rows, cols, dtype=torch.float32, device=codes.device)
     for r in range(0, rows, step):
         zero = 2 ** (spec.bits - 1) if zeros is None else zeros[r:r + step].float().unsqueeze(-1)
         q = codes[r:r + step].reshape(-1, cols // g, g).float() - zero

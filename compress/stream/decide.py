@@ -15,6 +15,11 @@ STREAM = Choices("--stream", {
     "on": "block by block from the safetensors files: memory holds about one block",
     "off": "load the whole model (fp32), as before",
 })
+DEVICE = Choices("--device", {
+    "auto": "CUDA when torch sees a GPU and the run is streamed, else the CPU",
+    "cpu": "compute on the CPU",
+    "cuda": "compute each streamed block on the GPU (untested here: these machines have none)",
+})
 WHOLE_MODEL_COPIES = 2.5  # in memory: the candidate, a reference copy for evaluation, activations and logits
 
 
@@ -57,6 +62,21 @@ def available_bytes() -> int:
     import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def resolve_device(spec: str, streamed: bool):
+    """The torch.device of `--device spec` for a run that is `streamed` or not; UserError for cuda without a GPU,
+    or for a run that loads the whole model (only the block-by-block path moves work to a device)."""
+    import torch
+
+    DEVICE.check(spec)
+    have_cuda = torch.cuda.is_available()
+    if spec == "cuda" and not have_cuda:
+        raise UserError("--device cuda: torch sees no CUDA device on this machine (a CPU build, or no GPU); use "
+                        "--device cpu or auto")
+    if spec == "cuda" and not streamed:
+        raise UserError("--device cuda: only streamed runs compute on the GPU; add --stream on, or use --device cpu")
+    return torch.device("cuda" if spec == "cuda" or (spec == "auto" and have_cuda and streamed) else "cpu")
 
 
 def decide(spec: str, mode: str) -> StreamChoice:

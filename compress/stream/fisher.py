@@ -50,7 +50,7 @@ def predict_blockwise(lazy: LazyModel, windows: Windows, units: list[Unit], cand
             progress.update(task, advance=1, description=f"fisher: {phase}{_read(lazy)}")
 
     hidden_bytes = n_win * windows.seq_len * _width(lazy) * torch.empty((), dtype=lazy.dtype).element_size()
-    store = _Store(hidden_bytes * n_blocks, offload_dir)
+    store = _Store(hidden_bytes * n_blocks, offload_dir, lazy.device)
     try:
         lazy.load_trunk()
         calls = [_for_autograd(lazy.capture(windows.input_ids[w:w + 1], windows.attention_mask[w:w + 1]))
@@ -128,7 +128,7 @@ def _backward_block(lazy: LazyModel, i: int, calls: list[Calls], store: _Store, 
     Linear's squared weight gradient (the block stays loaded for the prediction)."""
     lazy.load_block(i, _linear_weights(lazy, i))
     prefix = f"{lazy.lmap.blocks_path}.{i}."
-    sq = {n: torch.zeros(weight_matrix(lazy.model.get_submodule(n)).shape) for n in names}
+    sq = {n: torch.zeros(weight_matrix(lazy.model.get_submodule(n)).shape, device=lazy.device) for n in names}
     patched = _patch(lazy.blocks[i], {n.removeprefix(prefix): s for n, s in sq.items()})
     d_in = []
     try:
@@ -283,7 +283,7 @@ def _predict_tables(lazy: LazyModel, wanted: set[str], calls: list[Calls], norme
         table = weight_matrix(lazy.model.get_submodule(name))
         total = [0.0] * len(candidates)
         for s, e in _chunks(table.shape[0]):
-            sq = torch.zeros(e - s, table.shape[1])
+            sq = torch.zeros(e - s, table.shape[1], device=lazy.device)
             with torch.inference_mode():
                 for w, c in enumerate(calls):
                     g = torch.zeros_like(sq)
@@ -341,8 +341,9 @@ class _Store:
     """Each block's input per window: in memory while all of them fit in IN_MEMORY_BYTES, else one file each in a
     scratch directory (under `offload_dir`, else the system's temporary directory), removed at the end."""
 
-    def __init__(self, total_bytes: int, offload_dir: Path | None):
+    def __init__(self, total_bytes: int, offload_dir: Path | None, device: torch.device | None = None):
         self.mem: dict[tuple[int, int], torch.Tensor] = {}
+        self.device = device or torch.device("cpu")
         self.where = offload_dir
         self.dir = None
         if total_bytes > IN_MEMORY_BYTES:
@@ -357,7 +358,7 @@ class _Store:
             self.mem[i, w] = t
             return
         try:
-            torch.save(t.contiguous(), self.dir / f"{i}-{w}.pt")
+            torch.save(t.detach().cpu().contiguous(), self.dir / f"{i}-{w}.pt")
         except (OSError, RuntimeError) as exc:
             raise self._fault(exc) from exc
 
@@ -366,7 +367,7 @@ class _Store:
         if self.dir is None:
             return self.mem.pop((i, w)).clone()
         f = self.dir / f"{i}-{w}.pt"
-        t = torch.load(f, weights_only=True)
+        t = torch.load(f, weights_only=True).to(self.device)
         f.unlink()
         return t
 

@@ -84,8 +84,9 @@ class LazyModel:
     """A LoadedModel on the meta device plus the checkpoint its tensors come from; blocks are loaded one at a time."""
 
     def __init__(self, loaded: LoadedModel, lmap: LayerMap, checkpoint: Checkpoint | None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.loaded, self.lmap, self.checkpoint, self.dtype = loaded, lmap, checkpoint, dtype
+        self.device = torch.device(device)
         self.model = loaded.module
         self.blocks = self.model.get_submodule(lmap.blocks_path)
         self.specs: dict = {}  # a packed artifact's module specs, applied block by block as they are loaded
@@ -95,7 +96,8 @@ class LazyModel:
     def resident(cls, loaded: LoadedModel, lmap: LayerMap) -> LazyModel:
         """A model already whole in memory, run through the same block-by-block code (loading and dropping do
         nothing), so an algorithm written once gives the same numbers in memory and streamed."""
-        return cls(loaded, lmap, None, next(loaded.module.parameters()).dtype)
+        p = next(loaded.module.parameters())
+        return cls(loaded, lmap, None, p.dtype, p.device)
 
     @property
     def streamed(self) -> bool:
@@ -181,7 +183,7 @@ class LazyModel:
             current = _tensor(self.model, n)
             if t.is_floating_point() and current.is_floating_point() and n not in keep_storage:
                 t = t.to(self.dtype if current.dtype == torch.float32 else current.dtype)  # fp32: the skeleton's
-            set_module_tensor_to_device(self.model, n, "cpu", value=t, dtype=t.dtype)  # no cast: chosen above
+            set_module_tensor_to_device(self.model, n, self.device, value=t, dtype=t.dtype)  # no cast: chosen above
         release_freed_memory()
 
     # ---- running
@@ -193,6 +195,7 @@ class LazyModel:
 
     def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Calls:
         """Block 0's input and every block's call arguments for one batch (the trunk must be loaded)."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         calls = Calls(input_ids, attention_mask, torch.empty(0))
         n = len(self.blocks)
         originals = list(self.blocks)
@@ -294,9 +297,10 @@ def release_freed_memory() -> None:
         _MMAP_SET = True
 
 
-def open_lazy(path: Path, spec: str, dtype: torch.dtype = torch.float32) -> LazyModel:
+def open_lazy(path: Path, spec: str, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> LazyModel:
     """The model of an HF directory (or a packed artifact) with safetensors weights, built on the meta device;
-    nothing is read yet."""
+    nothing is read yet. Blocks are loaded onto `device` and computed there."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
@@ -317,13 +321,24 @@ def open_lazy(path: Path, spec: str, dtype: torch.dtype = torch.float32) -> Lazy
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     loaded = wrap(model, load_tokenizer(path), spec, path)
-    lazy = LazyModel(loaded, layer_map(model), checkpoint, dtype)
+    lazy = LazyModel(loaded, layer_map(model), checkpoint, dtype, device)
+    _buffers_to(model, lazy.device)
     manifest = _manifest(path)
     if manifest is not None:
         lazy.specs = _packed_specs(path, manifest)
         loaded.kind, loaded.pooling = manifest.get("kind", loaded.kind), manifest.get("pooling", loaded.pooling)
         loaded.extra["manifest"] = manifest
     return lazy
+
+
+def _buffers_to(model: nn.Module, device: torch.device) -> None:
+    """The skeleton's real buffers (rotary tables, position ids) onto the compute device; meta ones stay."""
+    if device.type == "cpu":
+        return
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.device.type != "meta":
+                module._buffers[name] = buf.to(device)
 
 
 def _manifest(path: Path) -> dict | None:

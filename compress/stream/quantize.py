@@ -71,7 +71,7 @@ def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path,
     batches = _capture(lazy, windows) if needs_data(specs) and writer.done <= len(lmap.blocks) else []
     hidden = [c.hidden for c in batches]
     if batches and writer.done:
-        hidden = torch.load(_hidden_file(root, writer.done), weights_only=True)
+        hidden = [h.to(lazy.device) for h in torch.load(_hidden_file(root, writer.done), weights_only=True)]
     task = progress.add_task("quantize blocks", total=len(lmap.blocks) + 1, completed=writer.done) \
         if progress is not None else None
     with torch.inference_mode():
@@ -90,7 +90,7 @@ def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path,
                 codes.update(weighted_rtn(model, mine, imatrix))
             hidden = [lazy.run_block(blk.index, calls, hidden[b]) for b, calls in enumerate(batches)]
             if batches:  # the next block's input, kept until that block is written too
-                torch.save(hidden, _hidden_file(root, blk.index + 1))
+                torch.save([h.cpu() for h in hidden], _hidden_file(root, blk.index + 1))
             part = apply_plan(model, lmap, mine, codes)
             _merge(run.record, part)
             block = lazy.blocks[blk.index]

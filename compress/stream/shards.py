@@ -41,7 +41,7 @@ class ShardWriter:
 
         path = self.root / _group_name(len(self.groups))
         tmp = path.with_name(path.name + ".part")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=notes or {})
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=notes or {})
         tmp.replace(path)
         self.groups.append(path)
 
