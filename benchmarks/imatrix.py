@@ -23,7 +23,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+# benchmarks/ last: its gguf.py must not shadow the gguf package that compress imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+sys.path[:0] = [str(REPO)]
+sys.path.append(str(REPO / "benchmarks"))
 from heldout_text import AUSTEN, NOVELS  # noqa: E402  (the benchmarks directory is on the path just above)
 
 HEADING = "RTN with the importance matrix (issue 17)"

@@ -1,0 +1,216 @@
+"""Our quantized SmolLM2 against the peers a user would pick instead, run here in the same process on the same text
+(issue 17), written to BENCHMARKS.md.
+
+    pip install -e ".[bench]"          # the peers (never a runtime dependency)
+    python benchmarks/peers.py [--rows nncf-awq-all,nncf-awq,nncf-rtn-all,ours-4,ours-lw-4.5,ours-lw-3.5]
+
+Every candidate is made from the same fp32 model (the zoo's SmolLM2-135M) with the same 2,048 calibration tokens
+(the five Austen novels other than persuasion.txt, equal shares) and evaluated with the same harness
+(compress.evaluate, the function `compress eval` runs) on the ANCHORS.md windows (persuasion.txt, first
+6 × 512 tokens): mean per-token KL(original ‖ candidate), top-1 agreement. bpw is counted the same way for all:
+stored bytes of every weight matrix (codes, scales, zero points; embeddings included, a tied head once) × 8 ÷ its
+parameters; norms and biases excluded.
+
+Peers: NNCF `compress_weights` (INT4_SYM, group 32, data-aware AWQ + scale estimation; `-all` = all_layers=True,
+so the embedding / tied head is 4-bit too; without it NNCF keeps them INT8_ASYM per channel; `nncf-rtn-all` = the
+same without data). NNCF has no mode below 4 bits with groups of 32 (its INT4 floor is 4.5 bpw), so it has no
+3.5 bpw row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# benchmarks/ last: its gguf.py must not shadow the gguf package that compress imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+sys.path[:0] = [str(REPO)]
+sys.path.append(str(REPO / "benchmarks"))
+from heldout_text import AUSTEN, NOVELS  # noqa: E402  (the benchmarks directory is on the path just above)
+
+HEADING = "Against the peers at equal size (issue 17)"
+RESULTS = REPO / "benchmarks" / "results" / "peers.json"
+CALIB_TOKENS = 2048
+TARGET = 0.8  # issue 17: our best layer-wise plan's KL ≤ 0.8 × the best peer's at equal or lower bpw
+
+OURS = {  # row -> (description, QuantizeRequest fields)
+    "ours-4": ("ours: `--bits 4 --embeddings quantize` (RTN + importance matrix)",
+               dict(bits=4, group_size=32, embeddings="quantize")),
+    "ours-lw-4.5": ("ours: `--layerwise --avg-bits 4.5 --measure fast` (RTN + importance matrix)",
+                    dict(layerwise=True, avg_bits=4.5, measure="fast")),
+    "ours-lw-3.5": ("ours: `--layerwise --avg-bits 3.5 --measure fast` (RTN + importance matrix)",
+                    dict(layerwise=True, avg_bits=3.5, measure="fast")),
+    "ours-lw-4.5-gptq": ("ours: `--layerwise --avg-bits 4.5 --measure fast --method gptq`",
+                         dict(layerwise=True, avg_bits=4.5, measure="fast", method="gptq")),
+}
+NNCF = {  # row -> (description, compress_weights keywords, data-aware)
+    "nncf-awq-all": ("NNCF INT4_SYM g32, AWQ + scale estimation, all_layers", dict(all_layers=True), True),
+    "nncf-awq": ("NNCF INT4_SYM g32, AWQ + scale estimation (embedding INT8_ASYM)", {}, True),
+    "nncf-rtn-all": ("NNCF INT4_SYM g32, data-free, all_layers", dict(all_layers=True), False),
+}
+
+
+def main() -> None:
+    from markdown import publish_state
+
+    from compress.data import load_windows
+    from compress.models import load_model
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--rows", default=",".join([*NNCF, *OURS]))
+    ap.add_argument("--no-markdown", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    ref = load_model(a.model)
+    calib = load_windows(NOVELS, ref, split="calibration", tokens=CALIB_TOKENS, seq_len=512)
+    anchors = load_windows(str(AUSTEN / "persuasion.txt"), ref, split="all", tokens=3072, seq_len=512,
+                           sequential=True)
+    state = {"model": a.model, "rows": [], "versions": _versions(),
+             "command": shlex.join(["python", "benchmarks/peers.py", *sys.argv[1:]])}
+    for row in [r.strip() for r in a.rows.split(",") if r.strip()]:
+        t = time.perf_counter()
+        if row in NNCF:
+            desc, kw, aware = NNCF[row]
+            entry = _nncf(a.model, ref, calib if aware else None, anchors, kw)
+        elif row in OURS:
+            desc, fields = OURS[row]
+            entry = _ours(a.model, ref, anchors, fields)
+        else:
+            raise SystemExit(f"--rows: unknown row {row}; use {', '.join([*NNCF, *OURS])}")
+        entry.update(row=row, what=desc, seconds=round(time.perf_counter() - t, 1))
+        print(entry, flush=True)
+        state["rows"].append(entry)
+        publish_state(state, t0, RESULTS, HEADING, render, not a.no_markdown)
+
+
+def _evaluate(cand, ref, anchors) -> dict:
+    from compress.evaluate import evaluate
+
+    rep = evaluate(cand, ref, anchors)
+    return {"kl": rep.kl_mean, "kl_p99": rep.kl_p99, "top1": rep.top1_agreement}
+
+
+def _ours(model: str, ref, anchors, fields: dict) -> dict:
+    """`compress quantize` into a scratch artifact, loaded back and evaluated."""
+    from compress.artifact_formats import load_artifact
+    from flows.quantize import QuantizeRequest, run_quantize
+
+    with tempfile.TemporaryDirectory(prefix="compress-peers-") as tmp:
+        req = QuantizeRequest(model=model, data=NOVELS, tokens=CALIB_TOKENS, seq_len=512, evaluate=False,
+                              out=Path(tmp) / "q", **fields)
+        result = run_quantize(req)
+        out = _evaluate(load_artifact(Path(tmp) / "q"), ref, anchors)
+    return out | {"bpw": result["bpw"], "weight_bytes": None}
+
+
+def _nncf(model: str, ref, calib, anchors, kw: dict) -> dict:
+    """NNCF's compress_weights on a fresh fp32 copy (PyTorch backend), evaluated as it runs (its decompressors)."""
+    import nncf
+
+    from compress.models import load_model
+
+    cand = load_model(model)
+    src = calib if calib is not None else _tracing_window()
+    rows = [{"input_ids": ids[None], "attention_mask": m[None], "use_cache": False}
+            for ids, m in zip(src.input_ids, src.attention_mask, strict=True)]
+    extra = dict(awq=True, scale_estimation=True) if calib is not None else {}
+    weights = _matrix_params(cand.module)
+    cand.module = nncf.compress_weights(cand.module, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=32,
+                                        ratio=1.0, dataset=nncf.Dataset(rows), **extra, **kw)
+    stored = _stored_bytes(cand.module)
+    return _evaluate(cand, ref, anchors) | {"bpw": stored * 8 / weights, "weight_bytes": stored}
+
+
+def _tracing_window():
+    """One short window: what NNCF needs to trace the model when it uses no data."""
+    from compress.data import Windows
+
+    ids = torch.arange(16).unsqueeze(0) + 100
+    return Windows(ids, torch.ones_like(ids), "calibration", "tracing", 0)
+
+
+def _matrix_params(model: torch.nn.Module) -> int:
+    """Parameters of the weight matrices (2-D weights; a tied one once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.dim() == 2 and p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total
+
+
+def _stored_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every state tensor except norms and biases (1-D float vectors of the model itself); NNCF's packed
+    codes, scales and zero points included; a tensor shared by two names once."""
+    seen, total = set(), 0
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        is_vector = t.dim() == 1 and t.is_floating_point() and "nncf" not in name
+        if not is_vector and "rotary" not in name:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("nncf", "torch", "transformers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def render(state: dict) -> str:
+    """The BENCHMARKS.md section."""
+    m = state["machine"]
+    v = state["versions"]
+    lines = [f"Written by `{state['command']}` ({m['cores']} cores, torch {v['torch']}, NNCF {v['nncf']}, "
+             f"{state['seconds'] / 60:.0f} min). {state['model']} (fp32, the zoo model); calibration "
+             f"{CALIB_TOKENS} tokens of the five Austen novels other than persuasion.txt for every data-aware "
+             "candidate; KL = mean per-token KL(original ‖ candidate) on the ANCHORS.md windows (persuasion.txt, "
+             "first 6 × 512 tokens), all through compress.evaluate. bpw = stored bytes of every weight matrix "
+             "(codes, scales, zeros; embedding included, tied head once) × 8 ÷ its parameters.", "",
+             "| candidate | bpw | KL | KL p99 | top-1 | s |", "|---|---|---|---|---|---|"]
+    rows = sorted(state["rows"], key=lambda r: r["bpw"])
+    for r in rows:
+        lines.append(f"| {r['what']} | {r['bpw']:.3f} | {r['kl']:.4f} | {r['kl_p99']:.3f} | {r['top1']:.3f} | "
+                     f"{r['seconds']:.0f} |")
+    lines += ["", _verdicts(rows)]
+    return "\n".join(lines)
+
+
+def _verdicts(rows: list[dict]) -> str:
+    """Target (issue 17): at each of our layer-wise budgets, our KL ≤ 0.8 × the best peer's at ≤ our bpw."""
+    out = []
+    peers = [r for r in rows if r["row"].startswith("nncf")]
+    for r in rows:
+        if not r["row"].startswith("ours-lw"):
+            continue
+        fair = [p for p in peers if p["bpw"] <= r["bpw"] + 1e-3]
+        if not fair:
+            out.append(f"{r['what']} at {r['bpw']:.3f} bpw: no peer row at or below this bpw (not evaluated).")
+            continue
+        best = min(fair, key=lambda p: p["kl"])
+        ratio = r["kl"] / best["kl"]
+        out.append(f"{r['what']} at {r['bpw']:.3f} bpw: KL {r['kl']:.4f} = {ratio:.2f}× {best['what']} "
+                   f"({best['kl']:.4f} at {best['bpw']:.3f} bpw): target ≤ {TARGET}× "
+                   f"{'met' if ratio <= TARGET else 'missed'}.")
+    return "Target (issue 17): " + (" ".join(out) if out else "no layer-wise row yet.")
+
+
+if __name__ == "__main__":
+    main()
