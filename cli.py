@@ -170,7 +170,8 @@ def score(
     data: str = DATA,
     methods: str = typer.Option("lim,zd,ablation", "--methods",
                                 help="Comma-separated scorers: lim (alias bi), zd, ablation, sensitivity (ΔKL with one "
-                                     "block at 3 bits), hessian (tr ΔW H ΔWᵀ), fisher (Σ g² ΔW²)."),
+                                     "block at 3 bits), hessian (tr ΔW H ΔWᵀ), fisher (Σ g² ΔW²), imatrix "
+                                     "(Σ a ΔW², a the mean squared input per channel)."),
     check: bool = typer.Option(False, "--check", help="Also measure sensitivity and report each cheap score's "
                                                       "Spearman correlation with it: does the score predict damage?"),
     tokens: int = TOKENS,

@@ -12,7 +12,7 @@ from compress.errors import UserError
 from compress.progress import phase
 from flows.options import DataOptions, ModelOptions
 
-CHECK_METHODS = ("hessian", "fisher", "sensitivity")  # what --check measures each score against
+CHECK_METHODS = ("hessian", "fisher", "imatrix", "sensitivity")  # what --check measures each score against
 
 
 @dataclass

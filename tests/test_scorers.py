@@ -109,10 +109,10 @@ def test_quantization_aware_scores_and_the_rank_check():
     ids = torch.randint(4, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     w = Windows(ids, torch.ones_like(ids), "calibration", "test", 0)
     flags = [p.requires_grad for p in loaded.module.parameters()]
-    report = score_model(loaded, w, ["lim", "zd", "hessian", "fisher", "sensitivity"])
-    for m in ("hessian", "fisher", "sensitivity"):
+    report = score_model(loaded, w, ["lim", "zd", "hessian", "fisher", "imatrix", "sensitivity"])
+    for m in ("hessian", "fisher", "imatrix", "sensitivity"):
         assert all(v > 0 for v in report.block_scores(m)), m
-    assert set(report.checks) == {"against", "lim", "zd", "hessian", "fisher"}
+    assert set(report.checks) == {"against", "lim", "zd", "hessian", "fisher", "imatrix"}
     assert all(-1.0 <= c["spearman"] <= 1.0 for k, c in report.checks.items() if k != "against")
     assert all(p.grad is None for p in loaded.module.parameters())
     assert [p.requires_grad for p in loaded.module.parameters()] == flags
@@ -140,3 +140,26 @@ def test_hessian_proxy_is_the_output_error_of_the_quantized_linear():
     direct = float(((x @ dw.T) ** 2).sum() / len(x))
     got = next(item["scores"]["hessian"] for item in report.linears if item["path"] == path)
     assert got == pytest.approx(direct, rel=1e-6)
+
+
+def test_imatrix_score_is_the_diagonal_of_the_hessian_score():
+    """With H replaced by its diagonal (the importance matrix), tr(ΔW H ΔWᵀ) becomes Σ aⱼ ΔWᵢⱼ²."""
+    loaded = build("llama")
+    ids = torch.randint(4, 64, (3, 16), generator=torch.Generator().manual_seed(1))
+    w = Windows(ids, torch.ones_like(ids), "calibration", "test", 0)
+    from compress.importance import sensitivity
+    from compress.importance.context import ScoringContext
+    from compress.models.layers import layer_map
+    from compress.quantize.apply import weight_matrix
+    from compress.quantize.gptq import HessianCollector
+
+    lmap = layer_map(loaded.module)
+    imat = sensitivity.score_imatrix(ScoringContext(loaded, lmap, w))
+    name = lmap.blocks[1].linears[0]
+    module = loaded.module.get_submodule(name)
+    c = HessianCollector(module, weight_matrix(module).shape[1])
+    with torch.inference_mode():
+        loaded.module(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    diag = torch.diag(c.result() / 2.0)
+    dw = sensitivity._error(weight_matrix(module)).double()
+    assert abs(imat.linears[name] - float((dw ** 2 * diag).sum())) <= 1e-4 * imat.linears[name]

@@ -32,8 +32,9 @@ SCORERS: dict[str, Scorer] = {
     "sensitivity": Scorer(sensitivity.score_sensitivity, sensitivity.DIRECTION, True),
     "hessian": Scorer(sensitivity.score_hessian, sensitivity.DIRECTION, True),
     "fisher": Scorer(sensitivity.score_fisher, sensitivity.DIRECTION, True),
+    "imatrix": Scorer(sensitivity.score_imatrix, sensitivity.DIRECTION, True),
 }
-CHEAP = ("lim", "zd", "ablation", "hessian", "fisher")  # what `--check` compares with measured sensitivity
+CHEAP = ("lim", "zd", "ablation", "hessian", "fisher", "imatrix")  # what `--check` compares with measured sensitivity
 ALIASES = {"bi": "lim"}  # ShortGPT's Block Influence is the same quantity as LIM
 
 

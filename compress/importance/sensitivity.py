@@ -6,6 +6,8 @@
   same 3-bit quantization error: the output error GPTQ minimises, from one calibration pass.
 - `fisher`: Σ over the block's Linears of Σ g² ΔW², g the gradient of the calibration NLL (decoders) — the
   diagonal-Fisher estimate of the KL the same quantization causes (KL ≈ ½ ΔWᵀ F ΔW).
+- `imatrix`: Σ over the block's Linears of Σ aⱼ ΔWᵢⱼ², a the importance matrix (mean squared input per channel):
+  the diagonal of `hessian`'s H, from the statistics RTN is weighted by.
 All three: higher = more important (more damage when quantized).
 """
 
@@ -79,6 +81,25 @@ def score_fisher(ctx: ScoringContext) -> Scores:
     out = Scores()
     for p in names:
         out.linears[p] = float((g2[p] * _error(weight_matrix(model.get_submodule(p))) ** 2).sum())
+    for blk in ctx.lmap.blocks:
+        _roll_up(out, blk)
+    return out
+
+
+@torch.inference_mode()
+def score_imatrix(ctx: ScoringContext) -> Scores:
+    """Σ aⱼ ΔWᵢⱼ² per Linear, a the importance matrix of the calibration windows (compress.quantize.imatrix)."""
+    from compress.quantize.imatrix import collect
+    from compress.stream.lazy import LazyModel
+
+    model = ctx.loaded.module
+    names = [p for b in ctx.lmap.blocks for p in b.linears]
+    imat = collect(LazyModel.resident(ctx.loaded, ctx.lmap), ctx.windows, names)
+    out = Scores()
+    for p in names:
+        a = imat.mean(p)
+        err = _error(weight_matrix(model.get_submodule(p))) ** 2
+        out.linears[p] = float((err * a).sum()) if a is not None else 0.0
     for blk in ctx.lmap.blocks:
         _roll_up(out, blk)
     return out
