@@ -96,6 +96,18 @@ def llamacpp_quantize(src: Path, out: Path, qtype: str, threads: int) -> float:
     return round(time.perf_counter() - t0, 2)
 
 
+def llamacpp_quantize_imatrix(src: Path, out: Path, qtype: str, imatrix: Path, threads: int) -> float:
+    """llama.cpp's `llama-quantize --allow-requantize --imatrix FILE` (the binary benchmarks/llamacpp_tools.py
+    builds: the Python API cannot pass an importance matrix); returns seconds."""
+    sys.path.append(str(REPO / "benchmarks"))
+    from llamacpp_tools import llama_quantize
+
+    t0 = time.perf_counter()
+    subprocess.run([str(llama_quantize()), "--allow-requantize", "--imatrix", str(imatrix), str(src), str(out), qtype,
+                    str(threads)], check=True, capture_output=True)
+    return round(time.perf_counter() - t0, 2)
+
+
 def measure(kind: str, name: str, gguf_path: Path, original, windows, ref_logits, a, decode_ids: list[int],
             extra: dict) -> dict:
     """llama.cpp numbers for one GGUF: KL/top-1 on the windows, greedy text, decode ms/token."""
@@ -282,6 +294,9 @@ def main() -> None:
     ap.add_argument("--baselines", default="", help="uniform GGUF types written by export_gguf (e.g. Q8_0,Q5_0)")
     ap.add_argument("--decode-bits", default="5.5", help="which layer-wise GGUF the decode comparison uses")
     ap.add_argument("--no-decode", action="store_true", help="skip the llama.cpp / ORT / torch decode comparison")
+    ap.add_argument("--imatrix", type=Path, default=None, help="also quantize --imatrix-types with llama-quantize "
+                    "--imatrix FILE (e.g. an artifact's imatrix.gguf; benchmarks/llamacpp_tools.py builds the tool)")
+    ap.add_argument("--imatrix-types", default="Q4_K_M", help="llama.cpp types made with --imatrix")
     ap.add_argument("--no-ort-kl", dest="ort_kl", action="store_false", help="skip the ORT graph's KL")
     ap.add_argument("--no-ort-acc4", dest="ort_acc4", action="store_false",
                     help="skip the extra ORT export with int8 activations (accuracy level 4)")
@@ -360,6 +375,13 @@ def main() -> None:
         secs = llamacpp_quantize(source, out, qtype, a.threads)
         rows.append(measure("llamacpp", f"llama.cpp {qtype}", out, original, windows, ref_logits, a, decode_ids,
                             {"qtype": qtype, "quantize_seconds": secs, "quantized_from": str(source)}))
+    if a.imatrix is not None:
+        for qtype in [t.strip() for t in a.imatrix_types.split(",") if t.strip()]:
+            out = work / f"llamacpp-{qtype}-imatrix.gguf"
+            secs = llamacpp_quantize_imatrix(source, out, qtype, a.imatrix, a.threads)
+            rows.append(measure("llamacpp", f"llama.cpp {qtype} + our imatrix", out, original, windows, ref_logits, a,
+                                decode_ids, {"qtype": qtype, "quantize_seconds": secs, "quantized_from": str(source),
+                                             "imatrix": str(a.imatrix)}))
     for qtype in [t.strip() for t in a.baselines.split(",") if t.strip()]:
         out = work / f"uniform-{qtype}.gguf"
         export_gguf(original, out, float_type=qtype)
