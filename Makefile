@@ -20,9 +20,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 $(TSTAMP): $(STAMP)
-	@echo "== installing the test extras: pytest, ruff, polygraphy, and llama-cpp-python, which builds llama.cpp"
+	@echo "== installing the test extras: pytest, ruff, polygraphy, onnxruntime-genai, and llama-cpp-python, which builds llama.cpp"
 	@echo "   from source the first time (about 5 minutes on 2 cores; cached by pip afterwards)"
-	$(PIP) -e ".[dev,trt-tools,llamacpp]"
+	$(PIP) -e ".[dev,trt-tools,llamacpp,genai]"
 	@touch $(TSTAMP)
 
 install: $(STAMP)

@@ -26,6 +26,8 @@ EXPORT_FORMATS = {f.name: f for f in (
     ExportFormat("fp16", "float16 weights and activations"),
     ExportFormat("int4", "ONNX Runtime MatMulNBits / GatherBlockQuantized with the artifact's own codes", "ort"),
     ExportFormat("qdq", "TensorRT-style DequantizeLinear with the artifact's own codes", "trt"),
+    ExportFormat("genai", "ONNX Runtime GenAI package (the model builder's fused graph, genai_config.json, "
+                          "tokenizer) with the artifact's own codes", "ort"),
 )}
 FLOAT_FORMATS = tuple(n for n, f in EXPORT_FORMATS.items() if not f.quantized)
 QUANTIZED_FORMATS = tuple(n for n, f in EXPORT_FORMATS.items() if f.quantized)
@@ -51,6 +53,8 @@ def check_export_options(fmt: str, opset: int | None = None, accuracy_level: int
         raise UserError(f"--accuracy-level {accuracy_level}: use {levels}")
     if accuracy_level and fmt != "int4":
         raise UserError(f"--accuracy-level {accuracy_level} applies to --format int4 (MatMulNBits), not {fmt}")
+    if fuse_attention and fmt == "genai":
+        raise UserError("--fuse-attention: a genai package is always built with GroupQueryAttention; drop the flag")
     if fuse_attention and fmt == "qdq":
         raise UserError("--fuse-attention writes ONNX Runtime's GroupQueryAttention, which TensorRT does not run: "
                         "use it with --format fp32, fp16 or int4")

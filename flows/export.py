@@ -89,6 +89,8 @@ def _export(loaded, tmp: Path, req: ExportRequest) -> dict:
     from exporters.graph import save_model_atomic
     from exporters.onnx import EXPORT_JSON, MODEL_FILE, write_float
 
+    if req.fmt == "genai":
+        return _export_genai(loaded, tmp)
     quantized = req.fmt in QUANTIZED_FORMATS
     if not quantized and not req.fuse_attention:
         return write_float(loaded, tmp, req.fmt, req.opset).to_dict()
@@ -128,11 +130,30 @@ def _export(loaded, tmp: Path, req: ExportRequest) -> dict:
     return meta
 
 
+def _export_genai(loaded, tmp: Path) -> dict:
+    """--format genai: the ONNX Runtime GenAI package, made by its own model builder from the artifact's codes."""
+    from exporters.genai import write_genai
+    from exporters.onnx import EXPORT_JSON
+
+    pkg = write_genai(loaded, tmp)
+    meta = {"fmt": "genai", "task": "text-generation-with-past (onnxruntime-genai)", "opset": None,
+            "extra": {"genai": pkg.to_dict()}}
+    (tmp / EXPORT_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
 def _validate(loaded, tmp: Path, req: ExportRequest, artifact: bool, progress) -> dict:
     """One report per reference: the model itself (float formats) or the artifact and the original (quantized)."""
     from exporters.validate import validate
 
     inputs = validation_inputs(loaded, req.data, req.tokens, req.seq_len, req.seed)
+    if req.fmt == "genai":
+        from compress.models import load_model
+        from exporters.genai import validate_genai
+
+        base = loaded.extra.get("manifest", {}).get("base")
+        return _finite(validate_genai(tmp, loaded, load_model(base) if base else None, inputs,
+                                      max_kl=req.max_kl, min_top1=req.min_top1))
     graph = tmp / "model.onnx"
     if req.fmt not in QUANTIZED_FORMATS:
         reports = {"vs source" + (" (dequantized artifact)" if artifact else ""): validate(graph, loaded, inputs,
