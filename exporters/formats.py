@@ -51,8 +51,8 @@ def check_export_options(fmt: str, opset: int | None = None, accuracy_level: int
     if accuracy_level not in ACCURACY_LEVELS:
         levels = ", ".join(f"{k} ({v})" for k, v in ACCURACY_LEVELS.items())
         raise UserError(f"--accuracy-level {accuracy_level}: use {levels}")
-    if accuracy_level and fmt != "int4":
-        raise UserError(f"--accuracy-level {accuracy_level} applies to --format int4 (MatMulNBits), not {fmt}")
+    if accuracy_level and fmt not in ("int4", "genai"):
+        raise UserError(f"--accuracy-level {accuracy_level} applies to --format int4 or genai (MatMulNBits), not {fmt}")
     if fuse_attention and fmt == "genai":
         raise UserError("--fuse-attention: a genai package is always built with GroupQueryAttention; drop the flag")
     if fuse_attention and fmt == "qdq":

@@ -73,16 +73,17 @@ def check_genai(loaded) -> None:
             raise UserError(f"--format genai: {why}; make the artifact with `compress quantize ... --target ort`")
 
 
-def write_genai(loaded, out: Path) -> GenaiPackage:
-    """Write the package for the artifact `loaded` into the directory `out` (which must exist and be empty)."""
+def write_genai(loaded, out: Path, accuracy_level: int = 0) -> GenaiPackage:
+    """Write the package for the artifact `loaded` into the directory `out` (which must exist and be empty);
+    `accuracy_level` 4 lets MatMulNBits quantize activations to int8 (faster, no longer exact)."""
     check_genai(loaded)
     pkg = GenaiPackage()
     with tempfile.TemporaryDirectory(prefix="compress-genai-", dir=out.parent) as tmp:
         src, cache = Path(tmp) / "olive", Path(tmp) / "cache"
         tied_quantized = _write_olive(loaded, src, pkg)
-        options = ["accuracy_level=0", "nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather"]
+        options = [f"accuracy_level={accuracy_level}", "nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather"]
         if tied_quantized:  # the builder's tied GatherBlockQuantized needs 2-D scales: fixed after the build
-            options = ["accuracy_level=0", "shared_embeddings=true"]
+            options = [f"accuracy_level={accuracy_level}", "shared_embeddings=true"]
         _build(src, out, cache, options)
     if tied_quantized:
         _tie_fix(out / "model.onnx", pkg)
@@ -262,10 +263,11 @@ def package_greedy(out: Path, prompt: list[int], new_tokens: int) -> list[int]:
 
 
 def validate_genai(out: Path, artifact, original, windows, new_tokens: int = 32, max_kl: float | None = None,
-                   min_top1: float | None = None) -> dict:
+                   min_top1: float | None = None, int8_activations: bool = False) -> dict:
     """Reports in export's form: logits of the package (run by onnxruntime_genai) against the artifact in torch
-    (must match to kernel rounding) and against the original (reported; gated by max_kl / min_top1), plus greedy
-    generation against the artifact in torch."""
+    (must match to kernel rounding; with int8 activations, KL ≤ 0.01 and top-1 ≥ 0.9) and against the original
+    (reported; gated by max_kl / min_top1), plus greedy generation against the artifact in torch (all tokens
+    equal; with int8 activations reported only)."""
     from compress.metrics import kl_per_token, log_softmax_chunked
 
     got = package_logits(out, windows)
@@ -282,7 +284,8 @@ def validate_genai(out: Path, artifact, original, windows, new_tokens: int = 32,
             diff = max(diff, float((gt - w).abs().max()))
         kl_mean, top1_mean = float(torch.cat(kl).mean()), float(torch.cat(top1).mean())
         if ref is artifact:
-            passed = kl_mean <= 1e-3 and top1_mean >= 0.99
+            passed = kl_mean <= (1e-2 if int8_activations else 1e-3) and top1_mean >= (0.9 if int8_activations
+                                                                                      else 0.99)
             check = {"name": "logits (onnxruntime_genai)", "max_abs": diff, "atol": None, "cosine": None,
                      "kl_mean": kl_mean, "top1": top1_mean, "passed": passed}
         else:
@@ -297,8 +300,8 @@ def validate_genai(out: Path, artifact, original, windows, new_tokens: int = 32,
                                           pad_token_id=0)[0, len(prompt):].tolist()
     same = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
     gen = {"name": f"greedy tokens equal to the artifact's (of {new_tokens})", "max_abs": None, "atol": None,
-           "cosine": None, "kl_mean": None, "top1": same / max(new_tokens, 1), "passed": same == new_tokens,
-           "equal_tokens": same}
+           "cosine": None, "kl_mean": None, "top1": same / max(new_tokens, 1),
+           "passed": same == new_tokens or int8_activations, "equal_tokens": same}
     reports["vs artifact (kernel rounding)"]["checks"].append(gen)
     art = reports["vs artifact (kernel rounding)"]
     art["passed"] = all(c["passed"] for c in art["checks"])

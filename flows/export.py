@@ -90,7 +90,7 @@ def _export(loaded, tmp: Path, req: ExportRequest) -> dict:
     from exporters.onnx import EXPORT_JSON, MODEL_FILE, write_float
 
     if req.fmt == "genai":
-        return _export_genai(loaded, tmp)
+        return _export_genai(loaded, tmp, req.accuracy_level)
     quantized = req.fmt in QUANTIZED_FORMATS
     if not quantized and not req.fuse_attention:
         return write_float(loaded, tmp, req.fmt, req.opset).to_dict()
@@ -130,12 +130,12 @@ def _export(loaded, tmp: Path, req: ExportRequest) -> dict:
     return meta
 
 
-def _export_genai(loaded, tmp: Path) -> dict:
+def _export_genai(loaded, tmp: Path, accuracy_level: int = 0) -> dict:
     """--format genai: the ONNX Runtime GenAI package, made by its own model builder from the artifact's codes."""
     from exporters.genai import write_genai
     from exporters.onnx import EXPORT_JSON
 
-    pkg = write_genai(loaded, tmp)
+    pkg = write_genai(loaded, tmp, accuracy_level)
     meta = {"fmt": "genai", "task": "text-generation-with-past (onnxruntime-genai)", "opset": None,
             "extra": {"genai": pkg.to_dict()}}
     (tmp / EXPORT_JSON).write_text(json.dumps(meta, indent=2) + "\n")
@@ -153,7 +153,8 @@ def _validate(loaded, tmp: Path, req: ExportRequest, artifact: bool, progress) -
 
         base = loaded.extra.get("manifest", {}).get("base")
         return _finite(validate_genai(tmp, loaded, load_model(base) if base else None, inputs,
-                                      max_kl=req.max_kl, min_top1=req.min_top1))
+                                      max_kl=req.max_kl, min_top1=req.min_top1,
+                                      int8_activations=bool(req.accuracy_level)))
     graph = tmp / "model.onnx"
     if req.fmt not in QUANTIZED_FORMATS:
         reports = {"vs source" + (" (dequantized artifact)" if artifact else ""): validate(graph, loaded, inputs,

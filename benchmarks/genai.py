@@ -1,0 +1,244 @@
+"""ONNX Runtime GenAI packages of SmolLM2-135M: the model builder's own int4 against ours (issue 18), one run,
+written to BENCHMARKS.md.
+
+    pip install -e ".[genai]"
+    python benchmarks/genai.py [--avg-bits 4.5] [--rounds 3] [--decode-tokens 64]
+
+Builder: `onnxruntime_genai.models.builder` `-p int4 -e cpu` on the fp32 model (its RTN, block 32), at its default
+accuracy level (4: int8 activations) and at 0 (fp32 activations). Ours: `compress quantize --layerwise --avg-bits B
+--target ort --measure fast` calibrated on 2,048 tokens of the five Austen novels other than persuasion.txt (RTN
+weighted by the importance matrix), then `compress export --format genai` at accuracy levels 0 and 4. Every package
+is run by onnxruntime_genai itself: KL(original fp32 torch ‖ package) and top-1 on the ANCHORS.md windows
+(persuasion.txt, first 6 × 512 tokens); speed in a child process per package and round (packages in turn, rounds
+repeated): prefill tokens/s of one 512-token prompt, decode ms/token = median of `--decode-tokens` greedy steps
+after a 64-token prompt; peak RSS of that child. 2 threads (the machine's cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# benchmarks/ last: its gguf.py must not shadow the gguf package that compress imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+sys.path[:0] = [str(REPO)]
+sys.path.append(str(REPO / "benchmarks"))
+from heldout_text import AUSTEN, NOVELS  # noqa: E402
+
+HEADING = "ONNX Runtime GenAI packages: the model builder's int4 and ours (issue 18)"
+RESULTS = REPO / "benchmarks" / "results" / "genai.json"
+CALIB_TOKENS = 2048
+WORK = Path("~/.cache/compress/bench/genai").expanduser()
+
+SPEED_CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+import onnxruntime_genai as og
+path, prompt_len, decode_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ids = json.loads(sys.argv[4])
+model = og.Model(path)
+def run(n_prompt, n_new):
+    p = og.GeneratorParams(model)
+    p.set_search_options(do_sample=False, max_length=n_prompt + n_new)
+    g = og.Generator(model, p)
+    t = time.perf_counter(); g.append_tokens(ids[:n_prompt]); first = time.perf_counter() - t
+    steps = []
+    for _ in range(n_new - 1):
+        t = time.perf_counter(); g.generate_next_token(); steps.append(time.perf_counter() - t)
+    return first, steps
+run(16, 4)  # warm-up
+prefill, _ = run(prompt_len, 1)
+_, steps = run(64, decode_tokens + 1)
+print(json.dumps({"prefill_s": prefill, "prefill_tok_s": prompt_len / prefill,
+                  "decode_ms": 1000 * float(np.median(steps)),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def main() -> None:
+    from markdown import publish_state
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--avg-bits", type=float, default=4.5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--no-markdown", action="store_true")
+    a = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from compress.data import load_windows
+    from compress.models import load_model
+    from compress.models.zoo import pull
+
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    WORK.mkdir(parents=True, exist_ok=True)
+    ref = load_model(a.model)
+    anchors = load_windows(str(AUSTEN / "persuasion.txt"), ref, split="all", tokens=3072, seq_len=512,
+                           sequential=True)
+    with torch.inference_mode():
+        ref_logits = [ref.module(input_ids=ids[None], use_cache=False).logits[0].float() for ids in anchors.input_ids]
+    packages = {}
+    builder = _builder_packages(Path(pull(a.model)), WORK / "builder")
+    packages.update(builder)
+    packages.update(_our_packages(a.model, a.avg_bits, WORK / "ours"))
+    state = {"model": a.model, "avg_bits": a.avg_bits, "rows": {}, "speed_rounds": [],
+             "command": shlex.join(["python", "benchmarks/genai.py", *sys.argv[1:]]), "versions": _versions()}
+    for label, (path, meta) in packages.items():
+        state["rows"][label] = {**meta, **_accuracy(path, anchors, ref_logits), **_size(path)}
+        print(label, state["rows"][label], flush=True)
+    prompt = anchors.input_ids[0].tolist()
+    for r in range(a.rounds):
+        rnd = {}
+        for label, (path, _) in packages.items():
+            rnd[label] = _speed(path, prompt, a.decode_tokens)
+            print("round", r, label, rnd[label], flush=True)
+        state["speed_rounds"].append(rnd)
+    for label in packages:
+        rounds = [rd[label] for rd in state["speed_rounds"]]
+        state["rows"][label].update({k: statistics.median(x[k] for x in rounds)
+                                     for k in ("prefill_tok_s", "decode_ms", "peak_rss_mb")})
+    publish_state(state, t0, RESULTS, HEADING, render, not a.no_markdown)
+
+
+def _builder_packages(model_dir: Path, root: Path) -> dict:
+    """The builder's own int4 of the fp32 model, at accuracy levels 4 (its CPU default) and 0."""
+    from exporters.genai import _build
+
+    src = root / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if cfg.get("rope_scaling") is None:
+        cfg["rope_scaling"] = {"rope_type": "default"}  # the builder iterates it; null crashes 0.18
+    (src / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name not in ("config.json", ".compress-output") and not (src / f.name).exists():
+            (src / f.name).symlink_to(f)
+    out = {}
+    for level in (4, 0):
+        dst = root / f"int4-acc{level}"
+        if not (dst / "genai_config.json").is_file():
+            t = time.perf_counter()
+            _build(src, dst, root / "cache", [f"accuracy_level={level}"])
+            print(f"builder level {level}: {time.perf_counter() - t:.0f} s", flush=True)
+        out[f"builder int4, accuracy level {level}"] = (dst, {"who": "builder", "accuracy_level": level})
+    return out
+
+
+def _our_packages(model: str, avg_bits: float, root: Path) -> dict:
+    """Our layer-wise --target ort artifact, exported as packages at accuracy levels 0 and 4."""
+    from compress.artifact_formats import load_artifact
+    from exporters.genai import write_genai
+    from flows.quantize import QuantizeRequest, run_quantize
+
+    art = root / f"lw{avg_bits}"
+    if not (art / "compress.json").is_file():
+        run_quantize(QuantizeRequest(model=model, layerwise=True, avg_bits=avg_bits, target="ort", measure="fast",
+                                     data=NOVELS, tokens=CALIB_TOKENS, seq_len=512, evaluate=False, out=art))
+    loaded = load_artifact(art)
+    meta = {"who": "ours", "artifact_bpw": loaded.extra["manifest"]["bpw"],
+            "units": loaded.extra["manifest"]["plan"]["meta"].get("units")}
+    out = {}
+    for level in (0, 4):
+        dst = root / f"genai-lw{avg_bits}-acc{level}"
+        if not (dst / "genai_config.json").is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=".genai-", dir=root))
+            pkg = write_genai(loaded, tmp, level)
+            tmp.rename(dst)
+            (dst / "package.json").write_text(json.dumps(pkg.to_dict(), indent=1))
+        pkg = json.loads((dst / "package.json").read_text())
+        out[f"ours: layer-wise {avg_bits} bpw, accuracy level {level}"] = (
+            dst, {**meta, "accuracy_level": level, "nodes": pkg["nodes"], "fusions": pkg["fusions"],
+                  "ops": pkg["ops"]})
+    return out
+
+
+def _accuracy(path: Path, anchors, ref_logits) -> dict:
+    import torch
+
+    from compress.metrics import kl_per_token, log_softmax_chunked
+    from exporters.genai import package_logits
+
+    got = package_logits(path, anchors)
+    kl, top1 = [], []
+    for g, w in zip(got, ref_logits, strict=True):
+        gt = torch.from_numpy(g)
+        kl.append(kl_per_token(log_softmax_chunked(w), gt))
+        top1.append((gt.argmax(-1) == w.argmax(-1)).float())
+    return {"kl": float(torch.cat(kl).mean()), "top1": float(torch.cat(top1).mean())}
+
+
+def _size(path: Path) -> dict:
+    import collections
+
+    import onnx
+
+    m = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    ops = collections.Counter(n.op_type for n in m.graph.node)
+    return {"file_bytes": sum(f.stat().st_size for f in path.glob("model.onnx*")), "nodes": sum(ops.values()),
+            "matmulnbits": ops.get("MatMulNBits", 0), "gqa": ops.get("GroupQueryAttention", 0),
+            "skip_norm": ops.get("SkipSimplifiedLayerNormalization", 0)}
+
+
+def _speed(path: Path, prompt: list[int], decode_tokens: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", SPEED_CHILD, str(path), str(len(prompt)), str(decode_tokens),
+                          json.dumps(prompt)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("onnxruntime-genai", "onnxruntime", "torch")}
+
+
+def render(state: dict) -> str:
+    """The BENCHMARKS.md section."""
+    m, v = state["machine"], state["versions"]
+    lines = [f"Written by `{state['command']}` ({m['cores']} cores, onnxruntime-genai {v['onnxruntime-genai']}, "
+             f"onnxruntime {v['onnxruntime']}, {state['seconds'] / 60:.0f} min). {state['model']}; KL = mean "
+             "per-token KL(original fp32 in torch ‖ package run by onnxruntime_genai) on the ANCHORS.md windows "
+             "(persuasion.txt, first 6 × 512 tokens); prefill = one 512-token prompt; decode = median ms per greedy "
+             "step after a 64-token prompt; each package timed in its own child process, packages in turn, "
+             f"{len(state['speed_rounds'])} rounds, medians shown; RSS = that child's peak.", "",
+             "| package | file bytes | KL | top-1 | nodes | MatMulNBits | GQA | prefill tok/s | decode ms/token | "
+             "peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, r in state["rows"].items():
+        lines.append(f"| {label} | {r['file_bytes']:,} | {r['kl']:.4f} | {r['top1']:.3f} | {r['nodes']} | "
+                     f"{r['matmulnbits']} | {r['gqa']} | {r.get('prefill_tok_s', float('nan')):.0f} | "
+                     f"{r.get('decode_ms', float('nan')):.2f} | {r.get('peak_rss_mb', float('nan')):.0f} |")
+    lines += ["", *_verdicts(state["rows"])]
+    return "\n".join(lines)
+
+
+def _verdicts(rows: dict) -> list[str]:
+    """Issue 18's targets, per accuracy level: size ≤ builder's, KL ≤ 0.5× builder's, decode ≥ 1.0× builder's
+    speed, prefill ≥ 0.9× builder's."""
+    out = []
+    for level in (0, 4):
+        b = rows.get(f"builder int4, accuracy level {level}")
+        o = next((r for k, r in rows.items() if k.startswith("ours") and r["accuracy_level"] == level), None)
+        if not b or not o or "decode_ms" not in o:
+            continue
+        size, kl = o["file_bytes"] / b["file_bytes"], o["kl"] / b["kl"]
+        dec, pre = b["decode_ms"] / o["decode_ms"], o["prefill_tok_s"] / b["prefill_tok_s"]
+        out.append(f"- Accuracy level {level}: size {size:.3f}× the builder's ({'≤' if size <= 1 else '>'} 1), KL "
+                   f"{kl:.3f}× (target ≤ 0.5: {'met' if kl <= 0.5 and size <= 1 else 'missed'}), decode speed "
+                   f"{dec:.2f}× (target ≥ 1.0: {'met' if dec >= 1.0 else 'missed'}), prefill {pre:.2f}× (target ≥ "
+                   f"0.9: {'met' if pre >= 0.9 else 'missed'}).")
+    return out
+
+
+if __name__ == "__main__":
+    main()
