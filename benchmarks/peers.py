@@ -49,6 +49,10 @@ OURS = {  # row -> (description, QuantizeRequest fields)
                     dict(layerwise=True, avg_bits=3.5, measure="fast")),
     "ours-lw-4.5-gptq": ("ours: `--layerwise --avg-bits 4.5 --measure fast --method gptq`",
                          dict(layerwise=True, avg_bits=4.5, measure="fast", method="gptq")),
+    "ours-105MB": ("ours: `--layerwise --max-size 105000000 --measure fast` (RTN + importance matrix)",
+                   dict(layerwise=True, max_size=105_000_000, measure="fast")),
+    "ours-105MB-gptq": ("ours: `--layerwise --max-size 105000000 --measure fast --method gptq`",
+                        dict(layerwise=True, max_size=105_000_000, measure="fast", method="gptq")),
 }
 NNCF = {  # row -> (description, compress_weights keywords, data-aware)
     "nncf-awq-all": ("NNCF INT4_SYM g32, AWQ + scale estimation, all_layers", dict(all_layers=True), True),
@@ -209,6 +213,11 @@ def _verdicts(rows: list[dict]) -> str:
         out.append(f"{r['what']} at {r['bpw']:.3f} bpw: KL {r['kl']:.4f} = {ratio:.2f}× {best['what']} "
                    f"({best['kl']:.4f} at {best['bpw']:.3f} bpw): target ≤ {TARGET}× "
                    f"{'met' if ratio <= TARGET else 'missed'}.")
+    small = [r for r in rows if r["row"].startswith("ours-105MB")]
+    if small:
+        best = min(small, key=lambda r: r["kl"])
+        out.append(f"At ≤ 105 MB of weights: best KL {best['kl']:.4f} ({best['what']}); target ≤ 0.020 "
+                   f"{'met' if best['kl'] <= 0.020 else 'missed'}.")
     return "Target (issue 17): " + (" ".join(out) if out else "no layer-wise row yet.")
 
 
