@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--part", choices=("all", "rows", "cost"), default="all",
+                    help="rows: the KL pairs only; cost: only the timing (run it alone), keeping the rows written")
     ap.add_argument("--no-markdown", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -67,7 +69,12 @@ def main() -> None:
     def publish() -> None:
         publish_state(state, t0, RESULTS, HEADING, render, not a.no_markdown)
 
-    for label in [r.strip() for r in a.rows.split(",") if r.strip()]:
+    if a.part == "cost" and RESULTS.is_file():
+        import json
+
+        state["rows"] = json.loads(RESULTS.read_text())["rows"]
+    labels = [r.strip() for r in a.rows.split(",") if r.strip()] if a.part != "cost" else []
+    for label in labels:
         row = {"row": label}
         for variant, use in (("plain", False), ("imatrix", True)):
             with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
@@ -80,8 +87,10 @@ def main() -> None:
             print(label, variant, row[variant], flush=True)
         state["rows"].append(row)
         publish()
-    state["cost"] = _cost(ref, a.repeats)
-    print(state["cost"], flush=True)
+    if a.part != "rows":
+        state["cost"] = _cost(ref, a.repeats)
+        state["cost"]["command"] = state["command"]
+        print(state["cost"], flush=True)
     publish()
 
 
@@ -138,7 +147,8 @@ def render(state: dict) -> str:
     c = state.get("cost")
     if c:
         verdict = "met" if c["ratio"] <= 1.2 else "missed"
-        lines += ["", f"Cost of the importance-matrix pass ({c['windows']} windows of 512 tokens, batches of 4, "
+        lines += ["", f"Cost of the importance-matrix pass (`{c.get('command', state['command'])}`, alone on the "
+                  f"machine; {c['windows']} windows of 512 tokens, batches of 4, "
                   f"medians of {c['repeats']}, interleaved): {c['imatrix_s']:.2f} s against {c['forward_s']:.2f} s for "
                   f"one plain forward of the whole model over the same windows: **{c['ratio']:.2f}×** (target ≤ "
                   f"1.2×: {verdict}). The `s` columns are each whole quantize run (load, importance pass, "
