@@ -807,6 +807,9 @@ def export_(
     tokens: int = typer.Option(512, "--tokens", help="Held-out tokens for validation."),
     seq_len: int = typer.Option(256, "--seq-len", help="Validation window length."),
     seed: int = SEED,
+    stream: str = typer.Option("auto", "--stream", help="--gguf: " + STREAM.help("work on the model block by "
+                                                                                   "block from disk:")),
+    device: str = DEVICE_OPT,
     json_out: bool = JSON,
     arch: str = ARCH,
     trust_pickle: bool = TRUST,
@@ -818,9 +821,12 @@ def export_(
     allow_remote_code(trust_remote_code)
     if gguf_out is not None and onnx_out is None:
         return _export_gguf(model, gguf_out, float_type, do_validate, data, tokens, seq_len, seed, max_kl, min_top1,
-                            json_out, force, debug)
+                            json_out, force, debug, stream, device)
     if (onnx_out is None) == (gguf_out is None):
         raise UserError("export: pass exactly one of --onnx OUT_DIR or --gguf OUT.gguf")
+    if stream != "auto" or device != "auto":
+        raise UserError("--stream / --device apply to --gguf (block by block); an ONNX export loads the whole model: "
+                        "drop them")
     claim_outputs(force, dirs={"--onnx": onnx_out})
     _precheck(model, data, arch)
     from flows.export import ExportRequest, run_export
@@ -843,12 +849,12 @@ def export_(
 @verb
 def _export_gguf(model: str, out: Path, float_type: str, do_validate: bool, data: str | None, tokens: int,
                  seq_len: int, seed: int, max_kl: float | None, min_top1: float | None, json_out: bool,
-                 force: bool, debug: bool) -> None:
+                 force: bool, debug: bool, stream: str = "auto", device: str = "auto") -> None:
     claim_outputs(force, files={"--gguf": out, "--gguf (its .json report)": Path(str(out) + ".json")})
     _precheck(model, data)
     from flows.gguf import GgufRequest, run_gguf_export
     req = GgufRequest(model=model, out=out, float_type=float_type, validate=do_validate, data=data, tokens=tokens,
-                      seq_len=seq_len, seed=seed, max_kl=max_kl, min_top1=min_top1)
+                      seq_len=seq_len, seed=seed, max_kl=max_kl, min_top1=min_top1, stream=stream, device=device)
     with progress_bar(not json_out) as p:
         result = run_gguf_export(req, progress=p)
     if json_out:

@@ -134,6 +134,121 @@ def export_gguf(model: LoadedModel | str | Path, out_path: Path | str, *, float_
                       round(time.perf_counter() - t0, 2), rows, notes)
 
 
+def export_gguf_streaming(lazy, out_path: Path | str, *, float_type: str = "F16",
+                          tokenizer_gguf: Path | str | None = None, progress=None) -> GgufReport:
+    """export_gguf for a compress.stream LazyModel: the tensor table is laid out first from the shapes and specs,
+    then each block is read, encoded, written and freed, so memory holds one block (and the embedding table while
+    it is written) instead of the model. The bytes are those export_gguf writes for the same model."""
+    t0 = time.perf_counter()
+    ftype = _float_type(float_type)
+    out = Path(out_path)
+    if out.is_dir():
+        raise UserError(f"{out_path} is a directory: pass the path of the .gguf file to write")
+    loaded, model = lazy.loaded, lazy.model
+    config = model.config
+    _check_config(config, loaded.spec)
+    lazy.load_trunk()
+    tied = _is_tied(model)
+    lazy.drop_trunk()
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    order = _source_names(config, tied)
+    layout = [_planned_tensor(names, hf, lazy, ftype) for hf in order]
+    file_type = _file_type([TensorRow(n, hf, "", q.name, shape, True, 0.0, "") for n, hf, shape, q, _, _ in layout])
+    source = Path(tokenizer_gguf).expanduser() if tokenizer_gguf else _source_gguf(loaded)
+    if tokenizer_gguf and not source.is_file():
+        raise UserError(f"tokenizer GGUF {tokenizer_gguf} not found: pass an existing .gguf file")
+    heads = {"attn_q": config.num_attention_heads,
+             "attn_k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    planned = set(lazy.specs)
+    rows: list[TensorRow] = []
+    task = progress.add_task("gguf blocks", total=len(order)) if progress is not None else None
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), ARCH)
+        try:
+            _add_metadata(writer, config, loaded.spec, FILE_TYPES[file_type])
+            tok = add_tokenizer(writer, loaded.tokenizer, config, int(config.vocab_size), source)
+            for name, _hf, _shape, qtype, byte_shape, dtype in layout:
+                nbytes = int(np.prod(byte_shape)) * np.dtype(dtype).itemsize
+                writer.add_tensor_info(name, byte_shape, np.dtype(dtype), nbytes,
+                                       raw_dtype=None if qtype in (T.F32, T.F16) else qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            loaded_part: str | None = None
+            for name, hf, _shape, qtype, _bs, _dt in layout:
+                part = _part_of(hf, lazy.lmap.blocks_path)
+                if part != loaded_part:
+                    _swap_part(lazy, loaded_part, part)
+                    loaded_part = part
+                row, data, got = _encode(name, hf, model.get_submodule(hf), ftype, hf in planned)
+                if got != qtype:
+                    raise RuntimeError(f"{hf}: encoded as {got.name}, laid out as {qtype.name}")
+                n_head = heads.get(name.split(".")[-2])
+                writer.write_tensor_data(permute_rows(data, n_head) if n_head else data)
+                rows.append(row)
+                if progress is not None:
+                    progress.advance(task)
+            _swap_part(lazy, loaded_part, None)
+        finally:
+            writer.close()
+    size = out.stat().st_size
+    params = sum(int(np.prod(r.shape)) for r in rows)
+    notes = [f"{r.source}: {r.note}" for r in rows if r.note]
+    return GgufReport(str(out), size, params, round(size * 8 / params, 4), file_type.name, tok,
+                      round(time.perf_counter() - t0, 2), rows, notes)
+
+
+def _source_names(config, tied: bool) -> list[str]:
+    """The HF module names written, in file order (what `_sources` lists, without the modules)."""
+    out = ["model.embed_tokens"]
+    for i in range(config.num_hidden_layers):
+        out += [f"model.layers.{i}.{part}" for part in LAYER_NORMS[:1] + LAYER_MATRICES + LAYER_NORMS[1:]]
+    out.append("model.norm")
+    return out if tied else [*out, "lm_head"]
+
+
+def _planned_tensor(names, hf: str, lazy, ftype: T) -> tuple:
+    """(llama.cpp name, HF name, shape, type, stored shape, stored dtype) of one tensor, from the skeleton's shape
+    and the artifact's spec, before any weight is read."""
+    from exporters.gguf_blocks import type_for
+
+    name = names.get_name(f"{hf}.weight", try_suffixes=(".weight",))
+    if name is None:
+        raise UserError(f"{lazy.loaded.spec}: no llama.cpp tensor name for {hf}")
+    module = lazy.model.get_submodule(hf)
+    packed = _packed(module)
+    shape = [packed.rows, packed.cols] if packed is not None else list(module.weight.shape)
+    if len(shape) == 1:
+        return name, hf, shape, T.F32, shape, np.float32
+    spec = lazy.specs.get(hf)
+    if spec is not None and not spec.is_float:
+        qtype = type_for(spec)
+    else:
+        qtype = _encode_float(np.zeros((1, shape[1]), np.float32), ftype).qtype
+    if qtype in (T.F32, T.F16):
+        return name, hf, shape, qtype, shape, np.float32 if qtype == T.F32 else np.float16
+    return name, hf, shape, qtype, list(gguf.quant_shape_to_byte_shape(shape, qtype)), np.uint8
+
+
+def _part_of(hf: str, blocks_path: str) -> str:
+    """'block N' for a module of block N, 'trunk' for the embedding, final norm and head."""
+    if hf.startswith(blocks_path + "."):
+        return "block " + hf[len(blocks_path) + 1:].split(".")[0]
+    return "trunk"
+
+
+def _swap_part(lazy, old: str | None, new: str | None) -> None:
+    """Drop the part in memory and read the next one."""
+    for part, load in ((old, False), (new, True)):
+        if part is None:
+            continue
+        if part == "trunk":
+            lazy.load_trunk(keep_storage=False) if load else lazy.drop_trunk()
+        else:
+            i = int(part.split()[1])
+            lazy.load_block(i) if load else lazy.drop_block(i)
+
+
 def permute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's q/k row order (convert_hf_to_gguf LlamaModel.permute): within each head, the two rotary halves
     are interleaved. Rows only, so the blocks along the input axis move whole."""

@@ -301,3 +301,23 @@ def test_an_explicit_cpu_device_writes_the_same_bytes(model_dir, text_file, tmp_
     _quantize(model_dir, tmp_path / "auto", "on", text_file)
     _quantize(model_dir, tmp_path / "cpu", "on", text_file, device="cpu")
     assert _weights(tmp_path / "auto") == _weights(tmp_path / "cpu")
+
+
+def test_gguf_export_streams_the_same_bytes_and_validates(model_dir, text_file, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from exporters.gguf import export_gguf
+    from flows.gguf import GgufRequest, run_gguf_export
+
+    from flows.quantize import QuantizeRequest, run_quantize
+
+    run_quantize(QuantizeRequest(model=str(model_dir), bits=4, group_size=32, target="gguf", data=str(text_file),
+                                 tokens=128, evaluate=False, seq_len=32, out=tmp_path / "art"))
+    for src in (model_dir, tmp_path / "art"):
+        export_gguf(src, tmp_path / "whole.gguf")
+        result = run_gguf_export(GgufRequest(model=str(src), out=tmp_path / "streamed.gguf", data=str(text_file),
+                                             tokens=64, seq_len=32, stream="on"))
+        assert result["stream"] and result["passed"], result.get("validation")
+        assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+        (tmp_path / "whole.gguf").unlink()
+        (tmp_path / "streamed.gguf").unlink()
+        Path(str(tmp_path / "streamed.gguf") + ".json").unlink()

@@ -53,6 +53,28 @@ def evaluate_streaming(candidate: LazyModel, reference: LazyModel | None, window
                       provenance=provenance, **metrics)
 
 
+def logits_streaming(lazy: LazyModel, windows: Windows) -> list[torch.Tensor]:
+    """Logits [seq, vocab] (float32) of each window, the model read block by block: what
+    `model(input_ids=window).logits[0]` gives for a model held whole."""
+    calls = _capture(lazy, windows)
+    hidden = [c.hidden for c in calls]
+    with torch.inference_mode():
+        for i in range(len(lazy.blocks)):
+            lazy.load_block(i)
+            hidden = [lazy.run_block(i, c, h) for c, h in zip(calls, hidden, strict=True)]
+            lazy.drop_block(i)
+        lazy.load_trunk()
+        try:
+            out = []
+            for h in hidden:
+                final = lazy.final_hidden(h).reshape(-1, h.shape[-1])
+                out.append(torch.cat([lazy.logits(final[s:s + TOKEN_ROWS]) for s in range(0, len(final), TOKEN_ROWS)])
+                           .float().cpu())
+        finally:
+            lazy.drop_trunk()
+    return out
+
+
 def files_hash(lazy: LazyModel) -> str:
     """sha256 over the sha256s of the model's safetensors files in order: which stored weights were evaluated.
     An output this tool wrote has them in its file records, already checked when it was opened."""
