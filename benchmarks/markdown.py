@@ -10,13 +10,18 @@ HEADER = ("# Benchmarks\n\nEach section is written by the script it names, with 
 
 
 def replace_section(path: Path, heading: str, body: str) -> None:
-    """Put `## heading` + body into the file, replacing the section of that heading if present."""
-    text = path.read_text() if path.exists() else HEADER
-    section = f"## {heading}\n\n{body.strip()}\n\n"
-    pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    found = pattern.search(text)
-    text = pattern.sub(lambda _: section, text) if found else text.rstrip() + "\n\n" + section
-    path.write_text(text.rstrip() + "\n")
+    """Put `## heading` + body into the file, replacing the section of that heading if present; under a lock, so
+    benchmarks running side by side (the ones whose figures are not timings) do not lose each other's sections."""
+    import fcntl
+
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = path.read_text() if path.exists() else HEADER
+        section = f"## {heading}\n\n{body.strip()}\n\n"
+        pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+        found = pattern.search(text)
+        text = pattern.sub(lambda _: section, text) if found else text.rstrip() + "\n\n" + section
+        path.write_text(text.rstrip() + "\n")
 
 
 def publish_state(state: dict, started: float, results: Path, heading: str, render, markdown: bool = True) -> None:
