@@ -49,6 +49,8 @@ OURS = {  # row -> (description, QuantizeRequest fields)
                     dict(layerwise=True, avg_bits=3.5, measure="fast")),
     "ours-lw-4.5-gptq": ("ours: `--layerwise --avg-bits 4.5 --measure fast --method gptq`",
                          dict(layerwise=True, avg_bits=4.5, measure="fast", method="gptq")),
+    "ours-lw-5.25": ("ours: `--layerwise --avg-bits 5.25 --measure fast` (RTN + importance matrix)",
+                     dict(layerwise=True, avg_bits=5.25, measure="fast")),
     "ours-105MB": ("ours: `--layerwise --max-size 105000000 --measure fast` (RTN + importance matrix)",
                    dict(layerwise=True, max_size=105_000_000, measure="fast")),
     "ours-105MB-gptq": ("ours: `--layerwise --max-size 105000000 --measure fast --method gptq`",
@@ -70,6 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--rows", default=",".join([*NNCF, *OURS]))
+    ap.add_argument("--keep", action="store_true", help="keep the rows of earlier runs that are not run now")
     ap.add_argument("--no-markdown", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -80,7 +83,14 @@ def main() -> None:
                            sequential=True)
     state = {"model": a.model, "rows": [], "versions": _versions(),
              "command": shlex.join(["python", "benchmarks/peers.py", *sys.argv[1:]])}
-    for row in [r.strip() for r in a.rows.split(",") if r.strip()]:
+    wanted = [r.strip() for r in a.rows.split(",") if r.strip()]
+    if a.keep and RESULTS.is_file():
+        import json
+
+        earlier = json.loads(RESULTS.read_text())
+        state["rows"] = [r for r in earlier["rows"] if r["row"] not in wanted]
+        state["command"] = earlier["command"] + "; " + state["command"]
+    for row in wanted:
         t = time.perf_counter()
         if row in NNCF:
             desc, kw, aware = NNCF[row]
