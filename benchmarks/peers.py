@@ -208,15 +208,17 @@ def render(state: dict) -> str:
 
 
 def _verdicts(rows: list[dict]) -> str:
-    """Target (issue 17): at each of our layer-wise budgets, our KL ≤ 0.8 × the best peer's at ≤ our bpw."""
+    """Target (issue 17): at each of our layer-wise budgets B, our KL ≤ 0.8 × the best peer's among those at or
+    above our bpw and at most B + 0.05 (ours at equal or lower bpw, the peer at the same budget)."""
     out = []
     peers = [r for r in rows if r["row"].startswith("nncf")]
     for r in rows:
         if not r["row"].startswith("ours-lw"):
             continue
-        fair = [p for p in peers if p["bpw"] <= r["bpw"] + 1e-3]
+        budget = OURS.get(r["row"], ("", {}))[1].get("avg_bits", r["bpw"])
+        fair = [p for p in peers if r["bpw"] - 1e-3 <= p["bpw"] <= budget + 0.05]  # ours at equal or lower bpw
         if not fair:
-            out.append(f"{r['what']} at {r['bpw']:.3f} bpw: no peer row at or below this bpw (not evaluated).")
+            out.append(f"{r['what']} at {r['bpw']:.3f} bpw: no peer lands at this budget (not evaluated).")
             continue
         best = min(fair, key=lambda p: p["kl"])
         ratio = r["kl"] / best["kl"]
