@@ -297,6 +297,8 @@ def main() -> None:
     ap.add_argument("--imatrix", type=Path, default=None, help="also quantize --imatrix-types with llama-quantize "
                     "--imatrix FILE (e.g. an artifact's imatrix.gguf; benchmarks/llamacpp_tools.py builds the tool)")
     ap.add_argument("--imatrix-types", default="Q4_K_M", help="llama.cpp types made with --imatrix")
+    ap.add_argument("--heading", default=None, help="write this run's table under its own BENCHMARKS.md heading "
+                    "instead of rewriting the whole GGUF section from every results file")
     ap.add_argument("--no-ort-kl", dest="ort_kl", action="store_false", help="skip the ORT graph's KL")
     ap.add_argument("--no-ort-acc4", dest="ort_acc4", action="store_false",
                     help="skip the extra ORT export with int8 activations (accuracy level 4)")
@@ -406,7 +408,17 @@ def main() -> None:
     print(f"wrote {out}")
     for c in result["comparisons"]:
         print(comparison_line(c))
-    if not a.no_section:
+    if a.heading:
+        from benchmarks.markdown import replace_section
+
+        intro = (f"Written by `{command}` on {meta['date']} ({meta['cores']} cores, llama-cpp-python "
+                 f"{meta['llama_cpp_python']}; load average {meta['started']['load_average'][0]:.1f} at the start). "
+                 "Protocol as in the section \"GGUF export for llama.cpp\": llama.cpp runs each file on the "
+                 "ANCHORS.md windows; KL(reference fp32 ‖ llama.cpp). Ours now carry RTN codes weighted by the "
+                 "importance matrix collected on the calibration text; `+ our imatrix` rows are llama.cpp's own "
+                 "quantizer (`llama-quantize --imatrix`, benchmarks/llamacpp_tools.py) given that same matrix.")
+        replace_section(a.markdown, a.heading, "\n".join([intro, "", *model_table(result)]) + "\n")
+    elif not a.no_section:
         write_section(a.results, a.markdown)
 
 
