@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--avg-bits", type=float, default=4.5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--no-speed", action="store_true", help="accuracy, size and graph only (for a machine that is "
+                    "busy: speed figures would mean nothing)")
     ap.add_argument("--no-markdown", action="store_true")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,13 +101,13 @@ def main() -> None:
         state["rows"][label] = {**meta, **_accuracy(path, anchors, ref_logits), **_size(path)}
         print(label, state["rows"][label], flush=True)
     prompt = anchors.input_ids[0].tolist()
-    for r in range(a.rounds):
+    for r in range(0 if a.no_speed else a.rounds):
         rnd = {}
         for label, (path, _) in packages.items():
             rnd[label] = _speed(path, prompt, a.decode_tokens)
             print("round", r, label, rnd[label], flush=True)
         state["speed_rounds"].append(rnd)
-    for label in packages:
+    for label in packages if state["speed_rounds"] else []:
         rounds = [rd[label] for rd in state["speed_rounds"]]
         state["rows"][label].update({k: statistics.median(x[k] for x in rounds)
                                      for k in ("prefill_tok_s", "decode_ms", "peak_rss_mb")})
@@ -216,10 +218,16 @@ def render(state: dict) -> str:
              "peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in state["rows"].items():
         lines.append(f"| {label} | {r['file_bytes']:,} | {r['kl']:.4f} | {r['top1']:.3f} | {r['nodes']} | "
-                     f"{r['matmulnbits']} | {r['gqa']} | {r.get('prefill_tok_s', float('nan')):.0f} | "
-                     f"{r.get('decode_ms', float('nan')):.2f} | {r.get('peak_rss_mb', float('nan')):.0f} |")
+                     f"{r['matmulnbits']} | {r['gqa']} | {_num(r, 'prefill_tok_s', 0)} | {_num(r, 'decode_ms', 2)} | "
+                     f"{_num(r, 'peak_rss_mb', 0)} |")
     lines += ["", *_verdicts(state["rows"])]
+    if not state["speed_rounds"]:
+        lines += ["", "Speed not measured in this run (`--no-speed`: the machine was busy with other jobs)."]
     return "\n".join(lines)
+
+
+def _num(row: dict, key: str, digits: int) -> str:
+    return f"{row[key]:.{digits}f}" if key in row else "not measured"
 
 
 def _verdicts(rows: dict) -> list[str]:
@@ -229,9 +237,13 @@ def _verdicts(rows: dict) -> list[str]:
     for level in (0, 4):
         b = rows.get(f"builder int4, accuracy level {level}")
         o = next((r for k, r in rows.items() if k.startswith("ours") and r["accuracy_level"] == level), None)
-        if not b or not o or "decode_ms" not in o:
+        if not b or not o:
             continue
         size, kl = o["file_bytes"] / b["file_bytes"], o["kl"] / b["kl"]
+        if "decode_ms" not in o:
+            out.append(f"- Accuracy level {level}: size {size:.3f}× the builder's, KL {kl:.3f}× (target ≤ 0.5 at ≤ its "
+                       f"size: {'met' if kl <= 0.5 and size <= 1 else 'missed'}); speed not measured.")
+            continue
         dec, pre = b["decode_ms"] / o["decode_ms"], o["prefill_tok_s"] / b["prefill_tok_s"]
         out.append(f"- Accuracy level {level}: size {size:.3f}× the builder's ({'≤' if size <= 1 else '>'} 1), KL "
                    f"{kl:.3f}× (target ≤ 0.5: {'met' if kl <= 0.5 and size <= 1 else 'missed'}), decode speed "
