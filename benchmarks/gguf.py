@@ -409,15 +409,7 @@ def main() -> None:
     for c in result["comparisons"]:
         print(comparison_line(c))
     if a.heading:
-        from benchmarks.markdown import replace_section
-
-        intro = (f"Written by `{command}` on {meta['date']} ({meta['cores']} cores, llama-cpp-python "
-                 f"{meta['llama_cpp_python']}; load average {meta['started']['load_average'][0]:.1f} at the start). "
-                 "Protocol as in the section \"GGUF export for llama.cpp\": llama.cpp runs each file on the "
-                 "ANCHORS.md windows; KL(reference fp32 ‖ llama.cpp). Ours now carry RTN codes weighted by the "
-                 "importance matrix collected on the calibration text; `+ our imatrix` rows are llama.cpp's own "
-                 "quantizer (`llama-quantize --imatrix`, benchmarks/llamacpp_tools.py) given that same matrix.")
-        replace_section(a.markdown, a.heading, "\n".join([intro, "", *model_table(result)]) + "\n")
+        write_heading(result, a.heading, a.markdown, timed=not a.no_decode)
     elif not a.no_section:
         write_section(a.results, a.markdown)
 
@@ -570,6 +562,25 @@ def decode_table(ds: list[dict]) -> list[str]:
                          f"level 0, {pr['bits4_level4_us']} µs at level 4; 8-bit {pr['bits8_level0_us']} µs at level "
                          f"0, {pr['bits8_level4_us']} µs at level 4.")
     return lines + [""] + notes
+
+
+def write_heading(result: dict, heading: str, markdown: Path, timed: bool = True) -> None:
+    """One run's table under its own BENCHMARKS.md heading (the GGUF section itself is left as it is); without
+    timing (--no-decode: the machine was shared) the decode column is dropped."""
+    from benchmarks.markdown import replace_section
+
+    meta = result["meta"]
+    command = meta["command"].replace(str(Path.home()), "~")
+    intro = (f"Written by `{command}` on {meta['date']} ({meta['cores']} cores, llama-cpp-python "
+             f"{meta['llama_cpp_python']}). Protocol as in the section \"GGUF export for llama.cpp\": llama.cpp runs "
+             "each file on the ANCHORS.md windows; KL(reference fp32 ‖ llama.cpp). Ours now carry RTN codes weighted "
+             "by the importance matrix collected on the calibration text; the `+ our imatrix` row is llama.cpp's own "
+             "quantizer (`llama-quantize --imatrix`, built by benchmarks/llamacpp_tools.py) given that same matrix.")
+    lines = [ln.replace(str(Path.home()), "~") for ln in model_table(result)]
+    if not timed:
+        lines = [ln.rsplit("|", 2)[0] + "|" if ln.startswith("|") else ln for ln in lines]
+        lines.append("Decode speed not timed in this run (the machine was shared with other jobs).")
+    replace_section(markdown, heading, "\n".join([intro, "", *lines]) + "\n")
 
 
 def write_section(results: Path = RESULTS, markdown: Path = REPO / "BENCHMARKS.md") -> None:

@@ -208,7 +208,9 @@ def _tie_fix(path: Path, pkg: GenaiPackage) -> None:
                     inits[node.input[k]].CopyFrom(numpy_helper.from_array(arr.reshape(rows, -1), node.input[k]))
                     fixed += 1
     if fixed:
-        onnx.save(m, str(path), save_as_external_data=True, location="model.onnx.data", all_tensors_to_one_file=True)
+        data = path.with_name("model.onnx.data")
+        data.unlink(missing_ok=True)  # loaded into memory above; onnx.save appends to an existing data file
+        onnx.save(m, str(path), save_as_external_data=True, location=data.name, all_tensors_to_one_file=True)
         pkg.notes.append("tied embedding / LM head: one quantized table, read by GatherBlockQuantized and "
                          "MatMulNBits (its scales and zero points reshaped to 2-D for the Gather)")
 

@@ -83,6 +83,9 @@ def test_the_package_carries_our_codes_and_generates_like_the_artifact(tmp_path,
                                                                                  for b in blocks]))
         checked += len(names)
     assert checked == len(linears)
+    stored = sum(v.nbytes for v in inits.values())
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "pkg").glob("model.onnx*"))
+    assert on_disk < stored * 1.05 + 200_000  # the weights once (no stale copy in model.onnx.data)
 
 
 def test_plans_the_package_cannot_run_exactly_are_refused(tmp_path, text_file):

@@ -307,7 +307,6 @@ def test_gguf_export_streams_the_same_bytes_and_validates(model_dir, text_file, 
     pytest.importorskip("llama_cpp")
     from exporters.gguf import export_gguf
     from flows.gguf import GgufRequest, run_gguf_export
-
     from flows.quantize import QuantizeRequest, run_quantize
 
     run_quantize(QuantizeRequest(model=str(model_dir), bits=4, group_size=32, target="gguf", data=str(text_file),

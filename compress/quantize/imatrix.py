@@ -149,9 +149,12 @@ def gguf_names(hf_names: list[str], num_blocks: int) -> dict[str, str]:
 
 def save_gguf(imat: ImportanceMatrix, path: Path, num_blocks: int) -> None:
     """Write `imat` as a llama.cpp imatrix GGUF at `path` (the caller makes it atomic)."""
+    import logging
+
     import gguf
     import numpy as np
 
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # it logs every file it writes at INFO
     names = gguf_names(sorted(imat.sums), num_blocks)
     w = gguf.GGUFWriter(str(path), arch="imatrix")
     w.add_type("imatrix")
