@@ -127,11 +127,7 @@ def export_gguf(model: LoadedModel | str | Path, out_path: Path | str, *, float_
             writer.write_tensors_to_file()
         finally:
             writer.close()
-    size = out.stat().st_size
-    params = sum(int(np.prod(r.shape)) for r in rows)
-    notes = [f"{r.source}: {r.note}" for r in rows if r.note]
-    return GgufReport(str(out), size, params, round(size * 8 / params, 4), file_type.name, tok,
-                      round(time.perf_counter() - t0, 2), rows, notes)
+    return _report(out, rows, file_type, tok, t0)
 
 
 def export_gguf_streaming(lazy, out_path: Path | str, *, float_type: str = "F16",
@@ -157,8 +153,7 @@ def export_gguf_streaming(lazy, out_path: Path | str, *, float_type: str = "F16"
     source = Path(tokenizer_gguf).expanduser() if tokenizer_gguf else _source_gguf(loaded)
     if tokenizer_gguf and not source.is_file():
         raise UserError(f"tokenizer GGUF {tokenizer_gguf} not found: pass an existing .gguf file")
-    heads = {"attn_q": config.num_attention_heads,
-             "attn_k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    heads = _heads(config)
     planned = set(lazy.specs)
     rows: list[TensorRow] = []
     task = progress.add_task("gguf blocks", total=len(order)) if progress is not None else None
@@ -191,11 +186,7 @@ def export_gguf_streaming(lazy, out_path: Path | str, *, float_type: str = "F16"
             _swap_part(lazy, loaded_part, None)
         finally:
             writer.close()
-    size = out.stat().st_size
-    params = sum(int(np.prod(r.shape)) for r in rows)
-    notes = [f"{r.source}: {r.note}" for r in rows if r.note]
-    return GgufReport(str(out), size, params, round(size * 8 / params, 4), file_type.name, tok,
-                      round(time.perf_counter() - t0, 2), rows, notes)
+    return _report(out, rows, file_type, tok, t0)
 
 
 def _source_names(config, tied: bool) -> list[str]:
@@ -274,8 +265,7 @@ def _encode_all(loaded: LoadedModel, ftype: T) -> tuple[list[TensorRow], list[tu
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     sources = _sources(model, config)
     _check_covered(model, [s for s, _ in sources])
-    heads = {"attn_q": config.num_attention_heads,
-             "attn_k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    heads = _heads(config)
     rows, arrays = [], []
     for hf, module in sources:
         name = names.get_name(f"{hf}.weight", try_suffixes=(".weight",))
@@ -292,14 +282,22 @@ def _encode_all(loaded: LoadedModel, ftype: T) -> tuple[list[TensorRow], list[tu
 
 def _sources(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
     """(HF module name, module) of every tensor to write; the LM head only when it is not tied to the embedding."""
-    out = [("model.embed_tokens", model.get_submodule("model.embed_tokens"))]
-    for i in range(config.num_hidden_layers):
-        for part in LAYER_NORMS[:1] + LAYER_MATRICES + LAYER_NORMS[1:]:
-            out.append((f"model.layers.{i}.{part}", model.get_submodule(f"model.layers.{i}.{part}")))
-    out.append(("model.norm", model.get_submodule("model.norm")))
-    if not _is_tied(model):
-        out.append(("lm_head", model.get_submodule("lm_head")))
-    return out
+    return [(name, model.get_submodule(name)) for name in _source_names(config, _is_tied(model))]
+
+
+def _heads(config) -> dict[str, int]:
+    """Heads of the tensors whose rows llama.cpp permutes (attn_q, attn_k)."""
+    return {"attn_q": config.num_attention_heads,
+            "attn_k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+
+
+def _report(out: Path, rows: list[TensorRow], file_type: T, tok, t0: float) -> GgufReport:
+    """The GgufReport of a written file."""
+    size = out.stat().st_size
+    params = sum(int(np.prod(r.shape)) for r in rows)
+    notes = [f"{r.source}: {r.note}" for r in rows if r.note]
+    return GgufReport(str(out), size, params, round(size * 8 / params, 4), file_type.name, tok,
+                      round(time.perf_counter() - t0, 2), rows, notes)
 
 
 def _is_tied(model: nn.Module) -> bool:
