@@ -57,3 +57,13 @@ def minilm():
     from compress.models import load_model
 
     return load_model("minilm-l6")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    """TEXT (tiny_models) repeated 40 times in a file: calibration and evaluation text for the tiny models."""
+    from tiny_models import TEXT
+
+    path = tmp_path_factory.mktemp("text") / "austen.txt"
+    path.write_text(TEXT * 40)
+    return path

@@ -10,22 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import hf_dir
+from tiny_models import TEXT, hf_dir
 
 from compress.errors import UserError
 
 pytest.importorskip("onnxruntime_genai")
 
-TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
-        "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
-        "neighbourhood, this truth is so well fixed in the minds of the surrounding families.")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "austen.txt"
-    path.write_text(TEXT * 40)
-    return path
 
 
 def _artifact(root: Path, text: Path, tied: bool, **kw) -> Path:

@@ -8,15 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import build, hf_dir
+from tiny_models import TEXT, build, hf_dir
 
 from compress.errors import UserError
 from compress.quantize.rtn import quantize_rtn
 from compress.quantize.spec import QuantSpec
 
-TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
-        "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
-        "neighbourhood, this truth is so well fixed in the minds of the surrounding families.")
 SPECS = [QuantSpec(4, 32, True, "rtn"), QuantSpec(4, 32, False, "rtn"), QuantSpec(3, 16, True, "rtn"),
          QuantSpec(8, 32, True, "rtn"), QuantSpec(4, 32, True, "rtn", positive_scale=True),
          QuantSpec(2, 32, False, "rtn")]
@@ -130,13 +127,6 @@ def test_a_matrix_of_another_width_is_refused_naming_the_module():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     return hf_dir(tmp_path_factory.mktemp("hf") / "tiny", TEXT, dtype=torch.float32, tied=True)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "austen.txt"
-    path.write_text(TEXT * 40)
-    return path
 
 
 def _quantize(model: Path, text: Path, out: Path | None = None, **kw) -> dict:

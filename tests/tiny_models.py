@@ -8,6 +8,10 @@ from torch import nn
 from compress.models.hf import LoadedModel
 
 VOCAB = 64
+# a sentence of Pride and Prejudice: the text tiny tokenizers are trained on and tiny tests calibrate on
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+        "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
+        "neighbourhood, this truth is so well fixed in the minds of the surrounding families.")
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
 
