@@ -26,6 +26,7 @@ import torch
 
 from compress.errors import UserError
 
+QKV = ("q_proj", "k_proj", "v_proj")  # packed into one MatMulNBits by the builder
 FAMILIES = {"llama": "LlamaForCausalLM"}  # HF model_type -> architecture the package is tested for
 GENAI_CONFIG = "genai_config.json"
 # classes onnxruntime-genai 0.18's builder imports that transformers 4.57 does not have (models it cannot build
@@ -114,11 +115,14 @@ def _write_olive(loaded, root: Path, pkg: GenaiPackage) -> bool:
         target = "lm_head" if name in tied else name
         tied_quantized |= name in tied
         zeros = blocks["zeros"]
-        if zeros is None:  # symmetric in its own width: MatMulNBits' default zero point, written out
+        if zeros is None and name.rpartition(".")[2] in QKV:
+            # symmetric in its own width: the default zero point, written out, because the builder concatenates
+            # the packed Q/K/V's zero points and 0.18 fails on a missing one
             zeros = pack_rows(np.full((rows, nb), 2 ** (bits - 1), np.uint8), bits)
         state[f"{target}.qweight"] = torch.from_numpy(np.ascontiguousarray(blocks["data"].reshape(rows, -1)))
         state[f"{target}.scales"] = torch.from_numpy(blocks["scales"].astype(np.float32))
-        state[f"{target}.qzeros"] = torch.from_numpy(np.ascontiguousarray(zeros.reshape(rows, -1)))
+        if zeros is not None:  # absent: MatMulNBits' default zero point 2^(bits-1), as the builder's own int4
+            state[f"{target}.qzeros"] = torch.from_numpy(np.ascontiguousarray(zeros.reshape(rows, -1)))
         if bits != default_bits or blocks["block_size"] != default_group:
             overrides[target] = {"bits": bits, "group_size": blocks["block_size"]}
         pkg.layers[name] = f"MatMulNBits {p.spec.label()} (bits {bits})"

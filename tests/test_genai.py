@@ -36,12 +36,14 @@ def _export(art: Path, out: Path, text: Path) -> dict:
 @pytest.mark.parametrize("tied,kw", [
     (True, dict(layerwise=True, avg_bits=5.5, candidates="8,4,2", embeddings="quantize")),
     (False, dict(bits=4, group_size=32)),
+    (False, dict(bits=4, group_size=32, symmetric=False)),
 ])
 def test_the_package_carries_our_codes_and_generates_like_the_artifact(tmp_path, text_file, tied, kw):
     import onnx
     from onnx import numpy_helper
 
     from compress.artifact_formats import load_artifact
+    from exporters.genai import QKV
     from exporters.ort_quant import ort_blocks, quantized_targets
 
     art = _artifact(tmp_path, text_file, tied, **kw)
@@ -71,6 +73,10 @@ def test_the_package_carries_our_codes_and_generates_like_the_artifact(tmp_path,
         assert np.array_equal(inits[node.input[1]], np.concatenate([b["data"] for b in blocks]))
         assert np.array_equal(inits[node.input[2]].reshape(-1), np.concatenate([b["scales"].reshape(-1)
                                                                                  for b in blocks]))
+        # zero points only where the codes need them, or for the packed Q/K/V (the builder concatenates them)
+        has_zeros = len(node.input) > 3 and node.input[3] != ""
+        qkv = names[0].rpartition(".")[2] in QKV
+        assert has_zeros == (any(b["zeros"] is not None for b in blocks) or qkv), node.name
         checked += len(names)
     assert checked == len(linears)
     stored = sum(v.nbytes for v in inits.values())
