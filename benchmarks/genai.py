@@ -2,16 +2,18 @@
 written to BENCHMARKS.md.
 
     pip install -e ".[genai]"
-    python benchmarks/genai.py [--avg-bits 4.5] [--rounds 3] [--decode-tokens 64]
+    python benchmarks/genai.py [--max-size builder|BYTES] [--rounds 3] [--decode-tokens 64]
 
 Builder: `onnxruntime_genai.models.builder` `-p int4 -e cpu` on the fp32 model (its RTN, block 32), at its default
-accuracy level (4: int8 activations) and at 0 (fp32 activations). Ours: `compress quantize --layerwise --avg-bits B
---target ort --measure fast` calibrated on 2,048 tokens of the five Austen novels other than persuasion.txt (RTN
-weighted by the importance matrix), then `compress export --format genai` at accuracy levels 0 and 4. Every package
-is run by onnxruntime_genai itself: KL(original fp32 torch ‖ package) and top-1 on the ANCHORS.md windows
-(persuasion.txt, first 6 × 512 tokens); speed in a child process per package and round (packages in turn, rounds
-repeated): prefill tokens/s of one 512-token prompt, decode ms/token = median of `--decode-tokens` greedy steps
-after a 64-token prompt; peak RSS of that child. 2 threads (the machine's cores).
+accuracy level (4: int8 activations) and at 0 (fp32 activations). Ours: `compress quantize --layerwise --max-size N
+--target ort --measure fast` with N = the bytes of the builder's quantized weights (its MatMulNBits and
+GatherBlockQuantized initializers; `--target ort` counts bytes as the ONNX file stores them), calibrated on 2,048
+tokens of the five Austen novels other than persuasion.txt (RTN weighted by the importance matrix), then `compress
+export --format genai` at accuracy levels 0 and 4. Every package is run by onnxruntime_genai itself: KL(original
+fp32 torch ‖ package) and top-1 on the ANCHORS.md windows (persuasion.txt, first 6 × 512 tokens); speed in a child
+process per package and round (packages in turn, rounds repeated): prefill tokens/s of one 512-token prompt, decode
+ms/token = median of `--decode-tokens` greedy steps after a 64-token prompt; peak RSS of that child. 2 threads (the
+machine's cores).
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--avg-bits", type=float, default=4.5)
+    ap.add_argument("--max-size", default="builder", help="our plan's weight budget in bytes, or 'builder': the "
+                    "bytes of the builder's own quantized weights")
+    ap.add_argument("--candidates", default=None, help="our layer-wise menu (default: --target ort's)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--no-speed", action="store_true", help="accuracy, size and graph only (for a machine that is "
@@ -94,8 +98,10 @@ def main() -> None:
     packages = {}
     builder = _builder_packages(Path(pull(a.model)), WORK / "builder")
     packages.update(builder)
-    packages.update(_our_packages(a.model, a.avg_bits, WORK / "ours"))
-    state = {"model": a.model, "avg_bits": a.avg_bits, "rows": {}, "speed_rounds": [],
+    budget = _quantized_bytes(builder["builder int4, accuracy level 0"][0]) if a.max_size == "builder" \
+        else int(a.max_size)
+    packages.update(_our_packages(a.model, budget, a.candidates, WORK / "ours"))
+    state = {"model": a.model, "max_size": budget, "candidates": a.candidates, "rows": {}, "speed_rounds": [],
              "command": shlex.join(["python", "benchmarks/genai.py", *sys.argv[1:]]), "versions": _versions()}
     for label, (path, meta) in packages.items():
         state["rows"][label] = {**meta, **_accuracy(path, anchors, ref_logits), **_size(path)}
@@ -138,29 +144,43 @@ def _builder_packages(model_dir: Path, root: Path) -> dict:
     return out
 
 
-def _our_packages(model: str, avg_bits: float, root: Path) -> dict:
-    """Our layer-wise --target ort artifact, exported as packages at accuracy levels 0 and 4."""
+def _quantized_bytes(package: Path) -> int:
+    """Bytes of a package's quantized weights: the codes, scales and zero points of its MatMulNBits and
+    GatherBlockQuantized nodes, each initializer once."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(package / "model.onnx"))
+    inits = {i.name: i for i in m.graph.initializer}
+    names = {x for n in m.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized") for x in n.input[:4]}
+    return sum(numpy_helper.to_array(inits[x]).nbytes for x in names if x in inits)
+
+
+def _our_packages(model: str, max_size: int, candidates: str | None, root: Path) -> dict:
+    """Our layer-wise --target ort artifact under `max_size` weight bytes, exported at accuracy levels 0 and 4."""
     from compress.artifact_formats import load_artifact
     from exporters.genai import write_genai
     from flows.quantize import QuantizeRequest, run_quantize
 
-    art = root / f"lw{avg_bits}"
+    tag = f"lw{max_size}" + (f"-{candidates.replace(',', '_')}" if candidates else "")
+    art = root / tag
     if not (art / "compress.json").is_file():
-        run_quantize(QuantizeRequest(model=model, layerwise=True, avg_bits=avg_bits, target="ort", measure="fast",
-                                     data=NOVELS, tokens=CALIB_TOKENS, seq_len=512, evaluate=False, out=art))
+        run_quantize(QuantizeRequest(model=model, layerwise=True, max_size=max_size, target="ort", measure="fast",
+                                     candidates=candidates, data=NOVELS, tokens=CALIB_TOKENS, seq_len=512,
+                                     evaluate=False, out=art))
     loaded = load_artifact(art)
     meta = {"who": "ours", "artifact_bpw": loaded.extra["manifest"]["bpw"],
             "units": loaded.extra["manifest"]["plan"]["meta"].get("units")}
     out = {}
     for level in (0, 4):
-        dst = root / f"genai-lw{avg_bits}-acc{level}"
+        dst = root / f"genai-{tag}-acc{level}"
         if not (dst / "genai_config.json").is_file():
             tmp = Path(tempfile.mkdtemp(prefix=".genai-", dir=root))
             pkg = write_genai(loaded, tmp, level)
             tmp.rename(dst)
             (dst / "package.json").write_text(json.dumps(pkg.to_dict(), indent=1))
         pkg = json.loads((dst / "package.json").read_text())
-        out[f"ours: layer-wise {avg_bits} bpw, accuracy level {level}"] = (
+        out[f"ours: layer-wise ≤ {max_size:,} weight bytes, accuracy level {level}"] = (
             dst, {**meta, "accuracy_level": level, "nodes": pkg["nodes"], "fusions": pkg["fusions"],
                   "ops": pkg["ops"]})
     return out
@@ -220,6 +240,12 @@ def render(state: dict) -> str:
         lines.append(f"| {label} | {r['file_bytes']:,} | {r['kl']:.4f} | {r['top1']:.3f} | {r['nodes']} | "
                      f"{r['matmulnbits']} | {r['gqa']} | {_num(r, 'prefill_tok_s', 0)} | {_num(r, 'decode_ms', 2)} | "
                      f"{_num(r, 'peak_rss_mb', 0)} |")
+    if state.get("max_size"):
+        lines += ["", f"Our plan's budget: {state['max_size']:,} bytes of quantized weights as the ONNX file stores "
+                  "them (fp32 scales), the builder's own; candidates "
+                  f"{state.get('candidates') or 'the --target ort default'}; its units: "
+                  + ", ".join(f"{k} {v}" for k, v in next((r.get("units") or {} for r in state["rows"].values()
+                                                           if r.get("who") == "ours"), {}).items()) + "."]
     lines += ["", *_verdicts(state["rows"])]
     if not state["speed_rounds"]:
         lines += ["", "Speed not measured in this run (`--no-speed`: the machine was busy with other jobs)."]

@@ -104,3 +104,30 @@ def test_a_plan_file_the_target_cannot_run_is_refused(tmp_path, monkeypatch):
     plan.write_text(json.dumps({"rules": {"_default": {"bits": 3, "group_size": 32}}}))
     with pytest.raises(UserError, match="cannot run on --target ort"):
         run_quantize(QuantizeRequest(model="tiny", plan_file=plan, target="ort", evaluate=False))
+
+
+def test_ort_budgets_count_the_bytes_the_onnx_file_stores():
+    """fp32 scales (the graph's activation type), zero points only for asymmetric codes; other targets count the
+    artifact's packing (fp16 scales)."""
+    from compress.quantize.targets import bits_per_weight, stored_bytes
+
+    sym, asym, g64 = QuantSpec(4, 32), QuantSpec(4, 32, symmetric=False), QuantSpec(4, 64)
+    assert stored_bytes(sym, 576, 576, "ort") == 576 * 576 // 2 + 576 * 18 * 4
+    assert stored_bytes(asym, 576, 576, "ort") == 576 * 576 // 2 + 576 * 18 * 4 + 576 * 18 // 2
+    assert stored_bytes(sym, 576, 576, "torch") == sym.stored_bytes(576, 576) == 576 * 576 // 2 + 576 * 18 * 2
+    assert bits_per_weight(sym, 576, "ort") == 5.0 and bits_per_weight(asym, 576, "ort") == 5.125
+    assert bits_per_weight(g64, 576, "ort") == 4.5 and bits_per_weight(g64, 576, "gguf") == 4.25
+    assert bits_per_weight(QuantSpec(16), 576, "ort") == 16
+
+
+def test_an_ort_plan_is_solved_on_onnx_bytes(monkeypatch):
+    from tiny_models import build
+
+    monkeypatch.setattr("compress.models.load_model", lambda *a, **k: build("llama"))
+    result = run_quantize(QuantizeRequest(model="tiny", layerwise=True, avg_bits=5.0, target="ort",
+                                          candidates="8,4", measure="fast", data="self", tokens=64, seq_len=16,
+                                          evaluate=False))
+    meta = result["plan"]["meta"]
+    assert meta["bytes_as"] == "onnx (fp32 scales)"
+    assert meta["planned_bytes"] <= meta["budget_bytes"]
+    assert result["bpw"] < 5.0 - 0.4  # the artifact (fp16 scales) is half a bit per weight smaller

@@ -41,12 +41,14 @@ class DistortionTable:
                 "distortion": rows, "sizes": self.sizes, "measure": self.measure, "data": self.data}
 
 
-def unit_bytes(model: torch.nn.Module, unit: Unit, spec: QuantSpec) -> int:
-    """Stored bytes of all of the unit's matrices under `spec`."""
+def unit_bytes(model: torch.nn.Module, unit: Unit, spec: QuantSpec, target: str = "torch") -> int:
+    """Stored bytes of all of the unit's matrices under `spec`, as `target`'s file stores them."""
+    from compress.quantize.targets import stored_bytes
+
     total = 0
     for name in unit.modules:
         rows, cols = weight_matrix(model.get_submodule(name)).shape
-        total += spec.stored_bytes(rows, cols)
+        total += stored_bytes(spec, rows, cols, target)
     return total
 
 

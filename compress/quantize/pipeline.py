@@ -67,14 +67,17 @@ def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candid
         picks = solve_dp(table.distortion, sizes, budget.room)
     elif allocator == "dp":
         ctx = ScoringContext(loaded, lmap, windows, progress)
-        anchor = anchor_candidate(candidates, budget) if measure == "fast" else None
+        anchor = anchor_candidate(candidates, budget, target) if measure == "fast" else None
         table = measure_kl(ctx, units, candidates, allowed, anchor, imatrix)
         picks = solve_dp(table.distortion, sizes, budget.room)
     else:
         picks = allocate_by_rank(_rank_order(units, ranking, rank_by), sizes, budget.room, allowed)
+    if table is not None:
+        table.sizes = sizes  # as the target stores them: what the plan was solved on
     rules = {m: candidates[c].to_dict() for u, c in zip(units, picks, strict=True) for m in u.modules}
     meta = {"allocator": allocator, "granularity": granularity, "measure": measure if allocator == "dp" else None,
             **budget.meta(sum(sizes[i][c] for i, c in enumerate(picks))),
+            "bytes_as": "onnx (fp32 scales)" if target == "ort" else "artifact",
             "candidates": [c.label() for c in candidates], "target": target, "units": {u.name: candidates[c].label()
                                                                      for u, c in zip(units, picks, strict=True)},
             "seconds": round(time.perf_counter() - t0, 2)}
@@ -83,9 +86,12 @@ def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candid
     return Plan(rules, meta), table
 
 
-def anchor_candidate(candidates: list[QuantSpec], budget: Budget) -> int:
-    """The candidate where the budget's decisions are made: the largest one at or below the average bits."""
-    below = [i for i, c in enumerate(candidates) if c.bits_per_weight(4096) <= budget.avg_bits]
+def anchor_candidate(candidates: list[QuantSpec], budget: Budget, target: str = "torch") -> int:
+    """The candidate where the budget's decisions are made: the largest one at or below the average bits (as
+    `target` stores them)."""
+    from compress.quantize.targets import bits_per_weight
+
+    below = [i for i, c in enumerate(candidates) if bits_per_weight(c, 4096, target) <= budget.avg_bits]
     return below[0] if below else len(candidates) - 1
 
 
@@ -94,10 +100,10 @@ def plan_inputs(model, lmap: LayerMap, candidates: list[QuantSpec], budget: Budg
     """Candidates (largest first), units, their sizes per candidate, the budget with its room for them, and which
     candidates each unit may take on `target`; validates shapes and the budget before anything is measured."""
     from compress.quantize.distortion import unit_bytes
-    from compress.quantize.targets import EMBEDDING, LINEAR, check_candidates, problem
+    from compress.quantize.targets import EMBEDDING, LINEAR, bits_per_weight, check_candidates, problem
 
     check_candidates(candidates, target)
-    candidates = sorted(candidates, key=lambda c: -c.bits_per_weight(4096))
+    candidates = sorted(candidates, key=lambda c: -bits_per_weight(c, 4096, target))
     units = units_for(model, lmap, granularity, embeddings)
     for u in units:
         for m in u.modules:
@@ -107,7 +113,7 @@ def plan_inputs(model, lmap: LayerMap, candidates: list[QuantSpec], budget: Budg
                 for c in candidates] for u in units]
     keep = [i for i, a in enumerate(allowed) if any(a)]  # a unit the target can't quantize stays as it is
     units, allowed = [units[i] for i in keep], [allowed[i] for i in keep]
-    sizes = [[unit_bytes(model, u, c) for c in candidates] for u in units]
+    sizes = [[unit_bytes(model, u, c, target) for c in candidates] for u in units]
     budget = budget.for_units(model, lmap, units)
     _check_budget(sizes, budget, allowed)
     return candidates, units, sizes, budget, allowed

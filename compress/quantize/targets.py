@@ -9,6 +9,9 @@ exports without requantizing.
   DequantizeLinear feeds the tied head's MatMul and, transposed, the Gather).
 - gguf: tensor types the `gguf` package writes from our codes exactly — Q4_0, Q5_0 (symmetric, blocks of 32)
   and Q8_0 (symmetric narrow range, blocks of 32).
+
+A budget (`--avg-bits`, `--max-size`) counts bytes as the target's file stores them (`stored_bytes`): on ort the
+scales are fp32, the graph's activation type, so a group of 32 costs a whole bit per weight, not half of one.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from compress.errors import UserError
+from compress.quantize.packing import packed_bytes
 from compress.quantize.spec import QuantSpec
 
 TARGETS = ("torch", "ort", "trt", "gguf")
-DEFAULT_CANDIDATES = {"torch": "8,6,5,4,3", "ort": "8,4,4g64,2", "trt": "8g0,4,4g64", "gguf": "8,5,4"}
+DEFAULT_CANDIDATES = {"torch": "8,6,5,4,3", "ort": "8g64,4a,4,4g64a,2a", "trt": "8g0,4,4g64", "gguf": "8,5,4"}
 # One line per target for --help and messages (the module docstring has the whole rule).
 SUMMARY = {"torch": "any width, group and symmetry",
            "ort": "2/4/8-bit, power-of-two groups >= 16; embedding 4/8-bit",
@@ -27,6 +31,25 @@ SUMMARY = {"torch": "any width, group and symmetry",
            "gguf": "Q4_0, Q5_0, Q8_0"}
 EMBEDDING = "embedding"
 LINEAR = "linear"
+
+
+ORT_SCALE_BYTES = 4  # MatMulNBits / GatherBlockQuantized scales have the activation type: fp32 in our graphs
+
+
+def stored_bytes(spec: QuantSpec, rows: int, cols: int, target: str = "torch") -> int:
+    """Bytes of one rows × cols matrix as `target`'s file stores it: the artifact's packing, except on ort, where
+    scales are fp32 and zero points are stored only for asymmetric codes (MatMulNBits' default is 2^(bits−1))."""
+    if target != "ort" or spec.is_float:
+        return spec.stored_bytes(rows, cols)
+    groups = rows * (cols // spec.group_for(cols))
+    zeros = 0 if spec.symmetric else packed_bytes(groups, spec.bits)
+    return packed_bytes(rows * cols, spec.bits) + groups * ORT_SCALE_BYTES + zeros
+
+
+def bits_per_weight(spec: QuantSpec, cols: int, target: str = "torch") -> float:
+    """Stored bits per weight of a matrix `cols` wide, as `target`'s file stores it (see stored_bytes)."""
+    return stored_bytes(spec, 1, cols, target) * 8 / cols if target == "ort" and not spec.is_float \
+        else spec.bits_per_weight(cols)
 
 
 def check_target(target: str) -> str:
