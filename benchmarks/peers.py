@@ -40,6 +40,7 @@ RESULTS = REPO / "benchmarks" / "results" / "peers.json"
 CALIB_TOKENS = 2048
 TARGET = 0.8  # issue 17: our best layer-wise plan's KL ≤ 0.8 × the best peer's at equal or lower bpw
 
+ASYM = "8,6a,6,5a,5,4a,4,3a"  # the default torch menu with asymmetric variants (a zero point per group)
 OURS = {  # row -> (description, QuantizeRequest fields)
     "ours-4": ("ours: `--bits 4 --embeddings quantize` (RTN + importance matrix)",
                dict(bits=4, group_size=32, embeddings="quantize")),
@@ -53,6 +54,12 @@ OURS = {  # row -> (description, QuantizeRequest fields)
                      dict(layerwise=True, avg_bits=5.25, measure="fast")),
     "ours-105MB": ("ours: `--layerwise --max-size 105000000 --measure fast` (RTN + importance matrix)",
                    dict(layerwise=True, max_size=105_000_000, measure="fast")),
+    "ours-105MB-asym": ("ours: `--layerwise --max-size 105000000 --measure fast --candidates " + ASYM + "`",
+                        dict(layerwise=True, max_size=105_000_000, measure="fast", candidates=ASYM)),
+    "ours-lw-4.5-asym": ("ours: `--layerwise --avg-bits 4.5 --measure fast --candidates " + ASYM + "`",
+                         dict(layerwise=True, avg_bits=4.5, measure="fast", candidates=ASYM)),
+    "ours-lw-3.5-asym": ("ours: `--layerwise --avg-bits 3.5 --measure fast --candidates " + ASYM + "`",
+                         dict(layerwise=True, avg_bits=3.5, measure="fast", candidates=ASYM)),
     "ours-105MB-gptq": ("ours: `--layerwise --max-size 105000000 --measure fast --method gptq`",
                         dict(layerwise=True, max_size=105_000_000, measure="fast", method="gptq")),
 }

@@ -32,13 +32,16 @@ class ImportanceMatrix:
 
     def add(self, name: str, x: torch.Tensor) -> None:
         """Add the rows of `x` [..., in_features] (one row per token) to module `name`'s statistics."""
-        rows = x.detach().reshape(-1, x.shape[-1]).double()
-        s = (rows * rows).sum(0).cpu()
+        rows = x.detach().reshape(-1, x.shape[-1])
+        self.add_sums(name, square_sums(rows), rows.shape[0])
+
+    def add_sums(self, name: str, s: torch.Tensor, count: int) -> None:
+        """Add per-channel sums of squares `s` (float64) over `count` rows to module `name`'s statistics."""
         if name in self.sums:
             self.sums[name] += s
-            self.counts[name] += rows.shape[0]
+            self.counts[name] += count
         else:
-            self.sums[name], self.counts[name] = s, rows.shape[0]
+            self.sums[name], self.counts[name] = s.clone(), count
 
     def mean(self, name: str) -> torch.Tensor | None:
         """Mean squared activation per input channel (float32), or None if `name` was never seen."""
@@ -95,7 +98,7 @@ def collect(lazy, windows, names: list[str], progress=None) -> ImportanceMatrix:
             try:
                 out = []
                 for b, calls in enumerate(batches):
-                    current[:] = [masks[b].to(calls.hidden.device)]
+                    current[:] = [None if bool(masks[b].all()) else masks[b].to(calls.hidden.device)]
                     out.append(lazy.run_block(blk.index, calls, hidden[b]))
                 hidden = out
             finally:
@@ -118,14 +121,28 @@ def collect(lazy, windows, names: list[str], progress=None) -> ImportanceMatrix:
     return imat
 
 
-def _hook(module: torch.nn.Module, name: str, imat: ImportanceMatrix, current: list[torch.Tensor]):
-    """A pre-hook adding the module's input rows of real tokens (current[0] is the batch's attention mask)."""
+def square_sums(rows: torch.Tensor) -> torch.Tensor:
+    """Σ x² per channel of `rows` [n, channels] as float64 on the CPU (squared in the rows' own float type, summed in
+    float64)."""
+    return rows.float().square().sum(0, dtype=torch.float64).cpu()
+
+
+def _hook(module: torch.nn.Module, name: str, imat: ImportanceMatrix, current: list):
+    """A pre-hook adding the module's input rows of real tokens (current[0] is the batch's attention mask, None
+    when every token is real). Modules fed the same tensor object (Q/K/V, gate/up) share one sum, held in
+    current[1]."""
     def pre(mod, args, kwargs=None):
         x = args[0]
+        if len(current) > 1 and current[1][0] is x:
+            imat.add_sums(name, *current[1][1:])
+            return
         mask = current[0] if current else None
         if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
             x = x[mask]
-        imat.add(name, x)
+        rows = x.detach().reshape(-1, x.shape[-1])
+        entry = (args[0], square_sums(rows), rows.shape[0])  # holds the tensor, so its identity stays its own
+        current[1:] = [entry]
+        imat.add_sums(name, *entry[1:])
 
     return module.register_forward_pre_hook(pre)
 

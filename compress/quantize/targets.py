@@ -23,7 +23,7 @@ from compress.quantize.packing import packed_bytes
 from compress.quantize.spec import QuantSpec
 
 TARGETS = ("torch", "ort", "trt", "gguf")
-DEFAULT_CANDIDATES = {"torch": "8,6,5,4,3", "ort": "8g64,4a,4,4g64a,2a", "trt": "8g0,4,4g64", "gguf": "8,5,4"}
+DEFAULT_CANDIDATES = {"torch": "8,6,5,4,3", "ort": "8g64,4a,4,4g64a,4g64,2a", "trt": "8g0,4,4g64", "gguf": "8,5,4"}
 # One line per target for --help and messages (the module docstring has the whole rule).
 SUMMARY = {"torch": "any width, group and symmetry",
            "ort": "2/4/8-bit, power-of-two groups >= 16; embedding 4/8-bit",
