@@ -77,6 +77,8 @@ def check_genai(loaded) -> None:
 def write_genai(loaded, out: Path, accuracy_level: int = 0) -> GenaiPackage:
     """Write the package for the artifact `loaded` into the directory `out` (which must exist and be empty);
     `accuracy_level` 4 lets MatMulNBits quantize activations to int8 (faster, no longer exact)."""
+    from exporters.ort_quant import slow_eight_bit_note
+
     check_genai(loaded)
     pkg = GenaiPackage()
     with tempfile.TemporaryDirectory(prefix="compress-genai-", dir=out.parent) as tmp:
@@ -89,6 +91,9 @@ def write_genai(loaded, out: Path, accuracy_level: int = 0) -> GenaiPackage:
     if tied_quantized:
         _tie_fix(out / "model.onnx", pkg)
     _describe(out, pkg)
+    note = slow_eight_bit_note(pkg.layers.values(), accuracy_level)
+    if note:
+        pkg.notes.append(note)
     return pkg
 
 

@@ -247,12 +247,9 @@ def matmulnbits_(m: onnx.ModelProto, loaded, accuracy_level: int = 0) -> Rewrite
             record.notes.append(f"{head} is tied to {emb}, which the graph does not read through a Gather")
     record.notes.append("scales are stored as float32 (MatMulNBits needs the activation dtype): "
                         "2 bytes more per group than the artifact's fp16 scales")
-    eight = sum(1 for v in record.layers.values() if v.startswith("MatMulNBits") and v.endswith("(bits 8)"))
-    if eight and not accuracy_level:
-        record.notes.append(f"{eight} MatMulNBits layer(s) run 8-bit codes with fp32 activations, which ONNX Runtime "
-                            "CPU computes slowly (measured 15x a 4-bit layer; BENCHMARKS.md): decode with "
-                            "--accuracy-level 4, or plan without 8-bit candidates (e.g. --target ort --candidates "
-                            "4,4g64,2; a torch-target plan's 5/6-bit layers land in 8-bit containers too)")
+    note = slow_eight_bit_note(record.layers.values(), accuracy_level)
+    if note:
+        record.notes.append(note)
     record.weight_bytes_after = weight_bytes(m)
     record.opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
     return record
@@ -267,6 +264,17 @@ def _add_blocks(m: onnx.ModelProto, names: set[str], key: str, blocks: dict, two
         out["zeros"] = unique_name(names, f"{key}.zero_points")
         m.graph.initializer.append(numpy_helper.from_array(blocks["zeros"], out["zeros"]))
     return out
+
+
+def slow_eight_bit_note(layers, accuracy_level: int) -> str | None:
+    """The warning for 8-bit MatMulNBits at accuracy level 0 (`layers`: descriptions ending in "(bits N)"), or None."""
+    eight = sum(1 for v in layers if v.startswith("MatMulNBits") and v.endswith("(bits 8)"))
+    if not eight or accuracy_level:
+        return None
+    return (f"{eight} MatMulNBits layer(s) run 8-bit codes with fp32 activations, which ONNX Runtime CPU computes "
+            "slowly (measured 15-18x a 4-bit layer; BENCHMARKS.md): decode with --accuracy-level 4, or plan without "
+            "8-bit candidates (e.g. --target ort --candidates 4a,4,4g64a,4g64,2a; a torch-target plan's 5/6-bit "
+            "layers land in 8-bit containers too)")
 
 
 def _matmul_node(m, names, site: WeightSite, inits: dict, blocks: dict, accuracy_level: int) -> None:
