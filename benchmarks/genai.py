@@ -96,17 +96,22 @@ def main() -> None:
     t0 = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
     ref = load_model(a.model)
-    anchors = load_windows(str(AUSTEN / "persuasion.txt"), ref, split="all", tokens=3072, seq_len=512,
+    seq = min(512, getattr(ref.module.config, "max_position_embeddings", 512))  # the float decoder's is 256
+    anchors = load_windows(str(AUSTEN / "persuasion.txt"), ref, split="all", tokens=6 * seq, seq_len=seq,
                            sequential=True)
     with torch.inference_mode():
         ref_logits = [ref.module(input_ids=ids[None], use_cache=False).logits[0].float() for ids in anchors.input_ids]
     packages = {}
-    builder = _builder_packages(Path(pull(a.model)), WORK / "builder")
+    local = Path(a.model).expanduser()
+    name = local.name if local.is_dir() else a.model
+    work = WORK if name == "smollm2-135m" else WORK / name
+    builder = _builder_packages(local if local.is_dir() else Path(pull(a.model)), work / "builder")
     packages.update(builder)
     budget = _quantized_bytes(builder["builder int4, accuracy level 0"][0]) - _qkv_zero_bytes(ref.module) \
         if a.max_size == "builder" else int(a.max_size)
     for menu in a.candidates.split(";"):
-        packages.update(_our_packages(a.model, budget, None if menu == "default" else menu, WORK / "ours"))
+        packages.update(_our_packages(a.model, budget, None if menu == "default" else menu, work / "ours",
+                                        seq))
     state = {"model": a.model, "max_size": budget, "candidates": a.candidates, "rows": {}, "speed_rounds": [],
              "command": shlex.join(["python", "benchmarks/genai.py", *sys.argv[1:]]), "versions": _versions()}
     for label, (path, meta) in packages.items():
@@ -123,7 +128,9 @@ def main() -> None:
         rounds = [rd[label] for rd in state["speed_rounds"]]
         state["rows"][label].update({k: statistics.median(x[k] for x in rounds)
                                      for k in ("prefill_tok_s", "decode_ms", "peak_rss_mb")})
-    publish_state(state, t0, RESULTS, HEADING, render, not a.no_markdown)
+    results, heading = (RESULTS, HEADING) if name == "smollm2-135m" else (
+        RESULTS.with_name(f"genai-{name}.json"), f"{HEADING}: {name}")
+    publish_state(state, t0, results, heading, render, not a.no_markdown)
 
 
 def _builder_packages(model_dir: Path, root: Path) -> dict:
@@ -169,7 +176,7 @@ def _quantized_bytes(package: Path) -> int:
     return sum(numpy_helper.to_array(inits[x]).nbytes for x in names if x in inits)
 
 
-def _our_packages(model: str, max_size: int, candidates: str | None, root: Path) -> dict:
+def _our_packages(model: str, max_size: int, candidates: str | None, root: Path, seq: int = 512) -> dict:
     """Our layer-wise --target ort artifact under `max_size` weight bytes, exported at accuracy levels 0 and 4."""
     from compress.artifact_formats import load_artifact
     from exporters.genai import write_genai
@@ -179,7 +186,7 @@ def _our_packages(model: str, max_size: int, candidates: str | None, root: Path)
     art = root / tag
     if not (art / "compress.json").is_file():
         run_quantize(QuantizeRequest(model=model, layerwise=True, max_size=max_size, target="ort", measure="fast",
-                                     candidates=candidates, data=NOVELS, tokens=CALIB_TOKENS, seq_len=512,
+                                     candidates=candidates, data=NOVELS, tokens=CALIB_TOKENS, seq_len=seq,
                                      evaluate=False, out=art))
     loaded = load_artifact(art)
     meta = {"who": "ours", "artifact_bpw": loaded.extra["manifest"]["bpw"],

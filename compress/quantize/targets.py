@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 from compress.errors import UserError
-from compress.quantize.packing import packed_bytes
 from compress.quantize.spec import QuantSpec
 
 TARGETS = ("torch", "ort", "trt", "gguf")
@@ -39,6 +38,8 @@ ORT_SCALE_BYTES = 4  # MatMulNBits / GatherBlockQuantized scales have the activa
 def stored_bytes(spec: QuantSpec, rows: int, cols: int, target: str = "torch") -> int:
     """Bytes of one rows × cols matrix as `target`'s file stores it: the artifact's packing, except on ort, where
     scales are fp32 and zero points are stored only for asymmetric codes (MatMulNBits' default is 2^(bits−1))."""
+    from compress.quantize.packing import packed_bytes  # imports torch: not at import time (the CLI's help)
+
     if target != "ort" or spec.is_float:
         return spec.stored_bytes(rows, cols)
     groups = rows * (cols // spec.group_for(cols))
