@@ -284,7 +284,8 @@ def quantize(
                                     + " | ".join(f"{t} ({s})" for t, s in TARGET_SUMMARY.items()) + "."),
     group_size: int = typer.Option(32, "--group-size", help="Group length along the input axis; 0 = per channel."),
     symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="Signed codes, no zero point (default)."),
-    method: str = typer.Option("rtn", "--method", help=q_choices.METHOD.help()),
+    method: str = typer.Option("rtn", "--method", help=q_choices.METHOD.help() + "; awq: activation-aware scales "
+                               "folded into the norms / up_proj first, then RTN (awq+gptq: then GPTQ)"),
     allocator: str = typer.Option("dp", "--allocator", help=q_choices.ALLOCATOR.help()),
     measure: str = typer.Option(None, "--measure", help=q_choices.MEASURE.help("dp's distortion table (default: "
                                                                                 "full in memory, fisher streamed):")),

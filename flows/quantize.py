@@ -48,8 +48,15 @@ class QuantizeRequest(StreamOptions, OutputOptions, DataOptions, ModelOptions):
     imatrix: Path | None = None  # an importance matrix to reuse (llama.cpp imatrix GGUF)
     imatrix_out: Path | None = None  # where to write the one collected or used
     use_imatrix: bool = True  # False: plain min/max RTN even with calibration data (--no-imatrix)
+    awq: bool = False  # AWQ scales folded in before planning; `method="awq"` / "awq+gptq" set it
+
+    def __post_init__(self):
+        """--method awq (RTN codes) and awq+gptq (GPTQ codes): AWQ is a transform before either, not a code maker."""
+        if self.method in AWQ_METHODS:
+            self.awq, self.method = True, AWQ_METHODS[self.method]
 
 
+AWQ_METHODS = {"awq": "rtn", "awq+rtn": "rtn", "awq+gptq": "gptq"}
 CANDIDATE = re.compile(r"^(\d+)(?:g(\d+))?([asp])?$")
 
 
@@ -142,12 +149,20 @@ def check_request(req: QuantizeRequest) -> None:
     if req.out is not None and Path(req.out).exists() and not Path(req.out).is_dir():
         raise UserError(f"--out {req.out}: exists and is not a directory")
     _check_imatrix_options(req)
+    if req.awq and req.backend == "bnb":
+        raise UserError("--method awq folds scales before our own codes; --backend bnb quantizes by itself: use "
+                        "--backend packed")
+    if req.awq and req.data is None and not req.layerwise:
+        raise UserError("--method awq searches its scales on calibration text: pass --data FILE (or --data self)")
 
 
 def _check_imatrix_options(req: QuantizeRequest) -> None:
     """UserError for --imatrix / --imatrix-out / --no-imatrix combinations that cannot be honoured."""
     if not req.use_imatrix and (req.imatrix is not None or req.imatrix_out is not None):
         raise UserError("--no-imatrix turns the importance matrix off: drop --imatrix / --imatrix-out")
+    if req.awq and req.imatrix is not None:
+        raise UserError("--method awq rescales the Linears' inputs, so an importance matrix collected before does not "
+                        "fit them: drop --imatrix (the matrix is collected after the scales)")
     if req.imatrix is not None:
         if req.method != "rtn":
             raise UserError(f"--imatrix weights RTN's rounding; --method {req.method} does not use it: pass "
@@ -263,6 +278,8 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     from compress.stream.lazy import LazyModel
 
     importance = _Importance(req, LazyModel.resident(loaded, lmap), names, data, progress)
+    if req.awq:
+        _awq(req, loaded, lmap, names, plan_from_file, data, result, progress)
     plan, table = _plan(req, loaded, lmap, names, plan_from_file, data, result, progress, importance=importance)
     if req.show_plan:
         result["specs"] = {n: s.label() for n, s in plan.resolve(names).items()}
@@ -281,6 +298,32 @@ def run_quantize(req: QuantizeRequest, progress=None) -> dict:
     if req.out is not None:
         _save(req, loaded, plan, table, specs, record, result, importance)
     return result
+
+
+def _awq(req: QuantizeRequest, loaded, lmap, names: list[str], plan_from_file, data: _Data, result: dict,
+         progress) -> None:
+    """Fold AWQ scales into the model in place, searched against the specs the run will use (layer-wise: the
+    candidate nearest below the budget, where the plan's decisions are made); recorded in `result`."""
+    from compress.quantize.awq import awq_scale
+    from compress.quantize.pipeline import anchor_candidate
+    from compress.quantize.targets import bits_per_weight
+    from compress.stream.lazy import LazyModel
+
+    if plan_from_file is not None:
+        specs = plan_from_file.resolve(names)
+    elif req.bits is not None:
+        spec = uniform_spec(req)
+        specs = {n: spec for b in lmap.blocks for n in b.linears}
+    else:
+        cands = sorted(candidates_for(req), key=lambda c: -bits_per_weight(c, 4096, req.target))
+        budget = Budget.parse(req.avg_bits, req.max_size).resolve(loaded.module)
+        spec = cands[anchor_candidate(cands, budget, req.target)]
+        specs = {n: spec for b in lmap.blocks for n in b.linears}
+    rec = awq_scale(LazyModel.resident(loaded, lmap), data.calibration(), specs.get, progress)
+    result["awq"] = rec.summary()
+    result["notes"] += rec.notes + [f"AWQ: {result['awq']['scaled']} of {result['awq']['groups']} groups scaled "
+                                    f"(mean output error {result['awq']['mean_error_ratio']}× unscaled), "
+                                    f"{rec.seconds} s"]
 
 
 def _note_imatrix(importance: _Importance, result: dict) -> None:
@@ -375,6 +418,8 @@ def artifact_manifest(loaded, plan, table, specs: dict, record, result: dict) ->
         manifest["distortion"] = table if isinstance(table, dict) else table.to_dict()
     if result.get("imatrix") is not None:
         manifest["imatrix"] = result["imatrix"]
+    if result.get("awq") is not None:
+        manifest["awq"] = result["awq"]
     source = loaded.extra.get("manifest") or {}
     manifest.update({k: source[k] for k in STRUCTURE if k in source})
     return manifest
@@ -482,6 +527,8 @@ def check_streamable(req: QuantizeRequest) -> None:
                         "--measure fisher (the default when streaming), or --stream off if the model fits")
     if req.backend == "bnb":
         raise UserError("--backend bnb quantizes a whole loaded model: pass --stream off")
+    if req.awq:
+        raise UserError("--method awq runs on a model in memory: pass --stream off (or use --method rtn)")
     if req.data in (None, "self") and (req.evaluate or req.method == "gptq" or req.layerwise):
         raise UserError("--stream: --data self samples text from the whole model; pass --data FILE (text to "
                         "calibrate and evaluate on)")
