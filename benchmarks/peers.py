@@ -60,6 +60,12 @@ OURS = {  # row -> (description, QuantizeRequest fields)
                          dict(layerwise=True, avg_bits=4.5, measure="fast", candidates=ASYM)),
     "ours-lw-3.5-asym": ("ours: `--layerwise --avg-bits 3.5 --measure fast --candidates " + ASYM + "`",
                          dict(layerwise=True, avg_bits=3.5, measure="fast", candidates=ASYM)),
+    "ours-4-awq": ("ours: `--bits 4 --embeddings quantize --method awq` (AWQ, then RTN + importance matrix)",
+                   dict(bits=4, group_size=32, embeddings="quantize", method="awq")),
+    "ours-lw-4.5-awq": ("ours: `--layerwise --avg-bits 4.5 --measure fast --method awq`",
+                        dict(layerwise=True, avg_bits=4.5, measure="fast", method="awq")),
+    "ours-lw-3.5-awq": ("ours: `--layerwise --avg-bits 3.5 --measure fast --method awq`",
+                        dict(layerwise=True, avg_bits=3.5, measure="fast", method="awq")),
     "ours-105MB-gptq": ("ours: `--layerwise --max-size 105000000 --measure fast --method gptq`",
                         dict(layerwise=True, max_size=105_000_000, measure="fast", method="gptq")),
 }
