@@ -130,7 +130,7 @@ def test_an_interrupted_step_leaves_no_done_json_and_the_next_run_resumes(first_
     import flows.quantize as qrun
 
     root = _copy(first_run, tmp_path)
-    (root / "recipe.yaml").write_text(recipe_text(tiny_dir, avg_bits=4.5))
+    (root / "recipe.yaml").write_text(recipe_text(tiny_dir, avg_bits=5.5))
 
     def broken(req, progress=None):
         Path(req.out).parent.joinpath("partial.bin").write_bytes(b"half")  # something half-written, then a crash
