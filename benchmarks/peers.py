@@ -41,6 +41,7 @@ CALIB_TOKENS = 2048
 TARGET = 0.8  # issue 17: our best layer-wise plan's KL ≤ 0.8 × the best peer's at equal or lower bpw
 
 ASYM = "8,6a,6,5a,5,4a,4,3a"  # the default torch menu with asymmetric variants (a zero point per group)
+ASYM_LOW = ASYM + ",3,2a"  # 3a alone costs more than 3.5 bpw
 OURS = {  # row -> (description, QuantizeRequest fields)
     "ours-4": ("ours: `--bits 4 --embeddings quantize` (RTN + importance matrix)",
                dict(bits=4, group_size=32, embeddings="quantize")),
@@ -58,8 +59,8 @@ OURS = {  # row -> (description, QuantizeRequest fields)
                         dict(layerwise=True, max_size=105_000_000, measure="fast", candidates=ASYM)),
     "ours-lw-4.5-asym": ("ours: `--layerwise --avg-bits 4.5 --measure fast --candidates " + ASYM + "`",
                          dict(layerwise=True, avg_bits=4.5, measure="fast", candidates=ASYM)),
-    "ours-lw-3.5-asym": ("ours: `--layerwise --avg-bits 3.5 --measure fast --candidates " + ASYM + "`",
-                         dict(layerwise=True, avg_bits=3.5, measure="fast", candidates=ASYM)),
+    "ours-lw-3.5-asym": ("ours: `--layerwise --avg-bits 3.5 --measure fast --candidates " + ASYM_LOW + "`",
+                         dict(layerwise=True, avg_bits=3.5, measure="fast", candidates=ASYM_LOW)),
     "ours-4-awq": ("ours: `--bits 4 --embeddings quantize --method awq` (AWQ, then RTN + importance matrix)",
                    dict(bits=4, group_size=32, embeddings="quantize", method="awq")),
     "ours-lw-4.5-awq": ("ours: `--layerwise --avg-bits 4.5 --measure fast --method awq`",
