@@ -98,7 +98,10 @@ def main() -> None:
     state = {"model": a.model, "rows": [], "versions": _versions(),
              "command": shlex.join(["python", "benchmarks/peers.py", *sys.argv[1:]])}
     wanted = [r.strip() for r in a.rows.split(",") if r.strip()]
-    if a.keep and RESULTS.is_file():
+    if a.keep and not RESULTS.is_file():  # a fresh checkout: the section would lose every row not run now
+        raise SystemExit(f"--keep: {RESULTS.relative_to(REPO)} is missing (results are not committed), so the "
+                         "earlier rows cannot be kept; run every row, or restore the file first")
+    if a.keep:
         import json
 
         earlier = json.loads(RESULTS.read_text())

@@ -74,7 +74,10 @@ def main() -> None:
              "heldout": {k: w.describe() | {"tokens": w.num_tokens} for k, w in held.items()},
              "command": shlex.join(["python", "benchmarks/prune_heldout.py", *sys.argv[1:]])}
     chosen = mixes() if a.mixes is None else {k: v for k, v in mixes().items() if k in a.mixes.split(";")}
-    if a.keep and RESULTS.is_file():
+    if a.keep and not RESULTS.is_file():  # a fresh checkout: the section would lose every row not run now
+        raise SystemExit(f"--keep: {RESULTS.relative_to(REPO)} is missing (results are not committed), so the "
+                         "earlier rows cannot be kept; run every row, or restore the file first")
+    if a.keep:
         earlier = json.loads(RESULTS.read_text())
         state["rows"] = [r for r in earlier.get("rows", []) if r["mix"] not in chosen]
         state["stability"] = earlier.get("stability", []) if not a.stability else []
