@@ -112,8 +112,9 @@ def main() -> None:
     for menu in a.candidates.split(";"):
         packages.update(_our_packages(a.model, budget, None if menu == "default" else menu, work / "ours",
                                         seq))
-    state = {"model": a.model, "max_size": budget, "candidates": a.candidates, "rows": {}, "speed_rounds": [],
-             "command": shlex.join(["python", "benchmarks/genai.py", *sys.argv[1:]]), "versions": _versions()}
+    state = {"model": name, "max_size": budget, "candidates": a.candidates, "rows": {}, "speed_rounds": [],
+             "command": shlex.join(["python", "benchmarks/genai.py", *sys.argv[1:]]).replace(str(Path.home()), "~"),
+             "versions": _versions()}
     for label, (path, meta) in packages.items():
         state["rows"][label] = {**meta, **_accuracy(path, anchors, ref_logits), **_size(path)}
         print(label, state["rows"][label], flush=True)
