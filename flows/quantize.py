@@ -102,6 +102,18 @@ def fitting_defaults(cands: list[QuantSpec], model, names: list[str]) -> tuple[l
     return kept, [c.label() for c in cands if c not in kept]
 
 
+def drop_unneeded_2bit(cands: list[QuantSpec], budget: Budget, target: str) -> tuple[list[QuantSpec], list[str]]:
+    """A default menu without its 2-bit candidates when every other one fits the budget's average: measured at one
+    anchor and scaled by error energy (`--measure fast`), 2-bit damage is underestimated (the float decoder's GenAI
+    plan put two blocks at 2 bits and lost 2x to the builder); a budget that needs them keeps them."""
+    from compress.quantize.targets import bits_per_weight
+
+    rest = [c for c in cands if c.bits != 2]
+    if not rest or len(rest) == len(cands) or min(bits_per_weight(c, 4096, target) for c in rest) > budget.avg_bits:
+        return cands, []
+    return rest, [c.label() for c in cands if c.bits == 2]
+
+
 def uniform_spec(req: QuantizeRequest) -> QuantSpec:
     """The one spec of `--bits` mode, as the target needs it."""
     from compress.quantize.targets import adapt
@@ -361,6 +373,10 @@ def _plan(req: QuantizeRequest, loaded, lmap, names: list[str], plan_from_file, 
             if dropped:
                 result["notes"].append(f"default menu without {', '.join(dropped)}: their group does not divide "
                                        "every input width of this model")
+            cands, unneeded = drop_unneeded_2bit(cands, budget, req.target)
+            if unneeded:
+                result["notes"].append(f"default menu without {', '.join(unneeded)}: the budget does not need 2-bit "
+                                       "layers (pass --candidates to allow them)")
         embeddings = req.embeddings != "keep"
         inputs = plan_inputs(loaded.module, lmap, cands, budget, req.granularity, embeddings, req.target)
         calib = data.calibration()

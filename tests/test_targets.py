@@ -131,3 +131,15 @@ def test_an_ort_plan_is_solved_on_onnx_bytes(monkeypatch):
     assert meta["bytes_as"] == "onnx (fp32 scales)"
     assert meta["planned_bytes"] <= meta["budget_bytes"]
     assert result["bpw"] < 5.0 - 0.4  # the artifact (fp16 scales) is half a bit per weight smaller
+
+
+def test_the_ort_default_menu_keeps_2_bits_only_for_budgets_that_need_them():
+    from compress.quantize.budget import Budget
+    from flows.quantize import drop_unneeded_2bit, parse_candidates
+
+    cands = parse_candidates("8g64,4a,4,4g64a,4g64,2a")
+    roomy = Budget(avg_bits_given=5.0, weight_params=1_000_000)
+    tight = Budget(avg_bits_given=4.0, weight_params=1_000_000)
+    kept, dropped = drop_unneeded_2bit(cands, roomy, "ort")
+    assert dropped == ["q2g32a"] and all(c.bits != 2 for c in kept)
+    assert drop_unneeded_2bit(cands, tight, "ort") == (cands, [])  # 4g64 costs 4.5 ONNX bits: 2 bits are needed
