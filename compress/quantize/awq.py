@@ -76,7 +76,7 @@ def awq_scale(lazy, windows, spec_of: Callable[[str], QuantSpec | None], progres
     by block on the calibration `windows`; `spec_of(name)` is how the plan will quantize a Linear (None: float)."""
     import time
 
-    from compress.quantize.imatrix import BATCH
+    from compress.quantize.imatrix import capture_batches
 
     t0 = time.perf_counter()
     lmap, model = lazy.lmap, lazy.model
@@ -85,15 +85,7 @@ def awq_scale(lazy, windows, spec_of: Callable[[str], QuantSpec | None], progres
     groups = groups_of(model, lmap)
     record = AwqRecord(notes=["AWQ: o_proj keeps scale 1 (its input comes from V through attention, shared by "
                               "grouped KV heads)"])
-    batches, masks = [], []
-    lazy.load_trunk()
-    try:
-        for s in range(0, len(windows.input_ids), BATCH):
-            ids, mask = windows.input_ids[s:s + BATCH], windows.attention_mask[s:s + BATCH]
-            batches.append(lazy.capture(ids, mask))
-            masks.append(mask.bool())
-    finally:
-        lazy.drop_trunk()
+    batches, masks = capture_batches(lazy, windows)
     hidden = [c.hidden for c in batches]
     task = progress.add_task("AWQ scales", total=len(lmap.blocks)) if progress is not None else None
     for blk, blk_groups in zip(lmap.blocks, groups, strict=True):

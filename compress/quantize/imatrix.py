@@ -69,6 +69,21 @@ class ImportanceMatrix:
         return h.hexdigest()
 
 
+def capture_batches(lazy, windows) -> tuple[list, list[torch.Tensor]]:
+    """Every block's call arguments for the calibration `windows` in batches of BATCH (block 0's input in each
+    `.hidden`), and each batch's attention mask as bool; the trunk is loaded only for this."""
+    batches, masks = [], []
+    lazy.load_trunk()
+    try:
+        for s in range(0, len(windows.input_ids), BATCH):
+            ids, mask = windows.input_ids[s:s + BATCH], windows.attention_mask[s:s + BATCH]
+            batches.append(lazy.capture(ids, mask))
+            masks.append(mask.bool())
+    finally:
+        lazy.drop_trunk()
+    return batches, masks
+
+
 def collect(lazy, windows, names: list[str], progress=None) -> ImportanceMatrix:
     """The importance matrix of the modules in `names` (weight_matrix orientation: the input axis is the last one)
     on the calibration `windows`: block by block over batches of BATCH windows, padding excluded. The LM head's
@@ -79,15 +94,7 @@ def collect(lazy, windows, names: list[str], progress=None) -> ImportanceMatrix:
     imat = ImportanceMatrix(datasets=[windows.describe().get("spec", "") or str(windows.describe())],
                             chunk_size=int(windows.input_ids.shape[1]), chunks=int(windows.input_ids.shape[0]))
     wanted = set(names)
-    batches, masks = [], []
-    lazy.load_trunk()
-    try:
-        for s in range(0, len(windows.input_ids), BATCH):
-            ids, mask = windows.input_ids[s:s + BATCH], windows.attention_mask[s:s + BATCH]
-            batches.append(lazy.capture(ids, mask))
-            masks.append(mask.bool())
-    finally:
-        lazy.drop_trunk()
+    batches, masks = capture_batches(lazy, windows)
     hidden = [c.hidden for c in batches]
     task = progress.add_task("importance matrix", total=len(lmap.blocks) + 1) if progress is not None else None
     with torch.inference_mode():
