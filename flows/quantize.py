@@ -102,6 +102,22 @@ def fitting_defaults(cands: list[QuantSpec], model, names: list[str]) -> tuple[l
     return kept, [c.label() for c in cands if c not in kept]
 
 
+def layerwise_menu(req: QuantizeRequest, model, names: list[str], budget: Budget) -> tuple[list[QuantSpec], list[str]]:
+    """The layer-wise candidates: --candidates as written, or the target's default menu without the candidates this
+    model or budget cannot use; with a note for each dropped kind."""
+    cands, notes = candidates_for(req), []
+    if req.candidates is None:
+        cands, dropped = fitting_defaults(cands, model, names)
+        if dropped:
+            notes.append(f"default menu without {', '.join(dropped)}: their group does not divide every input width "
+                         "of this model")
+        cands, unneeded = drop_unneeded_2bit(cands, budget, req.target)
+        if unneeded:
+            notes.append(f"default menu without {', '.join(unneeded)}: the budget does not need 2-bit layers (pass "
+                         "--candidates to allow them)")
+    return cands, notes
+
+
 def drop_unneeded_2bit(cands: list[QuantSpec], budget: Budget, target: str) -> tuple[list[QuantSpec], list[str]]:
     """A default menu without its 2-bit candidates when every other one fits the budget's average: measured at one
     anchor and scaled by error energy (`--measure fast`), 2-bit damage is underestimated (the float decoder's GenAI
@@ -327,8 +343,9 @@ def _awq(req: QuantizeRequest, loaded, lmap, names: list[str], plan_from_file, d
         spec = uniform_spec(req)
         specs = {n: spec for b in lmap.blocks for n in b.linears}
     else:
-        cands = sorted(candidates_for(req), key=lambda c: -bits_per_weight(c, 4096, req.target))
         budget = Budget.parse(req.avg_bits, req.max_size).resolve(loaded.module)
+        cands = sorted(layerwise_menu(req, loaded.module, names, budget)[0],
+                       key=lambda c: -bits_per_weight(c, 4096, req.target))
         spec = cands[anchor_candidate(cands, budget, req.target)]
         specs = {n: spec for b in lmap.blocks for n in b.linears}
     rec = awq_scale(LazyModel.resident(loaded, lmap), data.calibration(), specs.get, progress)
@@ -367,16 +384,8 @@ def _plan(req: QuantizeRequest, loaded, lmap, names: list[str], plan_from_file, 
     else:
         ranking = ImportanceReport.load(req.scores) if req.scores else None
         budget = Budget.parse(req.avg_bits, req.max_size).resolve(loaded.module)
-        cands = candidates_for(req)
-        if req.candidates is None:
-            cands, dropped = fitting_defaults(cands, loaded.module, names)
-            if dropped:
-                result["notes"].append(f"default menu without {', '.join(dropped)}: their group does not divide "
-                                       "every input width of this model")
-            cands, unneeded = drop_unneeded_2bit(cands, budget, req.target)
-            if unneeded:
-                result["notes"].append(f"default menu without {', '.join(unneeded)}: the budget does not need 2-bit "
-                                       "layers (pass --candidates to allow them)")
+        cands, notes = layerwise_menu(req, loaded.module, names, budget)
+        result["notes"] += notes
         embeddings = req.embeddings != "keep"
         inputs = plan_inputs(loaded.module, lmap, cands, budget, req.granularity, embeddings, req.target)
         calib = data.calibration()
