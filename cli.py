@@ -277,15 +277,16 @@ def quantize(
     candidates: str = typer.Option(None, "--candidates",
                                    help="What --layerwise may choose from: bits with optional g<group> and a|s|p "
                                         "(asymmetric, symmetric, symmetric with positive scales), e.g. "
-                                        "8g128,6g64,5,4,3a. Default by --target: "
+                                        "8g128,6g64,5,4,3a; <bits>k is llama.cpp's Q<bits>_K (2k-6k, --target "
+                                        "gguf). Default by --target: "
                                         + "; ".join(f"{t} {c}" for t, c in DEFAULT_CANDIDATES.items()) + "."),
     target: str = typer.Option("torch", "--target",
                                help="Runtime the artifact must run on exactly, without requantizing: "
                                     + " | ".join(f"{t} ({s})" for t, s in TARGET_SUMMARY.items()) + "."),
     group_size: int = typer.Option(32, "--group-size", help="Group length along the input axis; 0 = per channel."),
     symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="Signed codes, no zero point (default)."),
-    method: str = typer.Option("rtn", "--method", help=q_choices.METHOD.help() + "; awq: activation-aware scales "
-                               "folded into the norms / up_proj first, then RTN (awq+gptq: then GPTQ)"),
+    method: str = typer.Option("rtn", "--method", help=q_choices.METHOD.help()[:-1] + " | awq (activation-aware "
+                               "scales folded into the norms / up_proj first, then RTN; awq+gptq: then GPTQ)."),
     allocator: str = typer.Option("dp", "--allocator", help=q_choices.ALLOCATOR.help()),
     measure: str = typer.Option(None, "--measure", help=q_choices.MEASURE.help("dp's distortion table (default: "
                                                                                 "full in memory, fisher streamed):")),

@@ -283,7 +283,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="zoo name or HF llama directory")
     ap.add_argument("--avg-bits", default="5.5,6")
-    ap.add_argument("--artifact", action="append", default=[], help="BITS=DIR: reuse an artifact made earlier")
+    ap.add_argument("--artifact", action="append", default=[], help="KEY=DIR: reuse an artifact made earlier (KEY "
+                    "listed in --avg-bits; its budget and plan settings are read from its manifest)")
+    ap.add_argument("--granularity", default="block", help="plans made here: block | linear")
+    ap.add_argument("--measure", default=None, help="plans made here: full (default) | fast | fisher")
+    ap.add_argument("--candidates", default=None, help="plans made here: --candidates (default: the gguf menu)")
     ap.add_argument("--windows", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=32, help="timed greedy decode steps (median)")
@@ -344,6 +348,7 @@ def main() -> None:
         if bits not in reuse:
             t = time.perf_counter()
             run_quantize(QuantizeRequest(model=a.model, layerwise=True, avg_bits=float(bits), target="gguf",
+                                         granularity=a.granularity, measure=a.measure, candidates=a.candidates,
                                          data=CALIB, tokens=1024, eval_tokens=1024, out=art_dir))
             quantize_s = round(time.perf_counter() - t, 1)
         artifacts[bits] = art_dir
@@ -351,13 +356,17 @@ def main() -> None:
         manifest = art.extra["manifest"]
         export = export_gguf(art, work / f"lw{bits}.gguf")
         own = torch_kl(art, ref_logits, windows)
-        extra = {"avg_bits_requested": float(bits), "artifact": str(art_dir), "quantize_seconds": quantize_s,
+        meta = manifest["plan"]["meta"]
+        label = (f"ours: layer-wise --avg-bits {meta['budget_avg_bits']:g} --granularity {meta['granularity']} "
+                 f"--measure {meta['measure']} --target gguf, menu {','.join(meta['candidates'])}")
+        extra = {"avg_bits_requested": meta["budget_avg_bits"], "artifact": str(art_dir),
+                 "quantize_seconds": quantize_s,
                  "artifact_bpw": manifest.get("bpw"), "units": manifest["plan"]["meta"].get("units"),
                  "calibration": manifest["plan"]["meta"].get("calibration"), "torch_artifact": own,
                  "export_seconds": export.seconds, "file_type": export.file_type, "tensors_exact": export.n_exact,
                  "tensors_approximated": export.n_approximated, "approximation_note": export.approximation_note(),
                  "tokenizer": export.tokenizer, "export_params": export.params}
-        rows.append(measure("ours", f"ours: layer-wise --avg-bits {bits} --target gguf", work / f"lw{bits}.gguf",
+        rows.append(measure("ours", label, work / f"lw{bits}.gguf",
                             original, windows, ref_logits, a, decode_ids, extra))
         del art
 

@@ -16,7 +16,7 @@ from typing import Any
 from compress.errors import UserError
 from compress.quantize.spec import QuantSpec
 
-ACTION_KEYS = {"bits", "group_size", "symmetric", "method", "positive_scale"}
+ACTION_KEYS = {"bits", "group_size", "symmetric", "method", "positive_scale", "kquant"}
 
 
 @dataclass

@@ -31,7 +31,9 @@ LAYER_MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "s
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 FILE_TYPES = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.BF16: LlamaFileType.MOSTLY_BF16,
               T.Q4_0: LlamaFileType.MOSTLY_Q4_0, T.Q4_1: LlamaFileType.MOSTLY_Q4_1, T.Q5_0: LlamaFileType.MOSTLY_Q5_0,
-              T.Q5_1: LlamaFileType.MOSTLY_Q5_1, T.Q8_0: LlamaFileType.MOSTLY_Q8_0}
+              T.Q5_1: LlamaFileType.MOSTLY_Q5_1, T.Q8_0: LlamaFileType.MOSTLY_Q8_0, T.Q2_K: LlamaFileType.MOSTLY_Q2_K,
+              T.Q3_K: LlamaFileType.MOSTLY_Q3_K_M, T.Q4_K: LlamaFileType.MOSTLY_Q4_K_M,
+              T.Q5_K: LlamaFileType.MOSTLY_Q5_K_M, T.Q6_K: LlamaFileType.MOSTLY_Q6_K}
 
 
 @dataclass
@@ -213,7 +215,7 @@ def _planned_tensor(names, hf: str, lazy, ftype: T) -> tuple:
         return name, hf, shape, T.F32, shape, np.float32
     spec = lazy.specs.get(hf)
     if spec is not None and not spec.is_float:
-        qtype = type_for(spec)
+        qtype = type_for(spec.for_width(shape[1]))
     else:
         qtype = _encode_float(np.zeros((1, shape[1]), np.float32), ftype).qtype
     if qtype in (T.F32, T.F16):

@@ -18,7 +18,7 @@ from gguf import quants
 from compress.quantize.modules import PackedWeight
 from compress.quantize.packing import unpack
 from compress.quantize.rtn import dequantize as dequantize_codes
-from compress.quantize.spec import QuantSpec
+from compress.quantize.spec import K_BLOCK, QuantSpec
 from exporters.ort_quant import codes_of
 
 BLOCK = 32
@@ -39,9 +39,15 @@ class Encoded:
     reference: np.ndarray | None = None  # the float32 weight the artifact's codes stand for
 
 
+K_TYPES = {2: T.Q2_K, 3: T.Q3_K, 4: T.Q4_K, 5: T.Q5_K, 6: T.Q6_K}
+
+
 def type_for(spec: QuantSpec) -> T:
-    """The GGUF type for a quantized spec: Q4_0/Q5_0/Q8_0 for symmetric 4/5/8 bits, otherwise the nearest writable
-    type with at least as many bits (2–3 → Q4_0, 6 → Q8_0; asymmetric 4 → Q4_1, 5 → Q5_1, 6/8 → Q8_0)."""
+    """The GGUF type for a quantized spec: Q{b}_K for a K-quant, Q4_0/Q5_0/Q8_0 for symmetric 4/5/8 bits, otherwise
+    the nearest writable type with at least as many bits (2–3 → Q4_0, 6 → Q8_0; asymmetric 4 → Q4_1, 5 → Q5_1,
+    6/8 → Q8_0)."""
+    if spec.kquant:
+        return K_TYPES[spec.bits]
     if spec.bits <= 3:
         return T.Q4_1 if not spec.symmetric and spec.method == "hqq" else T.Q4_0
     if spec.bits == 4:
@@ -56,6 +62,10 @@ def encode_packed(p: PackedWeight) -> Encoded:
     artifact's dequantized weight (unpacked once) as `reference`."""
     spec, qtype = p.spec, type_for(p.spec)
     codes = unpack_codes(p)
+    if spec.kquant:
+        enc = Encoded(kquant_blocks(p, codes), qtype, "codes")
+        enc.reference = p.dequantize().numpy()
+        return enc
     zeros = None if spec.symmetric else _zeros(p)
     ref = dequantize_codes(torch.from_numpy(codes), p.scales, None if zeros is None else torch.from_numpy(zeros),
                            spec).numpy()
@@ -162,3 +172,49 @@ def _nibbles(q: np.ndarray) -> np.ndarray:
 def _fifth_bits(q: np.ndarray) -> np.ndarray:
     """4 bytes per block: bit 4 of element j at bit j of a little-endian uint32."""
     return np.packbits((q >> 4) & 1, axis=-1, bitorder="little")
+
+
+def kquant_blocks(p: PackedWeight, codes: np.ndarray) -> np.ndarray:
+    """Q2_K … Q6_K bytes [rows, row_bytes] of a K-quant's codes [rows, cols], fp16 d (dmin) [rows, super-blocks]
+    and integer sub-block scales (mins) [rows, sub-blocks], in llama.cpp's block layouts (block_q*_K in
+    ggml-common.h; the inverse of the gguf package's dequantize_blocks)."""
+    rows, cols = codes.shape
+    nb = cols // K_BLOCK
+    q = codes.reshape(rows, nb, K_BLOCK)
+    d = p.scales.numpy().astype(np.float16).reshape(rows, nb, 1).view(np.uint8)
+    sc = p.sub_scales.numpy().reshape(rows, nb, -1)
+    bits = p.spec.bits
+    if bits == 6:
+        ql = q.reshape(rows, nb, 2, 2, 64)  # [half][nibble][64]: element h·128 + s·64 + e
+        low = (ql[..., 0, :] & 0x0F) | ((ql[..., 1, :] & 0x0F) << 4)
+        qh = (q.reshape(rows, nb, 2, 4, 32) >> 4) & 0x03  # [half][pair][32]: element h·128 + k·32 + l
+        high = qh[..., 0, :] | (qh[..., 1, :] << 2) | (qh[..., 2, :] << 4) | (qh[..., 3, :] << 6)
+        parts = [low.reshape(rows, nb, 128), high.reshape(rows, nb, 64), sc.astype(np.int8).view(np.uint8), d]
+    elif bits == 3:
+        u = q.reshape(rows, nb, 2, 4, 32)  # codes = level + 4, in [0, 7]
+        low = (u[..., 0, :] & 3) | ((u[..., 1, :] & 3) << 2) | ((u[..., 2, :] & 3) << 4) | ((u[..., 3, :] & 3) << 6)
+        hmask = np.packbits((q.reshape(rows, nb, 8, 32) >> 2) & 1, axis=-2, bitorder="little").reshape(rows, nb, 32)
+        s6 = (sc.astype(np.int16) + 32).astype(np.uint8)  # 16 six-bit scales, stored + 32
+        lo4 = (s6[..., :8] & 0x0F) | ((s6[..., 8:] & 0x0F) << 4)
+        hi2 = s6 >> 4
+        hi = hi2[..., 0:4] | (hi2[..., 4:8] << 2) | (hi2[..., 8:12] << 4) | (hi2[..., 12:16] << 6)
+        parts = [hmask, low.reshape(rows, nb, 64), lo4, hi, d]
+    elif bits == 2:
+        u = q.reshape(rows, nb, 2, 4, 32)
+        qs = u[..., 0, :] | (u[..., 1, :] << 2) | (u[..., 2, :] << 4) | (u[..., 3, :] << 6)
+        mins = p.sub_mins.numpy().reshape(rows, nb, -1)
+        dmin = p.dmin.numpy().astype(np.float16).reshape(rows, nb, 1).view(np.uint8)
+        parts = [(sc & 0x0F) | ((mins & 0x0F) << 4), qs.reshape(rows, nb, 64), d, dmin]
+    else:  # Q4_K, Q5_K: 8 sub-blocks of 32, six-bit scales and mins in 12 bytes
+        mins = p.sub_mins.numpy().reshape(rows, nb, -1)
+        dmin = p.dmin.numpy().astype(np.float16).reshape(rows, nb, 1).view(np.uint8)
+        packed = np.concatenate([sc[..., :4] | ((sc[..., 4:] >> 4) << 6), mins[..., :4] | ((mins[..., 4:] >> 4) << 6),
+                                 (sc[..., 4:] & 0x0F) | ((mins[..., 4:] & 0x0F) << 4)], axis=-1)
+        pairs = q.reshape(rows, nb, 4, 2, 32)  # sub-block 2c in the low nibbles of chunk c, 2c + 1 in the high
+        nib = ((pairs[..., 0, :] & 0x0F) | ((pairs[..., 1, :] & 0x0F) << 4)).reshape(rows, nb, 128)
+        parts = [d, dmin, packed.astype(np.uint8)]
+        if bits == 5:
+            parts.append(np.packbits((q.reshape(rows, nb, 8, 32) >> 4) & 1, axis=-2, bitorder="little")
+                         .reshape(rows, nb, 32))
+        parts.append(nib)
+    return np.concatenate([x.astype(np.uint8) for x in parts], axis=-1).reshape(rows, -1)

@@ -58,13 +58,21 @@ class QuantizeRequest(StreamOptions, OutputOptions, DataOptions, ModelOptions):
 
 AWQ_METHODS = {"awq": "rtn", "awq+rtn": "rtn", "awq+gptq": "gptq"}
 CANDIDATE = re.compile(r"^(\d+)(?:g(\d+))?([asp])?$")
+K_CANDIDATE = re.compile(r"^(\d+)k$")  # llama.cpp's Q{bits}_K
 
 
 def parse_candidates(text: str, group_size: int = 32, symmetric: bool = True, method: str = "rtn") -> list[QuantSpec]:
-    """'8g128,6,4a' -> specs: bits, optional g<group> (else --group-size), optional a|s|p (else --symmetric);
-    p = symmetric with positive scales (TensorRT's rule)."""
+    """'8g128,6,4a,4k' -> specs: bits, optional g<group> (else --group-size), optional a|s|p (else --symmetric);
+    p = symmetric with positive scales (TensorRT's rule); <bits>k = llama.cpp's Q<bits>_K."""
     specs = []
     for token in [t.strip() for t in text.split(",") if t.strip()]:
+        k = K_CANDIDATE.match(token)
+        if k:
+            if method != "rtn":
+                raise UserError(f"--candidates {text}: '{token}' is a K-quant, made by RTN only, not {method}; use "
+                                "group candidates (e.g. 8,5,4) with --method " + method)
+            specs.append(QuantSpec.k(int(k.group(1))))
+            continue
         m = CANDIDATE.match(token)
         if not m:
             raise UserError(f"--candidates {text}: cannot read '{token}'; write bits with optional group and "
@@ -83,9 +91,17 @@ def parse_candidates(text: str, group_size: int = 32, symmetric: bool = True, me
 
 def candidates_for(req: QuantizeRequest) -> list[QuantSpec]:
     """The candidate menu: --candidates, or the --target's default; each checked against the target."""
-    from compress.quantize.targets import DEFAULT_CANDIDATES, adapt, check_candidates, check_target
+    from compress.quantize.targets import (
+        DEFAULT_CANDIDATES,
+        GGUF_GROUP_CANDIDATES,
+        adapt,
+        check_candidates,
+        check_target,
+    )
 
     text = req.candidates or DEFAULT_CANDIDATES[check_target(req.target)]
+    if req.candidates is None and req.target == "gguf" and req.method != "rtn":
+        text = GGUF_GROUP_CANDIDATES  # K-quants are RTN codes
     cands = list(dict.fromkeys(adapt(c, req.target) for c in parse_candidates(text, req.group_size, req.symmetric,
                                                                             req.method)))
     check_candidates(cands, req.target)
@@ -98,7 +114,7 @@ def fitting_defaults(cands: list[QuantSpec], model, names: list[str]) -> tuple[l
     from compress.quantize.apply import weight_matrix
 
     widths = {weight_matrix(model.get_submodule(n)).shape[1] for n in names}
-    kept = [c for c in cands if c.is_float or all(w % c.group_for(w) == 0 for w in widths)]
+    kept = [c for c in cands if all(c.fits(w) for w in widths)]
     return kept, [c.label() for c in cands if c not in kept]
 
 

@@ -51,13 +51,15 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def _tiny(tokenizer, tied: bool = True, family: str = "llama") -> LoadedModel:
-    """2 layers, hidden 64, 4 heads of 16 (2 KV heads); weights large enough that a wrong layout shows in logits."""
+def _tiny(tokenizer, tied: bool = True, family: str = "llama", hidden: int = 64) -> LoadedModel:
+    """2 layers, hidden 64 (or `hidden`), 4 heads (2 KV heads); weights large enough that a wrong layout shows in
+    logits."""
     import transformers as tf
 
     torch.manual_seed(0)
     cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config}[family]
-    cfg = cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    cfg = cls(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+              num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, bos_token_id=1,
               eos_token_id=2, pad_token_id=0, tie_word_embeddings=tied)
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()

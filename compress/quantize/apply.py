@@ -76,6 +76,7 @@ def apply_plan(model: nn.Module, lmap: LayerMap, specs: dict[str, QuantSpec],
     for name, spec in specs.items():
         module = model.get_submodule(name)
         spec.check_shape(name, weight_matrix(module).shape[1])
+        spec = spec.for_width(weight_matrix(module).shape[1])  # a K-quant on a width of no whole super-blocks
         record.specs[name] = spec.label()
         if spec.bits == 32:
             continue
@@ -93,11 +94,10 @@ def apply_plan(model: nn.Module, lmap: LayerMap, specs: dict[str, QuantSpec],
                 new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         _set(model, name, new)
     if tied and lmap.embeddings in specs:
-        emb_spec = specs.get(lmap.embeddings)
         emb = model.get_submodule(lmap.embeddings)
         if isinstance(emb, QuantEmbedding):
             _set(model, lmap.head, TiedQuantHead(emb))
-            record.notes.append(f"{lmap.head} stays tied to {lmap.embeddings}: quantized once ({emb_spec.label()})")
+            record.notes.append(f"{lmap.head} stays tied to {lmap.embeddings}: quantized once ({emb.spec.label()})")
     return record
 
 

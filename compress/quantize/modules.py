@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.quantize.kquant import KQuantWeight, dequantize_k
 from compress.quantize.packing import pack, unpack
 from compress.quantize.rtn import QuantizedWeight, dequantize
-from compress.quantize.spec import QuantSpec
+from compress.quantize.spec import K_BLOCK, K_SUB, QuantSpec
 
 
 class PackedWeight(nn.Module):
@@ -20,7 +21,11 @@ class PackedWeight(nn.Module):
 
     def __init__(self, rows: int, cols: int, spec: QuantSpec):
         super().__init__()
+        spec = spec.for_width(cols)
         self.rows, self.cols, self.spec = rows, cols, spec
+        if spec.kquant:
+            self._init_kquant()
+            return
         groups = rows * (cols // spec.group_for(cols))
         self.register_buffer("qweight", torch.zeros(-(-rows * cols * spec.bits // 8), dtype=torch.uint8))
         self.register_buffer("scales", torch.zeros(rows, groups // rows, dtype=torch.float16))
@@ -31,12 +36,31 @@ class PackedWeight(nn.Module):
         else:
             self.register_buffer("zeros", torch.zeros(-(-groups * spec.bits // 8), dtype=torch.uint8))
 
+    def _init_kquant(self) -> None:
+        """Buffers of a K-quant: codes, fp16 super-block d (and dmin), integer sub-block scales (and mins)."""
+        rows, cols, spec = self.rows, self.cols, self.spec
+        subs = cols // K_SUB[spec.bits]
+        self.register_buffer("qweight", torch.zeros(-(-rows * cols * spec.bits // 8), dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(rows, cols // K_BLOCK, dtype=torch.float16))
+        self.register_buffer("sub_scales", torch.zeros(rows, subs, dtype=torch.int8 if spec.symmetric else torch.uint8))
+        self.zeros = None
+        if spec.symmetric:
+            self.dmin = self.sub_mins = None
+        else:
+            self.register_buffer("dmin", torch.zeros(rows, cols // K_BLOCK, dtype=torch.float16))
+            self.register_buffer("sub_mins", torch.zeros(rows, subs, dtype=torch.uint8))
+
     @classmethod
-    def from_quantized(cls, q: QuantizedWeight) -> PackedWeight:
-        """Pack a QuantizedWeight."""
+    def from_quantized(cls, q: QuantizedWeight | KQuantWeight) -> PackedWeight:
+        """Pack a QuantizedWeight (or a K-quant's KQuantWeight)."""
         rows, cols = q.codes.shape
         m = cls(rows, cols, q.spec)
         m.qweight = pack(q.codes, q.spec.bits)
+        if isinstance(q, KQuantWeight):
+            m.scales, m.sub_scales = q.d.contiguous(), q.sub_scales.contiguous()
+            if q.dmin is not None:
+                m.dmin, m.sub_mins = q.dmin.contiguous(), q.sub_mins.contiguous()
+            return m
         m.scales = q.scales.contiguous()
         if q.zeros is not None:
             m.zeros = q.zeros.contiguous() if q.zeros.dtype == torch.float16 else pack(q.zeros, q.spec.bits)
@@ -45,13 +69,17 @@ class PackedWeight(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The float32 weight."""
         codes = unpack(self.qweight, self.spec.bits, self.rows * self.cols).reshape(self.rows, self.cols)
+        if self.spec.kquant:
+            return dequantize_k(codes, self.scales, self.dmin, self.sub_scales, self.sub_mins, self.spec)
         zeros = self.zeros
         if zeros is not None and zeros.dtype == torch.uint8:
             zeros = unpack(zeros, self.spec.bits, self.scales.numel()).reshape(self.scales.shape)
         return dequantize(codes, self.scales, zeros, self.spec)
 
     def stored_weight_bytes(self) -> int:
-        """Bytes of codes, scales and zeros."""
+        """Bytes of codes, scales and zeros (a K-quant's as its GGUF blocks hold them: 6-bit sub-block scales)."""
+        if self.spec.kquant:
+            return self.spec.stored_bytes(self.rows, self.cols)
         z = 0 if self.zeros is None else self.zeros.numel() * self.zeros.element_size()
         return self.qweight.numel() + self.scales.numel() * 2 + z
 

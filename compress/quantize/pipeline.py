@@ -74,7 +74,8 @@ def layerwise_plan(loaded: LoadedModel, lmap: LayerMap, windows: Windows, candid
         picks = allocate_by_rank(_rank_order(units, ranking, rank_by), sizes, budget.room, allowed)
     if table is not None:
         table.sizes = sizes  # as the target stores them: what the plan was solved on
-    rules = {m: candidates[c].to_dict() for u, c in zip(units, picks, strict=True) for m in u.modules}
+    rules = {m: candidates[c].for_width(weight_matrix(model.get_submodule(m)).shape[1]).to_dict()
+             for u, c in zip(units, picks, strict=True) for m in u.modules}  # a K-quant's fallback by width
     meta = {"allocator": allocator, "granularity": granularity, "measure": measure if allocator == "dp" else None,
             **budget.meta(sum(sizes[i][c] for i, c in enumerate(picks))),
             "bytes_as": "onnx (fp32 scales)" if target == "ort" else "artifact",
@@ -111,12 +112,26 @@ def plan_inputs(model, lmap: LayerMap, candidates: list[QuantSpec], budget: Budg
                 c.check_shape(m, weight_matrix(model.get_submodule(m)).shape[1])
     allowed = [[problem(c, target, LINEAR if u.block is not None or u.name == "head" else EMBEDDING) is None
                 for c in candidates] for u in units]
+    allowed = [_first_of_equals(model, u, candidates, a) for u, a in zip(units, allowed, strict=True)]
     keep = [i for i, a in enumerate(allowed) if any(a)]  # a unit the target can't quantize stays as it is
     units, allowed = [units[i] for i in keep], [allowed[i] for i in keep]
     sizes = [[unit_bytes(model, u, c, target) for c in candidates] for u in units]
     budget = budget.for_units(model, lmap, units)
     _check_budget(sizes, budget, allowed)
     return candidates, units, sizes, budget, allowed
+
+
+def _first_of_equals(model, unit: Unit, candidates: list[QuantSpec], allowed: list[bool]) -> list[bool]:
+    """`allowed` without the candidates that quantize every matrix of the unit exactly as an earlier one does (a
+    K-quant on widths of no whole super-blocks is its group fallback: 4k is q5 there), so each is measured once."""
+    widths = [weight_matrix(model.get_submodule(m)).shape[1] for m in unit.modules]
+    seen, out = set(), []
+    for c, ok in zip(candidates, allowed, strict=True):
+        key = tuple(c.for_width(w) for w in widths)
+        out.append(ok and key not in seen)
+        if ok:
+            seen.add(key)
+    return out
 
 
 def _check_budget(sizes: list[list[int]], budget: Budget, allowed: list[list[bool]]) -> None:

@@ -65,12 +65,18 @@ def codes_for(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, s
 CHUNK_ELEMENTS = 1 << 22  # weights per step of quantize / dequantize: bounds the float temporaries to 16 MB
 
 
-def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> QuantizedWeight:
+def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None):
     """Round-to-nearest quantization of a [rows, cols] weight along groups of its input axis (rows in chunks:
     groups never cross rows, so the result is the same as in one step). With `importance` (one weight per input
     column: the importance matrix), each group's scale and zero minimize the importance-weighted error
-    (`weighted_params`) instead of spanning min/max."""
+    (`weighted_params`) instead of spanning min/max. A K-quant spec gives llama.cpp's K-quant codes (a
+    KQuantWeight, compress.quantize.kquant) or, for a width that is not whole super-blocks, its group fallback."""
     rows, cols = weight.shape
+    spec = spec.for_width(cols)
+    if spec.kquant:
+        from compress.quantize.kquant import quantize_k
+
+        return quantize_k(weight, spec, importance)
     g = spec.group_for(cols)
     step = max(1, CHUNK_ELEMENTS // cols)
     dev = weight.device

@@ -7,8 +7,9 @@ exports without requantizing.
 - trt: TensorRT explicit quantization — symmetric only (zero point 0) with positive scales; INT8 per output
   channel in [-127, 127]; INT4 block-wise weight-only DequantizeLinear. An embedding follows the same rules (its
   DequantizeLinear feeds the tied head's MatMul and, transposed, the Gather).
-- gguf: tensor types the `gguf` package writes from our codes exactly — Q4_0, Q5_0 (symmetric, blocks of 32)
-  and Q8_0 (symmetric narrow range, blocks of 32).
+- gguf: tensor types written from our codes exactly — Q4_0, Q5_0 (symmetric, blocks of 32), Q8_0 (symmetric
+  narrow range, blocks of 32) and the K-quants Q2_K … Q6_K (`4k`: super-blocks of 256; a matrix whose width is
+  not a multiple of 256 takes Q4_0/Q5_0/Q8_0 instead, as llama.cpp does).
 
 A budget (`--avg-bits`, `--max-size`) counts bytes as the target's file stores them (`stored_bytes`): on ort the
 scales are fp32, the graph's activation type, so a group of 32 costs a whole bit per weight, not half of one.
@@ -22,12 +23,14 @@ from compress.errors import UserError
 from compress.quantize.spec import QuantSpec
 
 TARGETS = ("torch", "ort", "trt", "gguf")
-DEFAULT_CANDIDATES = {"torch": "8,6,5,4,3", "ort": "8g64,4a,4,4g64a,4g64,2a", "trt": "8g0,4,4g64", "gguf": "8,5,4"}
+DEFAULT_CANDIDATES = {"torch": "8,6,5,4,3", "ort": "8g64,4a,4,4g64a,4g64,2a", "trt": "8g0,4,4g64",
+                      "gguf": "8,6k,5k,5,4k,4,3k"}
+GGUF_GROUP_CANDIDATES = "8,5,4"  # the gguf menu for GPTQ/HQQ, which write group codes only
 # One line per target for --help and messages (the module docstring has the whole rule).
 SUMMARY = {"torch": "any width, group and symmetry",
            "ort": "2/4/8-bit, power-of-two groups >= 16; embedding 4/8-bit",
            "trt": "symmetric, positive scales; INT8 per channel, INT4 block-wise; the embedding too",
-           "gguf": "Q4_0, Q5_0, Q8_0"}
+           "gguf": "Q4_0, Q5_0, Q8_0 and the K-quants 2k-6k"}
 EMBEDDING = "embedding"
 LINEAR = "linear"
 
@@ -64,6 +67,8 @@ def problem(spec: QuantSpec, target: str, role: str = LINEAR) -> str | None:
     """Why `target` cannot run `spec` for a module of `role` ('linear' or 'embedding'), or None when it can."""
     if spec.is_float or target == "torch":
         return None
+    if spec.kquant:
+        return None if target == "gguf" else "K-quants run in llama.cpp only: use --target gguf (or torch)"
     g = spec.group_size
     if target == "ort":
         allowed = (4, 8) if role == EMBEDDING else (2, 4, 8)
@@ -84,7 +89,8 @@ def problem(spec: QuantSpec, target: str, role: str = LINEAR) -> str | None:
         return "TensorRT runs INT8 (per channel) and INT4 (block-wise) weights only"
     if target == "gguf":
         if spec.bits not in (4, 5, 8) or not spec.symmetric or g != 32:
-            return "GGUF types written from our codes are Q4_0, Q5_0, Q8_0: symmetric 4, 5 or 8 bits, group 32"
+            return ("GGUF types written from our codes are Q4_0, Q5_0, Q8_0 (symmetric 4, 5 or 8 bits, group 32) and "
+                    "the K-quants 2k-6k")
         return None
     raise UserError(f"--target {target}: use one of {', '.join(TARGETS)}")
 
@@ -92,7 +98,8 @@ def problem(spec: QuantSpec, target: str, role: str = LINEAR) -> str | None:
 def adapt(spec: QuantSpec, target: str) -> QuantSpec:
     """The spec as `target` needs it where that is only a choice of rule: TensorRT's symmetric codes use positive
     scales (llama.cpp Q4_0's signed scale cannot be expressed there)."""
-    if target == "trt" and spec.symmetric and not spec.is_float and spec.bits != 8 and not spec.positive_scale:
+    if target == "trt" and spec.symmetric and not spec.is_float and spec.bits != 8 and not spec.positive_scale \
+            and not spec.kquant:
         return replace(spec, positive_scale=True)
     return spec
 
