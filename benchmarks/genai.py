@@ -79,6 +79,9 @@ def main() -> None:
                     "bytes of the builder's own quantized weights")
     ap.add_argument("--candidates", default=";".join(MENUS), help="our layer-wise menus, ';'-separated "
                     "('default' = --target ort's)")
+    ap.add_argument("--method", default="rtn", help="our plans' --method (rtn: with the importance matrix; gptq)")
+    ap.add_argument("--measure", default="fast", help="our plans' --measure")
+    ap.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, help="our plans' calibration tokens")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--no-speed", action="store_true", help="accuracy, size and graph only (for a machine that is "
@@ -111,7 +114,7 @@ def main() -> None:
         if a.max_size == "builder" else int(a.max_size)
     for menu in a.candidates.split(";"):
         packages.update(_our_packages(a.model, budget, None if menu == "default" else menu, work / "ours",
-                                        seq))
+                                      seq, a.method, a.measure, a.calib_tokens))
     state = {"model": name, "max_size": budget, "candidates": a.candidates, "rows": {}, "speed_rounds": [],
              "command": shlex.join(["python", "benchmarks/genai.py", *sys.argv[1:]]).replace(str(Path.home()), "~"),
              "versions": _versions()}
@@ -177,17 +180,21 @@ def _quantized_bytes(package: Path) -> int:
     return sum(numpy_helper.to_array(inits[x]).nbytes for x in names if x in inits)
 
 
-def _our_packages(model: str, max_size: int, candidates: str | None, root: Path, seq: int = 512) -> dict:
+def _our_packages(model: str, max_size: int, candidates: str | None, root: Path, seq: int = 512,
+                  method: str = "rtn", measure: str = "fast", tokens: int = CALIB_TOKENS) -> dict:
     """Our layer-wise --target ort artifact under `max_size` weight bytes, exported at accuracy levels 0 and 4."""
     from compress.artifact_formats import load_artifact
     from exporters.genai import write_genai
     from flows.quantize import QuantizeRequest, run_quantize
 
-    tag = f"lw{max_size}" + (f"-{candidates.replace(',', '_')}" if candidates else "")
+    how = [f"--{k} {v}" for k, v, default in (("method", method, "rtn"), ("measure", measure, "fast"),
+                                               ("tokens", tokens, CALIB_TOKENS)) if v != default]
+    tag = f"lw{max_size}" + (f"-{candidates.replace(',', '_')}" if candidates else "") \
+        + "".join("-" + h.replace("--", "").replace(" ", "") for h in how)
     art = root / tag
     if not (art / "compress.json").is_file():
-        run_quantize(QuantizeRequest(model=model, layerwise=True, max_size=max_size, target="ort", measure="fast",
-                                     candidates=candidates, data=NOVELS, tokens=CALIB_TOKENS, seq_len=seq,
+        run_quantize(QuantizeRequest(model=model, layerwise=True, max_size=max_size, target="ort", measure=measure,
+                                     method=method, candidates=candidates, data=NOVELS, tokens=tokens, seq_len=seq,
                                      evaluate=False, out=art))
     loaded = load_artifact(art)
     meta = {"who": "ours", "artifact_bpw": loaded.extra["manifest"]["bpw"],
@@ -201,7 +208,7 @@ def _our_packages(model: str, max_size: int, candidates: str | None, root: Path,
             tmp.rename(dst)
             (dst / "package.json").write_text(json.dumps(pkg.to_dict(), indent=1))
         pkg = json.loads((dst / "package.json").read_text())
-        out[f"ours: {candidates or 'default menu'}, accuracy level {level}"] = (
+        out[f"ours: {' '.join([candidates or 'default menu', *how])}, accuracy level {level}"] = (
             dst, {**meta, "accuracy_level": level, "nodes": pkg["nodes"], "fusions": pkg["fusions"],
                   "ops": pkg["ops"]})
     return out

@@ -14,7 +14,8 @@ parameters; norms and biases excluded.
 Peers: NNCF `compress_weights` (INT4_SYM, group 32, data-aware AWQ + scale estimation; `-all` = all_layers=True,
 so the embedding / tied head is 4-bit too; without it NNCF keeps them INT8_ASYM per channel; `nncf-rtn-all` = the
 same without data). NNCF has no mode below 4 bits with groups of 32 (its INT4 floor is 4.5 bpw), so it has no
-3.5 bpw row.
+3.5 bpw row. AutoRound 0.16 (signed-gradient rounding, W4 g32 symmetric, 200 iterations, CPU fp32) tunes the block
+Linears; `autoround-emb4` adds plain RTN int4 on the embedding it leaves float, to land at 4.5 bpw.
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ NNCF = {  # row -> (description, compress_weights keywords, data-aware)
     "nncf-rtn-all": ("NNCF INT4_SYM g32, data-free, all_layers", dict(all_layers=True), False),
 }
 
+AUTOROUND = {  # row -> (description, quantize the embedding / tied head too with plain RTN q4g32s)
+    "autoround": ("AutoRound W4 g32 sym, 200 iters (embedding / tied head float, counted as fp16)", False),
+    "autoround-emb4": ("AutoRound W4 g32 sym, 200 iters; embedding / tied head RTN int4 g32 (as NNCF all_layers)",
+                       True),
+}
+PEERS = ("nncf", "autoround")
+
 
 def main() -> None:
     from markdown import publish_state
@@ -85,7 +93,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--rows", default=",".join([*NNCF, *OURS]))
+    ap.add_argument("--rows", default=",".join([*NNCF, *AUTOROUND, *OURS]))
     ap.add_argument("--keep", action="store_true", help="keep the rows of earlier runs that are not run now")
     ap.add_argument("--no-markdown", action="store_true")
     a = ap.parse_args()
@@ -112,11 +120,14 @@ def main() -> None:
         if row in NNCF:
             desc, kw, aware = NNCF[row]
             entry = _nncf(a.model, ref, calib if aware else None, anchors, kw)
+        elif row in AUTOROUND:
+            desc, emb4 = AUTOROUND[row]
+            entry = _autoround(ref, calib, anchors, emb4)
         elif row in OURS:
             desc, fields = OURS[row]
             entry = _ours(a.model, ref, anchors, fields)
         else:
-            raise SystemExit(f"--rows: unknown row {row}; use {', '.join([*NNCF, *OURS])}")
+            raise SystemExit(f"--rows: unknown row {row}; use {', '.join([*NNCF, *AUTOROUND, *OURS])}")
         entry.update(row=row, what=desc, seconds=round(time.perf_counter() - t, 1))
         print(entry, flush=True)
         state["rows"].append(entry)
@@ -161,6 +172,44 @@ def _nncf(model: str, ref, calib, anchors, kw: dict) -> dict:
     return _evaluate(cand, ref, anchors) | {"bpw": stored * 8 / weights, "weight_bytes": stored}
 
 
+_AUTOROUND_CACHE: dict = {}
+
+
+def _autoround(ref, calib, anchors, emb4: bool) -> dict:
+    """AutoRound (signed-gradient rounding, default 200 iterations) on an fp32 copy, on CPU in fp32 (`amp=False`),
+    from the same calibration windows; evaluated in memory, where AutoRound leaves each Linear's weight
+    fake-quantized. With `emb4`, the embedding (and the head tied to it), which AutoRound leaves alone, gets plain
+    min/max RTN int4 g32, as NNCF's all_layers gives it, so the row lands at 4.5 bpw. bpw: 4 bits + an fp16 scale
+    per 32 for each quantized matrix, 16 bits for a float one."""
+    import copy
+
+    from compress.models.hf import LoadedModel
+    from compress.quantize.rtn import quantize_rtn
+    from compress.quantize.spec import QuantSpec
+
+    if "model" not in _AUTOROUND_CACHE:
+        from auto_round import AutoRound
+
+        model = copy.deepcopy(ref.module).float()
+        data = [{"input_ids": ids[None], "attention_mask": m[None]}
+                for ids, m in zip(calib.input_ids, calib.attention_mask, strict=True)]
+        ar = AutoRound(model, tokenizer=ref.tokenizer, bits=4, group_size=32, sym=True, dataset=data,
+                       nsamples=len(data), seqlen=calib.input_ids.shape[1], batch_size=len(data), device_map="cpu",
+                       amp=False)
+        ar.quantize()
+        _AUTOROUND_CACHE["model"] = model
+    model = copy.deepcopy(_AUTOROUND_CACHE["model"])
+    emb = model.get_input_embeddings()
+    if emb4:
+        with torch.no_grad():
+            emb.weight.copy_(quantize_rtn(emb.weight, QuantSpec(4, 32)).dequantize())
+    weights = _matrix_params(model)
+    float_params = 0 if emb4 else emb.weight.numel()
+    bpw = ((weights - float_params) * 4.5 + float_params * 16) / weights
+    cand = LoadedModel(model, ref.tokenizer, "decoder", ref.family, "autoround")
+    return _evaluate(cand, ref, anchors) | {"bpw": bpw, "weight_bytes": None}
+
+
 def _tracing_window():
     """One short window: what NNCF needs to trace the model when it uses no data."""
     from compress.data import Windows
@@ -197,7 +246,7 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("nncf", "torch", "transformers"):
+    for pkg in ("nncf", "auto-round", "torch", "transformers"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -210,6 +259,7 @@ def render(state: dict) -> str:
     m = state["machine"]
     v = state["versions"]
     lines = [f"Written by `{state['command']}` ({m['cores']} cores, torch {v['torch']}, NNCF {v['nncf']}, "
+             f"AutoRound {v.get('auto-round')}, "
              f"{state['seconds'] / 60:.0f} min). {state['model']} (fp32, the zoo model); calibration "
              f"{CALIB_TOKENS} tokens of the five Austen novels other than persuasion.txt for every data-aware "
              "candidate; KL = mean per-token KL(original ‖ candidate) on the ANCHORS.md windows (persuasion.txt, "
@@ -228,7 +278,7 @@ def _verdicts(rows: list[dict]) -> str:
     """Target (issue 17): at each of our layer-wise budgets B, our KL ≤ 0.8 × the best peer's among those at or
     above our bpw and at most B + 0.05 (ours at equal or lower bpw, the peer at the same budget)."""
     out = []
-    peers = [r for r in rows if r["row"].startswith("nncf")]
+    peers = [r for r in rows if r["row"].startswith(PEERS)]
     for r in rows:
         if not r["row"].startswith("ours-lw"):
             continue

@@ -129,3 +129,21 @@ def test_llamacpp_runs_k_quants_like_torch(wide_plan, tmp_path):
     # llama.cpp rounds the activations of K-quant matmuls to 8 bits per 256 (Q8_K): its own Q6_K of this random
     # model, dequantized into torch, differs from its run by KL 0.021 (Q8_0: 0.003); a wrong layout gives KL > 1
     assert r.kl_mean < 0.05 and r.top1_agreement > 0.8
+
+
+def test_a_candidate_equal_to_an_earlier_one_on_a_unit_is_measured_once():
+    """On a 64-wide model every K-quant is its group fallback: 6k is q8, 5k and 4k are q5, 3k is q4."""
+    from tiny_models import build
+
+    from compress.models import layer_map
+    from compress.quantize.budget import Budget
+    from compress.quantize.pipeline import plan_inputs
+
+    loaded = build("llama")
+    lmap = layer_map(loaded.module)
+    menu = [QuantSpec(8), QuantSpec.k(6), QuantSpec.k(5), QuantSpec(5), QuantSpec.k(4), QuantSpec(4), QuantSpec.k(3)]
+    budget = Budget.parse(5.0, None).resolve(loaded.module)
+    cands, units, sizes, _, allowed = plan_inputs(loaded.module, lmap, menu, budget, target="gguf")
+    kept = {cands[c].label() for c in range(len(cands)) if allowed[0][c]}
+    assert kept == {"q8g32s", "q5k", "q4g32s"}  # the first of each equal group, in size order
+    assert sizes[0][[c.label() for c in cands].index("q4k")] == sizes[0][[c.label() for c in cands].index("q5k")]
