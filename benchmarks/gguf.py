@@ -426,6 +426,14 @@ def main() -> None:
 # ------------------------------------------------------------------------------------------------ BENCHMARKS.md
 
 
+def _shown(path: str) -> str:
+    """A path as BENCHMARKS.md shows it: relative to the repository, or under ~ (no machine's absolute paths)."""
+    p = Path(path).expanduser()
+    if p.is_relative_to(REPO):
+        return str(p.relative_to(REPO))
+    return str(p).replace(str(Path.home()), "~", 1)
+
+
 def _kl(v: float) -> str:
     return f"{v:.4f}" if v >= 1e-3 else f"{v:.2e}"
 
@@ -492,7 +500,7 @@ def model_table(d: dict) -> list[str]:
             files = r["calibration"]["source"].split(",")
             calib = Path(files[0]).name + (f" +{len(files) - 1} files" if len(files) > 1 else "")
             own = r["torch_artifact"]
-            lines.append(f"- {r['name']}: artifact `{r['artifact']}` {r['artifact_bpw']} bpw, widths "
+            lines.append(f"- {r['name']}: artifact `{_shown(r['artifact'])}` {r['artifact_bpw']} bpw, widths "
                          f"{dict(units)}, calibration {calib} ({r['calibration']['tokens']} tokens); GGUF tensors "
                          f"exact {r['tensors_exact']}, "
                          f"approximated {r['tensors_approximated']}; the artifact in torch on the same windows: KL "
