@@ -307,3 +307,22 @@ def test_every_method_in_the_help_has_a_handler_and_no_other():
     from compress.quantize.spec import METHODS
 
     assert list(METHOD_HANDLERS) == list(METHOD) == list(METHODS)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(3), QuantSpec(4, 32, False), QuantSpec(8, 0),
+                                  QuantSpec.k(4), QuantSpec.k(6)], ids=lambda s: s.label())
+def test_row_slices_and_chunked_lookups_equal_the_whole_table(spec):
+    """A vocabulary-sized table is dequantized 8,192 rows at a time (streamed heads, embedding lookups): the slices
+    and the lookups are exactly the whole table's."""
+    from compress.quantize.modules import TABLE_ROWS, PackedWeight, QuantEmbedding
+
+    rows = TABLE_ROWS * 2 + 100
+    w = torch.randn(rows, 256, generator=torch.Generator().manual_seed(0))
+    p = PackedWeight.from_quantized(quantize_rtn(w, spec))
+    full = p.dequantize()
+    for s in range(0, rows, TABLE_ROWS):
+        assert torch.equal(p.dequantize_rows(s, min(s + TABLE_ROWS, rows)), full[s:s + TABLE_ROWS])
+    emb = QuantEmbedding(rows, 256, spec)
+    emb.packed = p
+    ids = torch.randint(0, rows, (2, 40), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(emb(ids), torch.nn.functional.embedding(ids, full))

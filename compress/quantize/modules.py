@@ -15,6 +15,8 @@ from compress.quantize.packing import pack, unpack
 from compress.quantize.rtn import QuantizedWeight, dequantize
 from compress.quantize.spec import K_BLOCK, K_SUB, QuantSpec
 
+TABLE_ROWS = 8192  # rows of a vocabulary-sized table dequantized at a time (embedding lookups, streamed heads)
+
 
 class PackedWeight(nn.Module):
     """Packed codes, fp16 scales and zero points of one [rows, cols] matrix, with its QuantSpec."""
@@ -76,6 +78,26 @@ class PackedWeight(nn.Module):
             zeros = unpack(zeros, self.spec.bits, self.scales.numel()).reshape(self.scales.shape)
         return dequantize(codes, self.scales, zeros, self.spec)
 
+    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
+        """The float32 rows start:stop only (rows are quantized independently): a vocabulary-sized table is used a
+        slice at a time without an fp32 copy of the whole of it."""
+        if start == 0 and stop >= self.rows:
+            return self.dequantize()
+        n, bits = stop - start, self.spec.bits
+        if (self.cols * bits) % 8:
+            return self.dequantize()[start:stop]
+        row_bytes = self.cols * bits // 8
+        codes = unpack(self.qweight[start * row_bytes:stop * row_bytes], bits, n * self.cols).reshape(n, self.cols)
+        scales = self.scales[start:stop]
+        if self.spec.kquant:
+            mins = None if self.sub_mins is None else self.sub_mins[start:stop]
+            dmin = None if self.dmin is None else self.dmin[start:stop]
+            return dequantize_k(codes, scales, dmin, self.sub_scales[start:stop], mins, self.spec)
+        zeros = self.zeros
+        if zeros is not None and zeros.dtype == torch.uint8:
+            zeros = unpack(zeros, bits, self.scales.numel()).reshape(self.scales.shape)
+        return dequantize(codes, scales, None if zeros is None else zeros[start:stop], self.spec)
+
     def stored_weight_bytes(self) -> int:
         """Bytes of codes, scales and zeros (a K-quant's as its GGUF blocks hold them: 6-bit sub-block scales)."""
         if self.spec.kquant:
@@ -126,7 +148,15 @@ class QuantEmbedding(nn.Module):
         return self.packed.dequantize()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.packed.dequantize(), self.padding_idx)
+        rows = self.num_embeddings
+        if rows <= TABLE_ROWS:
+            return F.embedding(ids, self.packed.dequantize(), self.padding_idx)
+        out = torch.empty(*ids.shape, self.embedding_dim, dtype=torch.float32, device=ids.device)
+        for s in range(0, rows, TABLE_ROWS):  # a vocabulary-sized table: looked up a slice of rows at a time
+            hit = (ids >= s) & (ids < s + TABLE_ROWS)
+            if hit.any():
+                out[hit] = self.packed.dequantize_rows(s, min(s + TABLE_ROWS, rows))[ids[hit] - s]
+        return out
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.spec.label()}"

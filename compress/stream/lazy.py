@@ -266,7 +266,13 @@ class LazyModel:
         """LM-head logits; a float head stored in a narrower dtype is multiplied 8,192 vocabulary rows at a time,
         so no fp32 copy of the whole head is made."""
         head = self.model.get_submodule(self.lmap.head)
-        if isinstance(head, nn.Linear) and head.weight.dtype != normed.dtype:
+        packed = _packed_table(head)
+        if packed is not None:  # quantized: dequantized 8,192 rows at a time, never the whole table in fp32
+            out = torch.cat([normed @ packed.dequantize_rows(s, min(s + rows, packed.rows)).to(normed.dtype).T
+                             for s in range(0, packed.rows, rows)], dim=-1)
+            if getattr(head, "bias", None) is not None:
+                out = out + head.bias.to(normed.dtype)
+        elif isinstance(head, nn.Linear) and head.weight.dtype != normed.dtype:
             w = head.weight
             out = torch.cat([normed @ w[s:s + rows].to(normed.dtype).T for s in range(0, w.shape[0], rows)], dim=-1)
             if head.bias is not None:
@@ -275,6 +281,17 @@ class LazyModel:
             out = head(normed)
         cap = self.lmap.logit_softcap
         return torch.tanh(out / cap) * cap if cap else out
+
+
+def _packed_table(head: nn.Module):
+    """The PackedWeight of a quantized LM head (its own codes, or the embedding's it is tied to), else None."""
+    from compress.quantize.modules import QuantLinear, TiedQuantHead
+
+    if isinstance(head, QuantLinear):
+        return head.packed
+    if isinstance(head, TiedQuantHead):
+        return head._embedding[0].packed
+    return None
 
 
 _MMAP_SET = False
