@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=BIG)
     ap.add_argument("--only", default=None, help="run only the rows whose name contains this (the others are kept)")
     ap.add_argument("--note", default="", help="a sentence for the header (e.g. that other jobs shared the cores)")
+    ap.add_argument("--no-generate", action="store_true", help="skip loading the 3 B artifacts whole to generate "
+                    "(about 40 min; the earlier lines are kept)")
     a = ap.parse_args()
     big = a.model.expanduser()
     if not big.is_dir():
@@ -129,7 +131,7 @@ def main() -> None:
             m = r["json"].get("metrics") or r["json"]
             rows.append((name, args, r, m))
             print(f"[rc {r['rc']}] {name}: {r['seconds']:.0f} s, peak RSS {r['rss'] / 2**30:.2f} GiB", flush=True)
-        gen = {d: generate_check(work / d) for d in ("q4", "lw") if (work / d).is_dir()}
+        gen = {} if a.no_generate else {d: generate_check(work / d) for d in ("q4", "lw") if (work / d).is_dir()}
         same = []
         if not a.only or "smollm2" in a.only:
             for mode in ("off", "on"):
