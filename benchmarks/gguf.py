@@ -276,7 +276,8 @@ def _version(pkg: str) -> str:
 def others_running() -> list[str]:
     """Other benchmark processes (the timing must not overlap them)."""
     out = subprocess.run(["pgrep", "-af", "benchmarks/"], capture_output=True, text=True).stdout.splitlines()
-    return [ln for ln in out if str(os.getpid()) != ln.split()[0] and "benchmarks/gguf.py" not in ln]
+    return [ln.replace(str(REPO) + "/", "").replace(str(Path.home()), "~") for ln in out
+            if str(os.getpid()) != ln.split()[0] and "benchmarks/gguf.py" not in ln]
 
 
 def main() -> None:
