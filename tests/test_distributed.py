@@ -1,5 +1,5 @@
-"""torchrun with 2 gloo ranks on CPU: the measured distortion table is split across the ranks and gathered, and the
-artifact rank 0 writes is byte for byte the one a single process writes."""
+"""torchrun with 2 gloo ranks on CPU: the measured (or Fisher-predicted) distortion table is split across the ranks
+and gathered, and the artifact rank 0 writes is byte for byte the one a single process writes."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_two_gloo_ranks_write_the_same_artifact_as_one_process(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    for measure in ("full", "fast"):
+    for measure in ("full", "fast", "fisher"):  # fisher: each rank predicts its share of the candidates
         one = _run([sys.executable], model, text, tmp_path / f"one-{measure}", "--measure", measure)
         two = _run(torchrun, model, text, tmp_path / f"two-{measure}", "--measure", measure)
         assert one.returncode == 0, one.stderr

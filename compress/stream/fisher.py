@@ -307,7 +307,18 @@ def _predict_tables(lazy: LazyModel, wanted: set[str], calls: list[Calls], norme
 def _errors(weight: torch.Tensor, sq: torch.Tensor, candidates: list[QuantSpec], tokens: int,
             importance: torch.Tensor | None = None, rows: int = 1024) -> list[float]:
     """½ Σ (sq / tokens) (Q(W) − W)² for each candidate, `rows` rows at a time (rows are quantized independently,
-    so a slice of rows is predicted on its own, and the fp32 copies stay small)."""
+    so a slice of rows is predicted on its own, and the fp32 copies stay small). Under torchrun each rank predicts
+    the candidates whose index ≡ its rank and all receive every value (the same numbers as one process)."""
+    from compress import distributed
+
+    if distributed.world() > 1 and len(candidates) > 1:
+        return distributed.map_split(candidates, lambda c: _errors_alone(weight, sq, [c], tokens, importance,
+                                                                         rows)[0])
+    return _errors_alone(weight, sq, candidates, tokens, importance, rows)
+
+
+def _errors_alone(weight: torch.Tensor, sq: torch.Tensor, candidates: list[QuantSpec], tokens: int,
+                  importance: torch.Tensor | None, rows: int) -> list[float]:
     total = [0.0] * len(candidates)
     for s in range(0, weight.shape[0], rows):
         w = weight[s:s + rows].detach().float()
