@@ -29,17 +29,19 @@ def test_two_gloo_ranks_write_the_same_artifact_as_one_process(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    for measure in ("full", "fast", "fisher"):  # fisher: each rank predicts its share of the candidates
-        one = _run([sys.executable], model, text, tmp_path / f"one-{measure}", "--measure", measure)
-        two = _run(torchrun, model, text, tmp_path / f"two-{measure}", "--measure", measure)
+    # fisher: each rank predicts its share of the candidates; gptq: each rank solves its share of a block's Linears
+    for measure, extra in (("full", []), ("fast", []), ("fisher", []), ("fast", ["--method", "gptq"])):
+        tag = measure + "".join(extra)
+        one = _run([sys.executable], model, text, tmp_path / f"one-{tag}", "--measure", measure, *extra)
+        two = _run(torchrun, model, text, tmp_path / f"two-{tag}", "--measure", measure, *extra)
         assert one.returncode == 0, one.stderr
         assert two.returncode == 0, two.stderr
         a, b = json.loads(one.stdout), json.loads(two.stdout)  # rank 0 alone printed
         assert a["distortion"] == b["distortion"] and a["plan"]["meta"]["units"] == b["plan"]["meta"]["units"]
-        files = sorted(p.name for p in (tmp_path / f"one-{measure}").glob("*.safetensors"))
-        assert files and files == sorted(p.name for p in (tmp_path / f"two-{measure}").glob("*.safetensors"))
+        files = sorted(p.name for p in (tmp_path / f"one-{tag}").glob("*.safetensors"))
+        assert files and files == sorted(p.name for p in (tmp_path / f"two-{tag}").glob("*.safetensors"))
         for f in files:
-            assert (tmp_path / f"one-{measure}" / f).read_bytes() == (tmp_path / f"two-{measure}" / f).read_bytes()
+            assert (tmp_path / f"one-{tag}" / f).read_bytes() == (tmp_path / f"two-{tag}" / f).read_bytes()
 
 
 def test_verbs_that_do_not_split_are_refused_under_torchrun(tmp_path):

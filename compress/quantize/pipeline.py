@@ -250,11 +250,15 @@ def gptq_block(model, linears: list[str], specs: dict[str, QuantSpec], feed: Cal
     collectors = {p: HessianCollector(model.get_submodule(p), weight_matrix(model.get_submodule(p)).shape[1])
                   for p in targets}
     feed()
+    from compress import distributed
+
+    # each Linear's codes depend only on its own weight and Hessian: under torchrun the ranks split them
+    codes = distributed.map_split(targets, lambda p: gptq_quantize(weight_matrix(model.get_submodule(p)),
+                                                                   collectors[p].result(), specs[p]))
     out = {}
-    for p in targets:
-        w = weight_matrix(model.get_submodule(p))
-        out[p] = gptq_quantize(w, collectors[p].result(), specs[p])
-        w.copy_(out[p].dequantize())
+    for p, q in zip(targets, codes, strict=True):
+        out[p] = q
+        weight_matrix(model.get_submodule(p)).copy_(q.dequantize())
     return out
 
 
