@@ -140,6 +140,8 @@ def _is_pow2_block(g: int) -> bool:
 
 def _ort_problem(name: str, p: PackedWeight, gather: bool) -> str | None:
     spec = p.spec
+    if spec.kquant:
+        return f"{name}: {spec.label()} — a K-quant runs in llama.cpp only (export it with --gguf)"
     g = spec.group_for(p.cols)
     if spec.group_size == 0 or not _is_pow2_block(g):
         return (f"{name}: {spec.label()} — ONNX Runtime needs a power-of-two block ≥ 16 along the input axis "

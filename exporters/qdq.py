@@ -47,6 +47,8 @@ def qdq_plan(name: str, p: PackedWeight) -> tuple[str, str | None]:
     INT4 must be block-wise); grouped 5–8-bit codes have no TensorRT form.
     """
     spec = p.spec
+    if spec.kquant:
+        return "int4", f"{name}: {spec.label()} is a K-quant (llama.cpp only: export it with --gguf)"
     per_channel = spec.group_for(p.cols) == p.cols
     kind = "int8" if per_channel or spec.bits > 4 else "int4"
     if not spec.symmetric:

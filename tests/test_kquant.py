@@ -147,3 +147,20 @@ def test_a_candidate_equal_to_an_earlier_one_on_a_unit_is_measured_once():
     kept = {cands[c].label() for c in range(len(cands)) if allowed[0][c]}
     assert kept == {"q8g32s", "q5k", "q4g32s"}  # the first of each equal group, in size order
     assert sizes[0][[c.label() for c in cands].index("q4k")] == sizes[0][[c.label() for c in cands].index("q5k")]
+
+
+def test_k_quant_artifact_is_refused_where_its_codes_cannot_go(wide_plan, tmp_path):
+    """MatMulNBits and compressed-tensors have no two-level scales: exit 2 naming the fix (--gguf), no file."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    art, _ = wide_plan
+    r = CliRunner().invoke(app, ["export", str(art), "--onnx", str(tmp_path / "m.onnx"), "--format", "int4",
+                                 "--no-validate"])
+    assert r.exit_code == 2 and "--gguf" in r.stderr and not (tmp_path / "m.onnx").exists()
+    from compress.artifact_formats import load_artifact
+    from compress.quantize.compressed_tensors import write_compressed_tensors
+
+    with pytest.raises(UserError, match="K-quant"):
+        write_compressed_tensors(load_artifact(art), tmp_path / "ct")

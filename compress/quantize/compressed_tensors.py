@@ -239,6 +239,8 @@ def _unsupported(kind: str | None, pw: PackedWeight) -> str | None:
                 + (" (this is a GPT-2 Conv1D)" if kind == "conv1d" else ""))
     if not pw.spec.symmetric and pw.spec.method == "hqq":
         return "its zero points are fp16 (hqq); pack-quantized stores integer zero points"
+    if pw.spec.kquant:
+        return "a K-quant's two-level scales are llama.cpp's (export it with --gguf)"
     return None
 
 
