@@ -27,6 +27,7 @@ from compress.quantize.spec import QuantSpec
 from compress.stream.lazy import Calls, LazyModel, release_freed_memory
 
 HEAD_ROWS = 8192  # vocabulary rows of the head multiplied at a time
+GRAD_ELEMENTS = 1 << 22  # weight-gradient elements computed at a time in a Linear's backward (16 MB in fp32)
 IN_MEMORY_BYTES = 256 * 2**20  # block inputs kept in memory up to this, in files beyond
 MEASURE = "predicted kl (½ Σ F ΔW², diagonal Fisher of the calibration NLL per token)"
 
@@ -156,9 +157,15 @@ class _FisherLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        g = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-        ctx.sq.add_(g.square_())
-        return dy @ _matrix(weight, ctx.transposed).to(dy.dtype), None, None, None, None
+        w = _matrix(weight, ctx.transposed)  # [out, in], in the stored dtype
+        xs, dys = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        dx = torch.zeros(xs.shape, dtype=dy.dtype, device=dy.device)
+        step = max(1, GRAD_ELEMENTS // w.shape[1])
+        for r in range(0, w.shape[0], step):  # output rows a slice at a time: no whole fp32 gradient or weight
+            d = dys[:, r:r + step]
+            ctx.sq[r:r + step].add_((d.T @ xs).square_())
+            dx.addmm_(d, w[r:r + step].to(dy.dtype))
+        return dx.reshape(*dy.shape[:-1], xs.shape[-1]), None, None, None, None
 
 
 def _matrix(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
