@@ -82,7 +82,8 @@ AUTOROUND = {  # row -> (description, quantize the embedding / tied head too wit
     "autoround": ("AutoRound W4 g32 sym, light recipe (50 iters, lr 5e-3) (embedding / tied head float, counted as "
                   "fp16)", False),
     "autoround-emb4": ("AutoRound W4 g32 sym, light recipe (50 iters, lr 5e-3); embedding / tied head RTN int4 g32 "
-                       "(as NNCF all_layers)", True),
+                       "(as NNCF all_layers; run after `autoround`, it reuses its tuning: s = embedding + evaluation)",
+                       True),
 }
 PEERS = ("nncf", "autoround")
 
