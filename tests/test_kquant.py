@@ -80,7 +80,7 @@ def test_candidate_syntax_and_refusals():
     with pytest.raises(UserError, match="RTN only"):
         parse_candidates("4k", method="gptq")
     with pytest.raises(UserError, match="4k"):
-        QuantSpec(4, 256, False, kquant=False).__class__(4, 128, False, kquant=True)
+        QuantSpec(4, 128, False, kquant=True)
     assert "llama.cpp only" in problem(QuantSpec.k(4), "ort")
     assert problem(QuantSpec.k(4), "gguf") is None and problem(QuantSpec.k(6), "trt")
 

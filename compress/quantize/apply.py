@@ -75,8 +75,9 @@ def apply_plan(model: nn.Module, lmap: LayerMap, specs: dict[str, QuantSpec],
     quantized = quantized or {}
     for name, spec in specs.items():
         module = model.get_submodule(name)
-        spec.check_shape(name, weight_matrix(module).shape[1])
-        spec = spec.for_width(weight_matrix(module).shape[1])  # a K-quant on a width of no whole super-blocks
+        cols = weight_matrix(module).shape[1]
+        spec.check_shape(name, cols)
+        spec = spec.for_width(cols)  # a K-quant on a width of no whole super-blocks: its group fallback
         record.specs[name] = spec.label()
         if spec.bits == 32:
             continue

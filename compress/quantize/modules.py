@@ -70,24 +70,19 @@ class PackedWeight(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight."""
-        codes = unpack(self.qweight, self.spec.bits, self.rows * self.cols).reshape(self.rows, self.cols)
-        if self.spec.kquant:
-            return dequantize_k(codes, self.scales, self.dmin, self.sub_scales, self.sub_mins, self.spec)
-        zeros = self.zeros
-        if zeros is not None and zeros.dtype == torch.uint8:
-            zeros = unpack(zeros, self.spec.bits, self.scales.numel()).reshape(self.scales.shape)
-        return dequantize(codes, self.scales, zeros, self.spec)
+        return self.dequantize_rows(0, self.rows)
 
     def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
-        """The float32 rows start:stop only (rows are quantized independently): a vocabulary-sized table is used a
-        slice at a time without an fp32 copy of the whole of it."""
-        if start == 0 and stop >= self.rows:
-            return self.dequantize()
+        """The float32 rows start:stop (rows are quantized independently): a vocabulary-sized table is used a slice
+        at a time without an fp32 copy of the whole of it."""
+        stop = min(stop, self.rows)
         n, bits = stop - start, self.spec.bits
-        if (self.cols * bits) % 8:
-            return self.dequantize()[start:stop]
-        row_bytes = self.cols * bits // 8
-        codes = unpack(self.qweight[start * row_bytes:stop * row_bytes], bits, n * self.cols).reshape(n, self.cols)
+        if (self.cols * bits) % 8 == 0:  # whole bytes per row: unpack only these rows' codes
+            row_bytes = self.cols * bits // 8
+            codes = unpack(self.qweight[start * row_bytes:stop * row_bytes], bits, n * self.cols)
+            codes = codes.reshape(n, self.cols)
+        else:
+            codes = unpack(self.qweight, bits, self.rows * self.cols).reshape(self.rows, self.cols)[start:stop]
         scales = self.scales[start:stop]
         if self.spec.kquant:
             mins = None if self.sub_mins is None else self.sub_mins[start:stop]

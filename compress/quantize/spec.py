@@ -76,6 +76,7 @@ class QuantSpec:
         """True when the spec (after a K-quant's fallback) can quantize a matrix `in_features` wide."""
         spec = self.for_width(in_features)
         return spec.is_float or in_features % spec.group_for(in_features) == 0
+
     @property
     def is_float(self) -> bool:
         """True when the matrix is kept in float (16 or 32 bits) rather than quantized."""

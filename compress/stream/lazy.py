@@ -263,19 +263,16 @@ class LazyModel:
         return hidden
 
     def logits(self, normed: torch.Tensor, rows: int = 8192) -> torch.Tensor:
-        """LM-head logits; a float head stored in a narrower dtype is multiplied 8,192 vocabulary rows at a time,
-        so no fp32 copy of the whole head is made."""
+        """LM-head logits; a quantized head, or a float one stored in a narrower dtype, is multiplied 8,192
+        vocabulary rows at a time, so no fp32 copy of the whole head is made."""
         head = self.model.get_submodule(self.lmap.head)
-        packed = _packed_table(head)
-        if packed is not None:  # quantized: dequantized 8,192 rows at a time, never the whole table in fp32
-            out = torch.cat([normed @ packed.dequantize_rows(s, min(s + rows, packed.rows)).to(normed.dtype).T
-                             for s in range(0, packed.rows, rows)], dim=-1)
+        packed = _packed_table(head)  # quantized: dequantized a slice at a time, never the whole table in fp32
+        if packed is not None or (isinstance(head, nn.Linear) and head.weight.dtype != normed.dtype):
+            n = packed.rows if packed is not None else head.weight.shape[0]
+            table = packed.dequantize_rows if packed is not None else lambda s, e: head.weight[s:e]
+            out = torch.cat([normed @ table(s, min(s + rows, n)).to(normed.dtype).T for s in range(0, n, rows)],
+                            dim=-1)
             if getattr(head, "bias", None) is not None:
-                out = out + head.bias.to(normed.dtype)
-        elif isinstance(head, nn.Linear) and head.weight.dtype != normed.dtype:
-            w = head.weight
-            out = torch.cat([normed @ w[s:s + rows].to(normed.dtype).T for s in range(0, w.shape[0], rows)], dim=-1)
-            if head.bias is not None:
                 out = out + head.bias.to(normed.dtype)
         else:
             out = head(normed)
