@@ -303,7 +303,7 @@ def _verdicts(rows: dict) -> list[str]:
             out.append(line + "; speed not measured.")
             continue
         dec, pre = b["decode_ms"] / o["decode_ms"], o["prefill_tok_s"] / b["prefill_tok_s"]
-        out.append(line + f", decode speed {dec:.2f}× (target ≥ 1.0: {'met' if dec >= 1.0 else 'missed'}), prefill "
+        out.append(line + f", decode speed {dec:.3f}× (target ≥ 1.0: {'met' if dec >= 1.0 else 'missed'}), prefill "
                    f"{pre:.2f}× (target ≥ 0.9: {'met' if pre >= 0.9 else 'missed'}).")
     return out
 

@@ -69,6 +69,12 @@ OURS = {  # row -> (description, QuantizeRequest fields)
                         dict(layerwise=True, avg_bits=4.5, measure="fast", method="awq")),
     "ours-lw-3.5-awq": ("ours: `--layerwise --avg-bits 3.5 --measure fast --method awq`",
                         dict(layerwise=True, avg_bits=3.5, measure="fast", method="awq")),
+    "ours-lw-4.5-awq-lin": ("ours: `--layerwise --avg-bits 4.5 --measure fast --method awq --granularity linear`",
+                            dict(layerwise=True, avg_bits=4.5, measure="fast", method="awq", granularity="linear")),
+    "ours-lw-4.5-lin": ("ours: `--layerwise --avg-bits 4.5 --measure fast --granularity linear` (RTN + importance "
+                        "matrix)", dict(layerwise=True, avg_bits=4.5, measure="fast", granularity="linear")),
+    "ours-lw-4.5-awq-full": ("ours: `--layerwise --avg-bits 4.5 --measure full --method awq`",
+                             dict(layerwise=True, avg_bits=4.5, measure="full", method="awq")),
     "ours-105MB-gptq": ("ours: `--layerwise --max-size 105000000 --measure fast --method gptq`",
                         dict(layerwise=True, max_size=105_000_000, measure="fast", method="gptq")),
 }
