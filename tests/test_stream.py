@@ -206,6 +206,33 @@ def test_the_blockwise_fisher_equals_one_whole_model_backward():
                 assert got == pytest.approx(want, rel=1e-3), (family, unit.name, c.label())
 
 
+def test_the_fisher_backward_in_groups_of_linears_predicts_the_same_table(monkeypatch):
+    """A block's squares held a few Linears at a time (one backward pass per group, the block inputs kept on disk
+    until the last pass) give exactly the table of one pass with every square held."""
+    from test_fisher import _windows
+    from tiny_models import build
+
+    import compress.stream.fisher as fisher
+    from compress.models import layer_map
+    from compress.quantize.fisher import predict_fisher
+    from compress.quantize.pipeline import units_for
+    from compress.quantize.spec import QuantSpec
+
+    loaded = build("llama")
+    lmap = layer_map(loaded.module)
+    windows = _windows(loaded.module.config.vocab_size)
+    units = units_for(loaded.module, lmap, "block", embeddings=True)
+    cands = [QuantSpec(8, 16), QuantSpec(3, 16)]
+    whole = predict_fisher(loaded, lmap, windows, units, cands)
+    shapes = {n: loaded.module.get_submodule(n).weight.shape for n in lmap.blocks[0].linears}
+    assert len(fisher._groups(shapes)) == 1
+    monkeypatch.setattr(fisher, "FISHER_GROUP_BYTES", 1)  # every Linear a pass of its own
+    monkeypatch.setattr(fisher, "IN_MEMORY_BYTES", 0)  # block inputs in files, read once per pass
+    assert len(fisher._groups(shapes)) == len(shapes) > 1
+    grouped = predict_fisher(loaded, lmap, windows, units, cands)
+    assert grouped.distortion == whole.distortion
+
+
 def test_an_offload_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     import compress.stream.fisher as fisher
     from compress.errors import EnvironmentFault, UserError

@@ -27,6 +27,7 @@ from compress.quantize.spec import QuantSpec
 from compress.stream.lazy import Calls, LazyModel, release_freed_memory
 
 HEAD_ROWS = 8192  # vocabulary rows of the head multiplied at a time
+FISHER_GROUP_BYTES = 256 * 2**20  # fp32 squares held at a time in a block's backward (one pass per group)
 GRAD_ELEMENTS = 1 << 22  # weight-gradient elements computed at a time in a Linear's backward (16 MB in fp32)
 IN_MEMORY_BYTES = 256 * 2**20  # block inputs kept in memory up to this, in files beyond
 MEASURE = "predicted kl (½ Σ F ΔW², diagonal Fisher of the calibration NLL per token)"
@@ -71,9 +72,8 @@ def predict_blockwise(lazy: LazyModel, windows: Windows, units: list[Unit], cand
         step("loss")
         for blk in reversed(lazy.lmap.blocks):  # backward: each block recomputed from its input
             names = [n for n in blk.linears if n in wanted]
-            sq, d_hidden = _backward_block(lazy, blk.index, calls, store, d_hidden, names)
-            per_module.update(_predict(lazy, sq, candidates, tokens, imatrix))
-            del sq
+            d_hidden = _backward_block(lazy, blk.index, calls, store, d_hidden, names,
+                                       lambda sq: per_module.update(_predict(lazy, sq, candidates, tokens, imatrix)))
             lazy.drop_block(blk.index)
             step(f"backward block {blk.index}")
         lazy.load_trunk()
@@ -124,29 +124,52 @@ def _forward_block(lazy: LazyModel, i: int, calls: list[Calls], hidden: list[tor
 
 
 def _backward_block(lazy: LazyModel, i: int, calls: list[Calls], store: _Store, d_out: list[torch.Tensor],
-                    names: list[str]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """Block i recomputed from each window's kept input: the gradient at its input, and Σ over windows of each named
-    Linear's squared weight gradient (the block stays loaded for the prediction)."""
+                    names: list[str], predict) -> list[torch.Tensor]:
+    """Block i recomputed from each window's kept input: the gradient at its input. Σ over windows of each named
+    Linear's squared weight gradient is handed to `predict` (which frees it) a group of Linears at a time, one
+    backward pass per group (_groups), so at most FISHER_GROUP_BYTES of squares are held; every pass computes the
+    same gradients, whatever the grouping. The block stays loaded for the prediction."""
     lazy.load_block(i, _linear_weights(lazy, i))
     prefix = f"{lazy.lmap.blocks_path}.{i}."
-    sq = {n: torch.zeros(weight_matrix(lazy.model.get_submodule(n)).shape, device=lazy.device) for n in names}
-    patched = _patch(lazy.blocks[i], {n.removeprefix(prefix): s for n, s in sq.items()})
-    d_in = []
-    try:
-        with torch.enable_grad():
-            for w, (c, d) in enumerate(zip(calls, d_out, strict=True)):
-                x = store.get(i, w).requires_grad_(True)
-                out = lazy.run_block(i, c, x)
-                (dx,) = torch.autograd.grad(out, x, d)
-                d_in.append(dx)
-    finally:
-        _unpatch(patched)
-    return sq, d_in
+    shapes = {n: weight_matrix(lazy.model.get_submodule(n)).shape for n in names}
+    groups = _groups(shapes)
+    d_in: list[torch.Tensor] = []
+    for g, group in enumerate(groups):
+        sq = {n: torch.zeros(shapes[n], device=lazy.device) for n in group}
+        fisher = {n.removeprefix(prefix): sq.get(n) for n in names}
+        patched = _patch(lazy.blocks[i], fisher)
+        try:
+            with torch.enable_grad():
+                for w, (c, d) in enumerate(zip(calls, d_out, strict=True)):
+                    x = store.get(i, w, release=g == len(groups) - 1).requires_grad_(True)
+                    out = lazy.run_block(i, c, x)
+                    (dx,) = torch.autograd.grad(out, x, d)
+                    if g == 0:
+                        d_in.append(dx)
+        finally:
+            _unpatch(patched)
+        predict(sq)
+    return d_in
+
+
+def _groups(shapes: dict[str, torch.Size]) -> list[list[str]]:
+    """The Linears in order, cut into runs whose fp32 squares fit FISHER_GROUP_BYTES (a Linear larger than that is
+    a run alone); one run (one backward pass) when the whole block fits, as on models that fit in memory."""
+    groups: list[list[str]] = [[]]
+    held = 0
+    for n, shape in shapes.items():
+        size = 4 * shape[0] * shape[1]
+        if groups[-1] and held + size > FISHER_GROUP_BYTES:
+            groups.append([])
+            held = 0
+        groups[-1].append(n)
+        held += size
+    return groups
 
 
 class _FisherLinear(torch.autograd.Function):
     """y = x Wᵀ + b, W cast to x's dtype where it is used; the backward adds the window's squared weight gradient
-    to `sq` and returns only the input's gradient."""
+    to `sq` (unless None) and returns only the input's gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, sq, transposed):
@@ -163,7 +186,8 @@ class _FisherLinear(torch.autograd.Function):
         step = max(1, GRAD_ELEMENTS // w.shape[1])
         for r in range(0, w.shape[0], step):  # output rows a slice at a time: no whole fp32 gradient or weight
             d = dys[:, r:r + step]
-            ctx.sq[r:r + step].add_((d.T @ xs).square_())
+            if ctx.sq is not None:  # None: a Linear of another group of this pass (its gradient flows the same)
+                ctx.sq[r:r + step].add_((d.T @ xs).square_())
             dx.addmm_(d, w[r:r + step].to(dy.dtype))
         return dx.reshape(*dy.shape[:-1], xs.shape[-1]), None, None, None, None
 
@@ -181,19 +205,19 @@ def _is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
 
 
-def _patch(block: nn.Module, sq: dict[str, torch.Tensor] | None) -> list[nn.Module]:
+def _patch(block: nn.Module, sq: dict[str, torch.Tensor | None] | None) -> list[nn.Module]:
     """Every Linear of the block computes with its weight cast where used (so it may stay in the stored dtype);
-    those named in `sq` (names relative to the block) also square their weight gradients into it."""
+    those named in `sq` (names relative to the block) take the Fisher backward, squaring their weight gradients
+    into their tensor there (None: not in this pass)."""
     patched = []
     for name, m in block.named_modules():
         if not _is_linear(m):
             continue
         t = type(m).__name__ == "Conv1D"
-        acc = (sq or {}).get(name)
-        if acc is None:
+        if name not in (sq or {}):
             m.forward = lambda x, m=m, t=t: _linear(x, m.weight, m.bias, t)
         else:
-            m.forward = lambda x, m=m, t=t, a=acc: _FisherLinear.apply(x, m.weight, m.bias, a, t)
+            m.forward = lambda x, m=m, t=t, a=sq[name]: _FisherLinear.apply(x, m.weight, m.bias, a, t)
         patched.append(m)
     return patched
 
@@ -380,13 +404,14 @@ class _Store:
         except (OSError, RuntimeError) as exc:
             raise self._fault(exc) from exc
 
-    def get(self, i: int, w: int) -> torch.Tensor:
-        """Block i's input of window w (given once: the copy is released)."""
+    def get(self, i: int, w: int, release: bool = True) -> torch.Tensor:
+        """Block i's input of window w, a copy; with `release`, the kept one is let go (its last use)."""
         if self.dir is None:
-            return self.mem.pop((i, w)).clone()
+            return (self.mem.pop((i, w)) if release else self.mem[i, w]).clone()
         f = self.dir / f"{i}-{w}.pt"
         t = torch.load(f, weights_only=True).to(self.device)
-        f.unlink()
+        if release:
+            f.unlink()
         return t
 
     def close(self) -> None:
