@@ -81,7 +81,7 @@ def verb(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-DISTRIBUTED_VERBS = {"quantize"}  # the verbs whose work torchrun's ranks split (compress.distributed)
+DISTRIBUTED_VERBS = {"quantize", "eval"}  # the verbs whose work torchrun's ranks split (compress.distributed)
 
 
 def _one_of_many(name: str) -> None:
@@ -90,6 +90,7 @@ def _one_of_many(name: str) -> None:
 
     if not distributed.launched():
         return
+    name = name.rstrip("_")  # eval_ is `compress eval`
     if name not in DISTRIBUTED_VERBS:
         raise UserError(f"torchrun: `compress {name}` runs in one process; only "
                         f"{', '.join(sorted(DISTRIBUTED_VERBS))} split their work across ranks")
@@ -244,6 +245,9 @@ def eval_(
     debug: bool = DEBUG,
 ) -> None:
     """Perplexity, KL(reference ‖ model) mean/median/p99, top-1 agreement, embedding cosine, size and bpw."""
+    from compress import distributed
+    if not distributed.is_writer():  # another rank of torchrun: evaluate its share of the windows, write nothing
+        out = None
     claim_outputs(force, files={"--out": out})
     allow_remote_code(trust_remote_code)
     _precheck(model, data, arch, reference=reference)
@@ -252,8 +256,9 @@ def eval_(
                       split=split, protocol=protocol, out=out, arch=arch, trust_pickle=trust_pickle, stream=stream,
                       device=device)
     check_request(req)
-    with progress_bar(not json_out) as p:
+    with progress_bar(not json_out and distributed.is_writer()) as p:
         report = run_eval(req, progress=p)["candidate"]
+    distributed.finish()
     if json_out:
         print_json(report)
         return
@@ -345,8 +350,8 @@ def quantize(
         out=out, arch=arch, trust_pickle=trust_pickle, stream=stream, offload_dir=offload_dir, device=device,
         resume=resume, imatrix=imatrix, imatrix_out=imatrix_out, use_imatrix=use_imatrix)
     from compress import distributed
-    if not distributed.is_writer():  # another rank of torchrun: measure its share, write and evaluate nothing
-        request.out, request.evaluate, plot, request.imatrix_out = None, False, None, None
+    if not distributed.is_writer():  # another rank of torchrun: measure and evaluate its share, write nothing
+        request.out, plot, request.imatrix_out = None, None, None
     with progress_bar(not json_out and distributed.is_writer()) as p:
         result = run_quantize(request, progress=p)
     distributed.finish()

@@ -84,12 +84,14 @@ NNCF = {  # row -> (description, compress_weights keywords, data-aware)
     "nncf-rtn-all": ("NNCF INT4_SYM g32, data-free, all_layers", dict(all_layers=True), False),
 }
 
-AUTOROUND = {  # row -> (description, quantize the embedding / tied head too with plain RTN q4g32s)
+AUTOROUND = {  # row -> (description, code bits, the embedding / tied head's plain RTN bits (None: left float))
     "autoround": ("AutoRound W4 g32 sym, light recipe (50 iters, lr 5e-3) (embedding / tied head float, counted as "
-                  "fp16)", False),
+                  "fp16)", 4, None),
     "autoround-emb4": ("AutoRound W4 g32 sym, light recipe (50 iters, lr 5e-3); embedding / tied head RTN int4 g32 "
                        "(as NNCF all_layers; run after `autoround`, it reuses its tuning: s = embedding + evaluation)",
-                       True),
+                       4, 4),
+    "autoround-w3-emb3": ("AutoRound W3 g32 sym, light recipe (50 iters, lr 5e-3); embedding / tied head RTN int3 "
+                          "g32", 3, 3),
 }
 PEERS = ("nncf", "autoround")
 
@@ -130,8 +132,8 @@ def main() -> None:
             desc, kw, aware = NNCF[row]
             entry = _nncf(a.model, ref, calib if aware else None, anchors, kw)
         elif row in AUTOROUND:
-            desc, emb4 = AUTOROUND[row]
-            entry = _autoround(ref, calib, anchors, emb4)
+            desc, bits, emb_bits = AUTOROUND[row]
+            entry = _autoround(ref, calib, anchors, bits, emb_bits)
         elif row in OURS:
             desc, fields = OURS[row]
             entry = _ours(a.model, ref, anchors, fields)
@@ -184,38 +186,39 @@ def _nncf(model: str, ref, calib, anchors, kw: dict) -> dict:
 _AUTOROUND_CACHE: dict = {}
 
 
-def _autoround(ref, calib, anchors, emb4: bool) -> dict:
-    """AutoRound (signed-gradient rounding) with its light recipe for CPUs (50 iterations, lr 5e-3; the default 200
-    would take about an hour on these two cores) on an fp32 copy, on CPU in fp32 (`amp=False`, no torch.compile),
-    from the same calibration windows; evaluated in memory, where AutoRound leaves each Linear's weight
-    fake-quantized. With `emb4`, the embedding (and the head tied to it), which AutoRound leaves alone, gets plain
-    min/max RTN int4 g32, as NNCF's all_layers gives it, so the row lands at 4.5 bpw. bpw: 4 bits + an fp16 scale
-    per 32 for each quantized matrix, 16 bits for a float one."""
+def _autoround(ref, calib, anchors, bits: int, emb_bits: int | None) -> dict:
+    """AutoRound (signed-gradient rounding) at `bits` with its light recipe for CPUs (50 iterations, lr 5e-3; the
+    default 200 would take about an hour on these two cores) on an fp32 copy, on CPU in fp32 (`amp=False`, no
+    torch.compile), from the same calibration windows; evaluated in memory, where AutoRound leaves each Linear's
+    weight fake-quantized. With `emb_bits`, the embedding (and the head tied to it), which AutoRound leaves alone,
+    gets plain min/max RTN at that width, g32, as NNCF's all_layers gives it, so the row lands at bits + ½ bpw.
+    bpw: the code bits + an fp16 scale per 32 for each quantized matrix, 16 bits for a float one."""
     import copy
 
     from compress.models.hf import LoadedModel
     from compress.quantize.rtn import quantize_rtn
     from compress.quantize.spec import QuantSpec
 
-    if "model" not in _AUTOROUND_CACHE:
+    if bits not in _AUTOROUND_CACHE:  # one tuning per width, reused by the rows that differ in the embedding
         from auto_round import AutoRound
 
         model = copy.deepcopy(ref.module).float()
         data = [{"input_ids": ids[None], "attention_mask": m[None]}
                 for ids, m in zip(calib.input_ids, calib.attention_mask, strict=True)]
-        ar = AutoRound(model, tokenizer=ref.tokenizer, bits=4, group_size=32, sym=True, dataset=data,
+        ar = AutoRound(model, tokenizer=ref.tokenizer, bits=bits, group_size=32, sym=True, dataset=data,
                        nsamples=len(data), seqlen=calib.input_ids.shape[1], batch_size=len(data), device_map="cpu",
                        amp=False, iters=50, lr=5e-3, enable_torch_compile=False)
         ar.quantize()
-        _AUTOROUND_CACHE["model"] = model
-    model = copy.deepcopy(_AUTOROUND_CACHE["model"])
+        _AUTOROUND_CACHE[bits] = model
+    model = copy.deepcopy(_AUTOROUND_CACHE[bits])
     emb = model.get_input_embeddings()
-    if emb4:
+    if emb_bits is not None:
         with torch.no_grad():
-            emb.weight.copy_(quantize_rtn(emb.weight, QuantSpec(4, 32)).dequantize())
+            emb.weight.copy_(quantize_rtn(emb.weight, QuantSpec(emb_bits, 32)).dequantize())
     weights = _matrix_params(model)
-    float_params = 0 if emb4 else emb.weight.numel()
-    bpw = ((weights - float_params) * 4.5 + float_params * 16) / weights
+    float_params = 0 if emb_bits is not None else emb.weight.numel()
+    emb_bpw = 0.0 if emb_bits is None else (emb_bits + 0.5 - (bits + 0.5)) * emb.weight.numel()
+    bpw = ((weights - float_params) * (bits + 0.5) + float_params * 16 + emb_bpw) / weights
     cand = LoadedModel(model, ref.tokenizer, "decoder", ref.family, "autoround")
     return _evaluate(cand, ref, anchors) | {"bpw": bpw, "weight_bytes": None}
 

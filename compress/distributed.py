@@ -46,22 +46,32 @@ def is_writer() -> bool:
     return rank() == 0
 
 
+def mine(n: int) -> list[int]:
+    """The indices of n items this rank computes: those ≡ its rank (mod world); all of them alone."""
+    return [i for i in range(n) if i % world() == rank()]
+
+
+def gather(n: int, values: dict[int, R]) -> list[R]:
+    """Every rank's {index: value} for the indices `mine(n)` gave it, merged into one list in index order, on every
+    rank."""
+    if world() == 1:
+        return [values[i] for i in range(n)]
+    import torch.distributed as dist
+
+    init()
+    parts: list[dict[int, R] | None] = [None] * world()
+    dist.all_gather_object(parts, values)
+    merged: dict[int, R] = {}
+    for part in parts:
+        merged.update(part or {})
+    return [merged[i] for i in range(n)]
+
+
 def map_split(items: Sequence[T], fn: Callable[[T], R]) -> list[R]:
     """`[fn(x) for x in items]`, each rank computing the items whose index ≡ its rank (mod world) and every rank
     receiving all results in order. Each item's result is computed exactly as one process would compute it, so the
     outcome does not depend on the number of ranks."""
-    if world() == 1:
-        return [fn(x) for x in items]
-    import torch.distributed as dist
-
-    init()
-    mine = {i: fn(x) for i, x in enumerate(items) if i % world() == rank()}
-    parts: list[dict[int, R] | None] = [None] * world()
-    dist.all_gather_object(parts, mine)
-    merged: dict[int, R] = {}
-    for part in parts:
-        merged.update(part or {})
-    return [merged[i] for i in range(len(items))]
+    return gather(len(items), {i: fn(items[i]) for i in mine(len(items))})
 
 
 def barrier() -> None:

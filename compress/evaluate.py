@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from compress import distributed
 from compress.data import Windows
 from compress.errors import UserError
 from compress.metrics import (
@@ -55,7 +56,8 @@ def evaluate(candidate: LoadedModel, reference: LoadedModel | None, windows: Win
         raise UserError(f"--reference {reference.spec} is a {reference.kind} but {candidate.spec} is a "
                         f"{candidate.kind}: compare models of the same kind")
     foot = weight_footprint(candidate.module)
-    task = progress.add_task("eval", total=len(windows.input_ids)) if progress is not None else None
+    share = len(distributed.mine(len(windows.input_ids))) if candidate.kind == "decoder" else len(windows.input_ids)
+    task = progress.add_task("eval", total=share) if progress is not None else None
     fn = _eval_decoder if candidate.kind == "decoder" else _eval_encoder
     metrics = fn(candidate, reference, windows, progress, task)
     provenance = {
@@ -70,29 +72,41 @@ def evaluate(candidate: LoadedModel, reference: LoadedModel | None, windows: Win
                       tokens=windows.num_tokens, provenance=provenance, **metrics)
 
 
-@torch.inference_mode()
 def _eval_decoder(cand: LoadedModel, ref: LoadedModel | None, windows: Windows, progress, task) -> dict:
-    nll, nll_ref, kl, top1 = [], [], [], []
-    for ids, mask in zip(windows.input_ids, windows.attention_mask, strict=True):
-        ids, mask = ids.unsqueeze(0), mask.unsqueeze(0)
+    """Per-token NLL, KL and top-1 of each window, then their summaries. Under torchrun each rank runs its share of
+    the windows and all receive every window's values (compress.distributed.map_split): the same numbers as one
+    process, since each window is computed alone."""
+
+    @torch.inference_mode()
+    def one(w: int) -> tuple[torch.Tensor, ...]:
+        ids, mask = windows.input_ids[w].unsqueeze(0), windows.attention_mask[w].unsqueeze(0)
         logits = cand.module(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        nll.append(next_token_nll(logits, ids).reshape(-1))
+        out = (next_token_nll(logits, ids).reshape(-1),)
         if ref is not None:
             ref_logits = ref.module(input_ids=ids, attention_mask=mask, use_cache=False).logits
             if ref_logits.shape[-1] != logits.shape[-1]:
                 raise UserError(f"--reference {ref.spec} has a vocabulary of {ref_logits.shape[-1]} tokens, "
                                 f"{cand.spec} of {logits.shape[-1]}: KL needs the same vocabulary")
-            nll_ref.append(next_token_nll(ref_logits, ids).reshape(-1))
-            kl.append(kl_per_token(log_softmax_chunked(ref_logits), logits).reshape(-1))
-            top1.append(top1_agreement(ref_logits, logits).reshape(-1))
+            out += (next_token_nll(ref_logits, ids).reshape(-1),
+                    kl_per_token(log_softmax_chunked(ref_logits), logits).reshape(-1),
+                    top1_agreement(ref_logits, logits).reshape(-1))
         if progress is not None:
             progress.advance(task)
-    out: dict[str, float | None] = {"ppl": perplexity(torch.cat(nll)), "ppl_ref": None, "kl_mean": None,
+        return out
+
+    per_window = distributed.map_split(range(len(windows.input_ids)), one)
+    return window_metrics(per_window, ref is not None)
+
+
+def window_metrics(per_window: list[tuple[torch.Tensor, ...]], with_reference: bool) -> dict:
+    """The report's metrics from each window's (NLL[, reference NLL, KL, top-1]) per token, windows in order."""
+    cols = [torch.cat(c) for c in zip(*per_window, strict=True)]
+    out: dict[str, float | None] = {"ppl": perplexity(cols[0]), "ppl_ref": None, "kl_mean": None,
                                     "kl_median": None, "kl_p99": None, "top1_agreement": None, "emb_cosine": None}
-    if ref is not None:
-        stats = summarize(torch.cat(kl))
-        out.update(ppl_ref=perplexity(torch.cat(nll_ref)), kl_mean=stats["mean"], kl_median=stats["median"],
-                   kl_p99=stats["p99"], top1_agreement=float(torch.cat(top1).mean()))
+    if with_reference:
+        stats = summarize(cols[2])
+        out.update(ppl_ref=perplexity(cols[1]), kl_mean=stats["mean"], kl_median=stats["median"],
+                   kl_p99=stats["p99"], top1_agreement=float(cols[3].mean()))
     return out
 
 

@@ -38,10 +38,32 @@ def test_two_gloo_ranks_write_the_same_artifact_as_one_process(tmp_path):
         assert two.returncode == 0, two.stderr
         a, b = json.loads(one.stdout), json.loads(two.stdout)  # rank 0 alone printed
         assert a["distortion"] == b["distortion"] and a["plan"]["meta"]["units"] == b["plan"]["meta"]["units"]
+        assert a["metrics"] == b["metrics"]  # each rank evaluated its share of the windows
         files = sorted(p.name for p in (tmp_path / f"one-{tag}").glob("*.safetensors"))
         assert files and files == sorted(p.name for p in (tmp_path / f"two-{tag}").glob("*.safetensors"))
         for f in files:
             assert (tmp_path / f"one-{tag}" / f).read_bytes() == (tmp_path / f"two-{tag}" / f).read_bytes()
+
+
+def test_two_gloo_ranks_evaluate_the_same_numbers_as_one_process(tmp_path):
+    """`compress eval` under torchrun, in memory and streamed: each rank runs its share of the windows."""
+    model = hf_dir(tmp_path / "m", TEXT[:2000])
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    q = _run([sys.executable], model, text, tmp_path / "q")
+    assert q.returncode == 0, q.stderr
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    for stream in ("off", "on"):
+        args = [str(REPO / "cli.py"), "eval", str(tmp_path / "q"), "--reference", str(model), "--data", str(text),
+                "--tokens", "160", "--seq-len", "32", "--stream", stream, "--json"]
+        runs = [subprocess.run([*prefix, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+                for prefix in ([sys.executable], torchrun)]
+        assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+        one, two = (json.loads(r.stdout) for r in runs)
+        assert one["kl_mean"] is not None and one["tokens"] == two["tokens"]
+        for k in ("ppl", "ppl_ref", "kl_mean", "kl_median", "kl_p99", "top1_agreement", "size_bytes", "bpw"):
+            assert one[k] == two[k], (stream, k)
 
 
 def test_verbs_that_do_not_split_are_refused_under_torchrun(tmp_path):

@@ -72,7 +72,7 @@ def measure_kl(ctx: ScoringContext, units: list[Unit], candidates: list[QuantSpe
     options = [[c for c in range(len(candidates)) if allowed[u][c]] for u in range(len(units))]
     picked = [min(opts, key=lambda c: abs(c - anchor)) if anchor is not None else None for opts in options]
     cells = [(u, c) for u, opts in enumerate(options) for c in (opts if anchor is None else [picked[u]])]
-    task = ctx.task("distortion", sum(i % distributed.world() == distributed.rank() for i in range(len(cells))))
+    task = ctx.task("distortion", len(distributed.mine(len(cells))))
     values = distributed.map_split(cells, lambda cell: _measure_one(ctx, units[cell[0]], candidates[cell[1]], task,
                                                                      imatrix))
     measured = dict(zip(cells, values, strict=True))  # with torchrun: each rank measured its share of the cells

@@ -8,10 +8,11 @@ import hashlib
 
 import torch
 
+from compress import distributed
 from compress.data import Windows
 from compress.errors import UserError
-from compress.evaluate import EvalReport
-from compress.metrics import kl_per_token, log_softmax_chunked, perplexity, summarize, weight_footprint
+from compress.evaluate import EvalReport, window_metrics
+from compress.metrics import kl_per_token, log_softmax_chunked, weight_footprint
 from compress.stream.lazy import Calls, LazyModel
 from compress.stream.quantize import Footprint, trunk_footprint
 from compress.version import __version__
@@ -27,7 +28,8 @@ def evaluate_streaming(candidate: LazyModel, reference: LazyModel | None, window
                         "pass --stream off")
     models = [candidate] + ([reference] if reference is not None else [])
     task = progress.add_task("eval blocks", total=len(candidate.blocks) + 1) if progress is not None else None
-    calls = [_capture(m, windows) for m in models]
+    mine = distributed.mine(len(windows.input_ids))  # under torchrun, this rank's share of the windows
+    calls = [_capture(m, windows, mine) for m in models]
     hidden = [[c.hidden for c in cs] for cs in calls]
     foot = Footprint()
     with torch.inference_mode():
@@ -41,7 +43,9 @@ def evaluate_streaming(candidate: LazyModel, reference: LazyModel | None, window
             if progress is not None:
                 read = sum(m.checkpoint.bytes_read for m in models) / 1e9
                 progress.update(task, advance=1, description=f"eval blocks ({read:.1f} GB read)")
-        metrics = _head_metrics(models, hidden, windows, foot)
+        per_window = _head_metrics(models, hidden, windows, mine, foot)
+    metrics = window_metrics(distributed.gather(len(windows.input_ids), dict(zip(mine, per_window, strict=True))),
+                             reference is not None)
     if progress is not None:
         progress.advance(task)
     provenance = {"tool_version": __version__, "data": windows.describe(), "windows_sha256": windows.data_hash,
@@ -88,28 +92,33 @@ def files_hash(lazy: LazyModel) -> str:
     return h.hexdigest()
 
 
-def _capture(lazy: LazyModel, windows: Windows) -> list[Calls]:
-    """Block 0's input and each block's arguments, one window at a time (as compress.evaluate runs them)."""
+def _capture(lazy: LazyModel, windows: Windows, which: list[int] | None = None) -> list[Calls]:
+    """Block 0's input and each block's arguments, one window at a time (as compress.evaluate runs them): the
+    windows `which` lists, else all."""
+    which = range(len(windows.input_ids)) if which is None else which
     lazy.load_trunk()
     try:
-        return [lazy.capture(ids.unsqueeze(0), mask.unsqueeze(0))
-                for ids, mask in zip(windows.input_ids, windows.attention_mask, strict=True)]
+        return [lazy.capture(windows.input_ids[w].unsqueeze(0), windows.attention_mask[w].unsqueeze(0))
+                for w in which]
     finally:
         lazy.drop_trunk()
 
 
-def _head_metrics(models: list[LazyModel], hidden: list[list[torch.Tensor]], windows: Windows,
-                  foot: Footprint) -> dict:
-    """Per-token NLL of each model, KL(reference ‖ candidate) and top-1 agreement, from the final hidden states;
-    the candidate's modules outside the stack added to `foot` while they are loaded."""
+def _head_metrics(models: list[LazyModel], hidden: list[list[torch.Tensor]], windows: Windows, which: list[int],
+                  foot: Footprint) -> list[tuple[torch.Tensor, ...]]:
+    """Each window's per-token NLL (and the reference's NLL, KL(reference ‖ candidate) and top-1 agreement) from
+    the final hidden states, for the windows `which` lists; the candidate's modules outside the stack added to `foot`
+    while they are loaded."""
     for m in models:
         m.load_trunk()
     foot.add(trunk_footprint(models[0], models[0].big_tables()))
-    nll: list[list[torch.Tensor]] = [[] for _ in models]
-    kl, top1 = [], []
+    out = []
     vocab = None
-    for w, ids in enumerate(windows.input_ids):
-        finals = [m.final_hidden(h[w]).reshape(-1, h[w].shape[-1]) for m, h in zip(models, hidden, strict=True)]
+    for k_win, w in enumerate(which):
+        ids = windows.input_ids[w]
+        finals = [m.final_hidden(h[k_win]).reshape(-1, h[k_win].shape[-1]) for m, h in zip(models, hidden, strict=True)]
+        nll: list[list[torch.Tensor]] = [[] for _ in models]
+        kl, top1 = [], []
         for s in range(0, len(ids), TOKEN_ROWS):
             rows = slice(s, min(s + TOKEN_ROWS, len(ids)))
             logits = [m.logits(f[rows]) for m, f in zip(models, finals, strict=True)]
@@ -126,12 +135,10 @@ def _head_metrics(models: list[LazyModel], hidden: list[list[torch.Tensor]], win
                 ref = log_softmax_chunked(logits[1])
                 kl.append(kl_per_token(ref, logits[0]))
                 top1.append((logits[1].argmax(-1) == logits[0].argmax(-1)).float())
+        cols = [torch.cat(nll[0])]
+        if len(models) > 1:
+            cols += [torch.cat(nll[1]), torch.cat(kl), torch.cat(top1)]
+        out.append(tuple(cols))
     for m in models:
         m.drop_trunk()
-    out: dict[str, float | None] = {"ppl": perplexity(torch.cat(nll[0])), "ppl_ref": None, "kl_mean": None,
-                                    "kl_median": None, "kl_p99": None, "top1_agreement": None, "emb_cosine": None}
-    if len(models) > 1:
-        stats = summarize(torch.cat(kl))
-        out.update(ppl_ref=perplexity(torch.cat(nll[1])), kl_mean=stats["mean"], kl_median=stats["median"],
-                   kl_p99=stats["p99"], top1_agreement=float(torch.cat(top1).mean()))
     return out
