@@ -1,7 +1,7 @@
 """`--measure fisher` against `--measure full` (issue 16): how well the predicted distortion table stands in for the
 measured one, and what it costs.
 
-    python benchmarks/fisher_measure.py [--model smollm2-135m] [--budgets 4.5,3.5]
+    python benchmarks/fisher_measure.py [--model smollm2-135m] [--budgets 4.5,3.5,105MB]
 
 One run, one process, the same windows: the full table (every unit × candidate of the default torch menu measured
 as KL on the calibration windows) and the Fisher table (one forward and backward per calibration window, then
@@ -28,7 +28,7 @@ CALIB = ",".join(str(p) for p in sorted(AUSTEN.glob("*.txt")) if p.name != "pers
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--budgets", default="4.5,3.5")
+    ap.add_argument("--budgets", default="4.5,3.5", help="bits per weight, or bytes of weights as 105MB")
     ap.add_argument("--calib-tokens", type=int, default=1024)
     ap.add_argument("--eval-tokens", type=int, default=2048)
     a = ap.parse_args()
@@ -70,8 +70,10 @@ def main() -> None:
     print(f"full {t_full:.0f} s, fisher {t_fisher:.1f} s, spearman {rho:.3f}", flush=True)
 
     rows = []
-    for b in [float(x) for x in a.budgets.split(",")]:
-        budget = Budget.parse(b, None).resolve(ref.module).for_units(ref.module, lmap, units)
+    for b in a.budgets.split(","):
+        size = b.endswith("MB")  # a byte budget (--max-size), else bits per weight (--avg-bits)
+        budget = Budget.parse(None if size else float(b), int(float(b[:-2]) * 1e6) if size else None)
+        budget = budget.resolve(ref.module).for_units(ref.module, lmap, units)
         out = {}
         for name, table in (("full", full), ("fisher", fisher)):
             picks = solve_dp(table.distortion, sizes, budget.room)
@@ -81,10 +83,12 @@ def main() -> None:
             r = evaluate(cand, ref, heldout)
             predicted = sum(table.distortion[u][c] for u, c in enumerate(picks))
             out[name] = (r, predicted, picks)
-            print(f"{b} bpw {name}: KL {r.kl_mean:.4f} (predicted sum {predicted:.4f}), bpw {r.bpw:.3f}", flush=True)
+            print(f"{_budget(b)} {name}: KL {r.kl_mean:.4f} (predicted sum {predicted:.4f}), bpw {r.bpw:.3f}",
+                  flush=True)
         rows.append((b, out))
 
-    lines = [f"Written by `python benchmarks/fisher_measure.py --model {a.model} --budgets {a.budgets}` on "
+    shown = a.model.replace(str(Path.home()), "~")
+    lines = [f"Written by `python benchmarks/fisher_measure.py --model {shown} --budgets {a.budgets}` on "
              f"{time.strftime('%Y-%m-%d')} ({platform.machine()}, {os.cpu_count()} cores, torch "
              f"{torch.__version__}). Calibration: {calib.num_tokens} tokens of the Austen novels but persuasion.txt; "
              f"held-out evaluation: {heldout.num_tokens} tokens of their evaluation split. Table: {len(units)} units "
@@ -99,7 +103,7 @@ def main() -> None:
         for name, (r, predicted, _) in out.items():
             ratio = r.kl_mean / kl_full
             verdict = "" if name == "full" else ("met" if ratio <= 1.15 else "**missed**")
-            lines.append(f"| {b} bpw | {name} | {r.bpw:.3f} | {r.kl_mean:.4f} | {r.top1_agreement:.3f} | "
+            lines.append(f"| {_budget(b)} | {name} | {r.bpw:.3f} | {r.kl_mean:.4f} | {r.top1_agreement:.3f} | "
                          f"{ratio:.3f} | {verdict} | {predicted:.4f} | {r.kl_mean / predicted:.2f} |")
     import sys
 
@@ -110,6 +114,10 @@ def main() -> None:
     replace_section(REPO / "BENCHMARKS.md", f"Predicted distortion, --measure fisher: {name} (issue 16)",
                     "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _budget(b: str) -> str:
+    return f"≤ {b[:-2]} MB" if b.endswith("MB") else f"{b} bpw"
 
 
 if __name__ == "__main__":
