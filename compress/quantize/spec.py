@@ -41,11 +41,11 @@ class QuantSpec:
     @classmethod
     def k(cls, bits: int) -> QuantSpec:
         """llama.cpp's Q{bits}_K (bits 2–6)."""
-        if bits not in K_BYTES:
-            raise UserError(f"no K-quant of {bits} bits: llama.cpp has Q2_K, Q3_K, Q4_K, Q5_K and Q6_K")
-        return cls(bits, K_BLOCK, K_SYMMETRIC[bits], "rtn", kquant=True)
+        return cls(bits, K_BLOCK, K_SYMMETRIC.get(bits, True), "rtn", kquant=True)  # __post_init__ checks bits
 
     def __post_init__(self):
+        if self.kquant and self.bits not in K_BYTES:
+            raise UserError(f"no K-quant of {self.bits} bits: llama.cpp has Q2_K, Q3_K, Q4_K, Q5_K and Q6_K")
         if self.bits not in BITS + FLOAT_BITS:
             raise UserError(f"unknown bit width {self.bits}: use one of {', '.join(map(str, BITS))} (or 16/32 to "
                             "keep a layer in float)")
@@ -56,11 +56,8 @@ class QuantSpec:
         if self.method not in METHODS:
             raise UserError(f"unknown quantization method '{self.method}': use one of {', '.join(METHODS)}")
         if self.kquant:
-            if self.bits not in K_BYTES or self.group_size != K_BLOCK or self.symmetric != K_SYMMETRIC[self.bits] \
-                    or self.positive_scale:
-                raise UserError(f"{self.bits}-bit K-quant: write it as {self.bits}k (llama.cpp's Q{self.bits}_K)"
-                                if self.bits in K_BYTES else
-                                f"no K-quant of {self.bits} bits: llama.cpp has Q2_K, Q3_K, Q4_K, Q5_K and Q6_K")
+            if self.group_size != K_BLOCK or self.symmetric != K_SYMMETRIC[self.bits] or self.positive_scale:
+                raise UserError(f"{self.bits}-bit K-quant: write it as {self.bits}k (llama.cpp's Q{self.bits}_K)")
             if self.method != "rtn":
                 raise UserError(f"K-quants are made by RTN (weighted by the importance matrix), not {self.method}: "
                                 "use --method rtn or group candidates (e.g. 8,5,4)")

@@ -23,10 +23,10 @@ from compress.data import Windows
 from compress.errors import EnvironmentFault, UserError
 from compress.quantize.apply import weight_matrix
 from compress.quantize.distortion import DistortionTable, Unit, _fake_quant, importance_of, unit_bytes
+from compress.quantize.modules import TABLE_ROWS
 from compress.quantize.spec import QuantSpec
 from compress.stream.lazy import Calls, LazyModel, release_freed_memory
 
-HEAD_ROWS = 8192  # vocabulary rows of the head multiplied at a time
 FISHER_GROUP_BYTES = 256 * 2**20  # fp32 squares held at a time in a block's backward (one pass per group)
 GRAD_ELEMENTS = 1 << 22  # weight-gradient elements computed at a time in a Linear's backward (16 MB in fp32)
 IN_MEMORY_BYTES = 256 * 2**20  # block inputs kept in memory up to this, in files beyond
@@ -252,8 +252,8 @@ def _predicted(windows: Windows) -> int:
 
 
 def _chunks(rows: int) -> list[tuple[int, int]]:
-    """(start, end) of HEAD_ROWS-row slices of a table with `rows` rows."""
-    return [(s, min(s + HEAD_ROWS, rows)) for s in range(0, rows, HEAD_ROWS)]
+    """(start, end) of TABLE_ROWS-row slices of a table with `rows` rows."""
+    return [(s, min(s + TABLE_ROWS, rows)) for s in range(0, rows, TABLE_ROWS)]
 
 
 def _logits(lazy: LazyModel, normed: torch.Tensor, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -282,7 +282,7 @@ def _dlogits(lazy: LazyModel, normed: torch.Tensor, lse: torch.Tensor, keep: tor
 
 def _head_backward(lazy: LazyModel, calls: Calls, last: torch.Tensor):
     """For one window: the final-normed hidden states, each position's log-sum-exp over the vocabulary, and the
-    gradient of the window's summed NLL at the last block's output (the head taken HEAD_ROWS rows at a time)."""
+    gradient of the window's summed NLL at the last block's output (the head taken TABLE_ROWS rows at a time)."""
     keep, labels = _labels(calls)
     head = lazy.model.get_submodule(lazy.lmap.head)
     x = last[0].clone().requires_grad_(True)  # a normal tensor (the forward ran in inference mode)
@@ -302,7 +302,7 @@ def _head_backward(lazy: LazyModel, calls: Calls, last: torch.Tensor):
 
 def _predict_tables(lazy: LazyModel, wanted: set[str], calls: list[Calls], normed, lse, d_embed,
                     candidates: list[QuantSpec], tokens: int, imatrix=None) -> dict[str, list[float]]:
-    """½ Σ F ΔW² of the embedding and head tables, HEAD_ROWS rows at a time: the head's gradient is
+    """½ Σ F ΔW² of the embedding and head tables, TABLE_ROWS rows at a time: the head's gradient is
     dlogitsᵀ · normed, the embedding's the output gradient added at each token's row, summed first when tied."""
     emb, head = lazy.lmap.embeddings, lazy.lmap.head
     tied = bool(emb and head) and lazy.model.get_submodule(emb).weight is lazy.model.get_submodule(head).weight

@@ -17,6 +17,7 @@ from torch import nn
 from compress.models.hf import LoadedModel
 from compress.models.layers import LayerMap
 from compress.models.runner import _split_hidden, hidden_of
+from compress.quantize.modules import TABLE_ROWS
 from compress.stream.checkpoint import Checkpoint
 
 
@@ -262,8 +263,8 @@ class LazyModel:
             return self.model.get_submodule(self.lmap.final_norm)(hidden)
         return hidden
 
-    def logits(self, normed: torch.Tensor, rows: int = 8192) -> torch.Tensor:
-        """LM-head logits; a quantized head, or a float one stored in a narrower dtype, is multiplied 8,192
+    def logits(self, normed: torch.Tensor, rows: int = TABLE_ROWS) -> torch.Tensor:
+        """LM-head logits; a quantized head, or a float one stored in a narrower dtype, is multiplied TABLE_ROWS
         vocabulary rows at a time, so no fp32 copy of the whole head is made."""
         head = self.model.get_submodule(self.lmap.head)
         packed = _packed_table(head)  # quantized: dequantized a slice at a time, never the whole table in fp32
