@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="4.5,3.5", help="bits per weight, or bytes of weights as 105MB")
     ap.add_argument("--calib-tokens", type=int, default=1024)
     ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=1, help="time each measurement this many times (medians)")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -58,12 +60,15 @@ def main() -> None:
                                 ref.module, quantizable(ref.module, lmap))
     some_budget = Budget.parse(4.5, None).resolve(ref.module)
     cands, units, sizes, _, allowed = plan_inputs(ref.module, lmap, cands, some_budget)
-    t0 = time.perf_counter()
-    full = measure_kl(ScoringContext(ref, lmap, calib), units, cands, allowed)
-    t_full = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    fisher = predict_fisher(ref, lmap, calib, units, cands, allowed)
-    t_fisher = time.perf_counter() - t0
+    times: dict[str, list[float]] = {"full": [], "fisher": []}
+    for _ in range(a.repeats):  # alternated, so a busy spell of the machine falls on both
+        t0 = time.perf_counter()
+        full = measure_kl(ScoringContext(ref, lmap, calib), units, cands, allowed)
+        times["full"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fisher = predict_fisher(ref, lmap, calib, units, cands, allowed)
+        times["fisher"].append(time.perf_counter() - t0)
+    t_full, t_fisher = statistics.median(times["full"]), statistics.median(times["fisher"])
     cells = [(f, m) for fr, mr in zip(fisher.distortion, full.distortion, strict=True)
              for f, m in zip(fr, mr, strict=True) if m != float("inf")]
     rho = float(spearmanr([c[0] for c in cells], [c[1] for c in cells]).statistic)
@@ -88,12 +93,14 @@ def main() -> None:
         rows.append((b, out))
 
     shown = a.model.replace(str(Path.home()), "~")
-    lines = [f"Written by `python benchmarks/fisher_measure.py --model {shown} --budgets {a.budgets}` on "
+    again = f" --repeats {a.repeats}" if a.repeats > 1 else ""
+    lines = [f"Written by `python benchmarks/fisher_measure.py --model {shown} --budgets {a.budgets}{again}` on "
              f"{time.strftime('%Y-%m-%d')} ({platform.machine()}, {os.cpu_count()} cores, torch "
              f"{torch.__version__}). Calibration: {calib.num_tokens} tokens of the Austen novels but persuasion.txt; "
              f"held-out evaluation: {heldout.num_tokens} tokens of their evaluation split. Table: {len(units)} units "
              f"(blocks + embedding/tied head) × {len(cands)} candidates ({', '.join(c.label() for c in cands)}).", "",
-             f"- Measurement time: full {t_full:.0f} s, fisher {t_fisher:.1f} s → ratio **{t_fisher / t_full:.3f}** "
+             f"- Measurement time{' (medians of ' + str(a.repeats) + ', alternated)' if a.repeats > 1 else ''}: "
+             f"full {t_full:.0f} s, fisher {t_fisher:.1f} s → ratio **{t_fisher / t_full:.3f}** "
              f"(target ≤ 0.1: {'met' if t_fisher <= 0.1 * t_full else '**missed**'}).",
              f"- Spearman ρ between the {len(cells)} predicted and measured cells: **{rho:.3f}**.", "",
              "| budget | plan from | bpw | KL held-out | top-1 | KL / full's | target ≤ 1.15 | Σ table of the plan "
