@@ -139,17 +139,25 @@ def _backward_block(lazy: LazyModel, i: int, calls: list[Calls], store: _Store, 
         fisher = {n.removeprefix(prefix): sq.get(n) for n in names}
         patched = _patch(lazy.blocks[i], fisher)
         try:
-            with torch.enable_grad():
-                for w, (c, d) in enumerate(zip(calls, d_out, strict=True)):
-                    x = store.get(i, w, release=g == len(groups) - 1).requires_grad_(True)
-                    out = lazy.run_block(i, c, x)
-                    (dx,) = torch.autograd.grad(out, x, d)
-                    if g == 0:
-                        d_in.append(dx)
+            for w, (c, d) in enumerate(zip(calls, d_out, strict=True)):
+                dx = _window_backward(lazy, i, c, store.get(i, w, release=g == len(groups) - 1), d)
+                if g == 0:
+                    d_in.append(dx)
         finally:
             _unpatch(patched)
-        predict(sq)
+        del fisher
+        predict(sq)  # frees the group's squares before the next group's are made
     return d_in
+
+
+def _window_backward(lazy: LazyModel, i: int, calls: Calls, x: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
+    """One window through block i and back: the gradient at the block's input (the graph, and the squares its
+    Fisher Linears point to, let go on return)."""
+    x.requires_grad_(True)
+    with torch.enable_grad():
+        out = lazy.run_block(i, calls, x)
+        (dx,) = torch.autograd.grad(out, x, d_out)
+    return dx
 
 
 def _groups(shapes: dict[str, torch.Size]) -> list[list[str]]:
@@ -189,6 +197,7 @@ class _FisherLinear(torch.autograd.Function):
             if ctx.sq is not None:  # None: a Linear of another group of this pass (its gradient flows the same)
                 ctx.sq[r:r + step].add_((d.T @ xs).square_())
             dx.addmm_(d, w[r:r + step].to(dy.dtype))
+        ctx.sq = None  # the graph may outlive this backward: it must not keep the squares alive
         return dx.reshape(*dy.shape[:-1], xs.shape[-1]), None, None, None, None
 
 
