@@ -76,8 +76,8 @@ def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path,
         if progress is not None else None
     with torch.inference_mode():
         for blk in lmap.blocks[writer.done:]:
-            lazy.load_block(blk.index)
             mine = {n: specs[n] for n in blk.linears if n in specs}
+            lazy.load_block(blk.index, () if batches else _narrow(mine))
 
             def feed(i=blk.index, hidden=hidden):
                 for b, calls in enumerate(batches):
@@ -127,6 +127,13 @@ def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path,
                 progress.advance(task)
     writer.finish()
     return run
+
+
+def _narrow(specs: dict[str, QuantSpec]) -> tuple[str, ...]:
+    """The weights of the Linears that RTN or HQQ will replace with codes: read in the checkpoint's dtype (each
+    code maker casts a slice of rows to fp32 at a time, so the codes are the same), which halves a bf16 block's
+    bytes while it is quantized. Float-kept Linears are read in the compute dtype as before."""
+    return tuple(f"{n}.weight" for n, s in specs.items() if not s.is_float and s.method in ("rtn", "hqq"))
 
 
 def _hidden_file(root: Path, block: int) -> Path:
