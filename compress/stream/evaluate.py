@@ -35,7 +35,7 @@ def evaluate_streaming(candidate: LazyModel, reference: LazyModel | None, window
     with torch.inference_mode():
         for i in range(len(candidate.blocks)):
             for k, m in enumerate(models):
-                m.load_block(i)
+                m.load_block_narrow(i)
                 if k == 0:
                     foot.add(weight_footprint(candidate.blocks[i]))
                 hidden[k] = [m.run_block(i, c, h) for c, h in zip(calls[k], hidden[k], strict=True)]

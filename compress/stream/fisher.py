@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from compress.data import Windows
@@ -25,7 +24,7 @@ from compress.quantize.apply import weight_matrix
 from compress.quantize.distortion import DistortionTable, Unit, _fake_quant, importance_of, unit_bytes
 from compress.quantize.modules import TABLE_ROWS
 from compress.quantize.spec import QuantSpec
-from compress.stream.lazy import Calls, LazyModel, release_freed_memory
+from compress.stream.lazy import Calls, LazyModel, linear_cast, release_freed_memory
 
 FISHER_GROUP_BYTES = 256 * 2**20  # fp32 squares held at a time in a block's backward (one pass per group)
 GRAD_ELEMENTS = 1 << 22  # weight-gradient elements computed at a time in a Linear's backward (16 MB in fp32)
@@ -183,7 +182,7 @@ class _FisherLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, sq, transposed):
         ctx.save_for_backward(x, weight)
         ctx.sq, ctx.transposed = sq, transposed
-        return _linear(x, weight, bias, transposed)
+        return linear_cast(x, weight, bias, transposed)
 
     @staticmethod
     def backward(ctx, dy):
@@ -205,11 +204,6 @@ def _matrix(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return weight.t() if transposed else weight
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    w = _matrix(weight, transposed).to(x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-
-
 def _is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
 
@@ -224,7 +218,7 @@ def _patch(block: nn.Module, sq: dict[str, torch.Tensor | None] | None) -> list[
             continue
         t = type(m).__name__ == "Conv1D"
         if name not in (sq or {}):
-            m.forward = lambda x, m=m, t=t: _linear(x, m.weight, m.bias, t)
+            m.forward = lambda x, m=m, t=t: linear_cast(x, m.weight, m.bias, t)
         else:
             m.forward = lambda x, m=m, t=t, a=sq[name]: _FisherLinear.apply(x, m.weight, m.bias, a, t)
         patched.append(m)

@@ -125,10 +125,25 @@ class LazyModel:
         self._prepare(f"{self.lmap.blocks_path}.{i}.")
         self._load(self.block_names(i), keep_storage)
 
+    def load_block_narrow(self, i: int) -> None:
+        """Block i as load_block reads it, but its Linears' weights kept in the checkpoint's dtype and cast to the
+        input's where used: the same outputs, and a bf16 block's Linears at half the bytes (for a pass that only
+        runs the block)."""
+        if not self.streamed:
+            return
+        prefix = f"{self.lmap.blocks_path}.{i}."
+        self._prepare(prefix)
+        linears = [(n, m) for n, m in self.blocks[i].named_modules() if isinstance(m, nn.Linear)]
+        self._load(self.block_names(i), tuple(f"{prefix}{n}.weight" for n, _ in linears))
+        for _, m in linears:
+            m.forward = lambda x, m=m: linear_cast(x, m.weight, m.bias)
+
     def drop_block(self, i: int) -> None:
         """Free every tensor of block i (including ones a transform put there)."""
         if not self.streamed:
             return
+        for m in self.blocks[i].modules():
+            m.__dict__.pop("forward", None)  # load_block_narrow's cast
         self.blocks[i].to("meta")
         release_freed_memory()
 
@@ -310,6 +325,13 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         _MMAP_SET = True
+
+
+def linear_cast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool = False
+                ) -> torch.Tensor:
+    """x Wᵀ + b with W (stored [out, in], or [in, out] when `transposed`, as Conv1D) and b cast to x's dtype."""
+    w = (weight.t() if transposed else weight).to(x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def open_lazy(path: Path, spec: str, dtype: torch.dtype = torch.float32,
