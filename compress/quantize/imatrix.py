@@ -99,7 +99,7 @@ def collect(lazy, windows, names: list[str], progress=None) -> ImportanceMatrix:
     task = progress.add_task("importance matrix", total=len(lmap.blocks) + 1) if progress is not None else None
     with torch.inference_mode():
         for blk in lmap.blocks:
-            lazy.load_block(blk.index)
+            lazy.load_block_narrow(blk.index)  # only run: its Linears cast where used
             current: list[torch.Tensor] = []
             hooks = [_hook(model.get_submodule(n), n, imat, current) for n in blk.linears if n in wanted]
             try:

@@ -64,7 +64,7 @@ def logits_streaming(lazy: LazyModel, windows: Windows) -> list[torch.Tensor]:
     hidden = [c.hidden for c in calls]
     with torch.inference_mode():
         for i in range(len(lazy.blocks)):
-            lazy.load_block(i)
+            lazy.load_block_narrow(i)
             hidden = [lazy.run_block(i, c, h) for c, h in zip(calls, hidden, strict=True)]
             lazy.drop_block(i)
         lazy.load_trunk()
