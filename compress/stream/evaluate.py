@@ -108,37 +108,57 @@ def _head_metrics(models: list[LazyModel], hidden: list[list[torch.Tensor]], win
                   foot: Footprint) -> list[tuple[torch.Tensor, ...]]:
     """Each window's per-token NLL (and the reference's NLL, KL(reference ‖ candidate) and top-1 agreement) from
     the final hidden states, for the windows `which` lists; the candidate's modules outside the stack added to `foot`
-    while they are loaded."""
-    for m in models:
-        m.load_trunk()
-    foot.add(trunk_footprint(models[0], models[0].big_tables()))
+    while they are loaded. One model's trunk is held at a time: per window, the reference's log-probabilities are
+    computed and kept (one window's worth), then the candidate's are compared with them."""
     out = []
-    vocab = None
     for k_win, w in enumerate(which):
         ids = windows.input_ids[w]
-        finals = [m.final_hidden(h[k_win]).reshape(-1, h[k_win].shape[-1]) for m, h in zip(models, hidden, strict=True)]
-        nll: list[list[torch.Tensor]] = [[] for _ in models]
-        kl, top1 = [], []
-        for s in range(0, len(ids), TOKEN_ROWS):
+        starts = range(0, len(ids), TOKEN_ROWS)
+        ref = _reference_side(models[1], hidden[1][k_win], ids, starts) if len(models) > 1 else None
+        cand = models[0]
+        cand.load_trunk()
+        if k_win == 0:
+            foot.add(trunk_footprint(cand, cand.big_tables()))
+        final = cand.final_hidden(hidden[0][k_win]).reshape(-1, hidden[0][k_win].shape[-1])
+        nll, kl, top1 = [], [], []
+        for c, s in enumerate(starts):
             rows = slice(s, min(s + TOKEN_ROWS, len(ids)))
-            logits = [m.logits(f[rows]) for m, f in zip(models, finals, strict=True)]
-            if vocab is None:
-                vocab = {lg.shape[-1] for lg in logits}
-                if len(vocab) > 1:
-                    raise UserError(f"--reference {models[1].loaded.spec} and {models[0].loaded.spec} have "
-                                    "different vocabularies: KL needs the same vocabulary")
+            lg = cand.logits(final[rows])
             nxt = ids[rows.start + 1:rows.stop + 1]
-            for k, lg in enumerate(logits):
-                lp = log_softmax_chunked(lg[:len(nxt)])
-                nll[k].append(-lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
-            if len(models) > 1:
-                ref = log_softmax_chunked(logits[1])
-                kl.append(kl_per_token(ref, logits[0]))
-                top1.append((logits[1].argmax(-1) == logits[0].argmax(-1)).float())
-        cols = [torch.cat(nll[0])]
-        if len(models) > 1:
-            cols += [torch.cat(nll[1]), torch.cat(kl), torch.cat(top1)]
+            nll.append(-log_softmax_chunked(lg[:len(nxt)]).gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
+            if ref is not None:
+                lp, top = ref["lp"][c], ref["top"][c]
+                if lp.shape[-1] != lg.shape[-1]:
+                    raise UserError(f"--reference {models[1].loaded.spec} and {cand.loaded.spec} have "
+                                    "different vocabularies: KL needs the same vocabulary")
+                kl.append(kl_per_token(lp, lg))
+                top1.append((top == lg.argmax(-1)).float())
+        cand.drop_trunk()
+        cols = [torch.cat(nll)]
+        if ref is not None:
+            cols += [torch.cat(ref["nll"]), torch.cat(kl), torch.cat(top1)]
         out.append(tuple(cols))
-    for m in models:
-        m.drop_trunk()
+    if not which:  # a rank with no window still reports the candidate's footprint
+        models[0].load_trunk()
+        foot.add(trunk_footprint(models[0], models[0].big_tables()))
+        models[0].drop_trunk()
     return out
+
+
+def _reference_side(ref: LazyModel, hidden: torch.Tensor, ids: torch.Tensor, starts: range) -> dict:
+    """The reference's per-token NLL, log-probabilities and top-1 token of one window, TOKEN_ROWS rows at a time,
+    its trunk loaded for them and dropped after."""
+    ref.load_trunk()
+    try:
+        final = ref.final_hidden(hidden).reshape(-1, hidden.shape[-1])
+        side: dict[str, list[torch.Tensor]] = {"nll": [], "lp": [], "top": []}
+        for s in starts:
+            rows = slice(s, min(s + TOKEN_ROWS, len(ids)))
+            lg = ref.logits(final[rows])
+            nxt = ids[rows.start + 1:rows.stop + 1]
+            side["nll"].append(-log_softmax_chunked(lg[:len(nxt)]).gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
+            side["lp"].append(log_softmax_chunked(lg))
+            side["top"].append(lg.argmax(-1))
+        return side
+    finally:
+        ref.drop_trunk()
