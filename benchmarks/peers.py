@@ -107,7 +107,16 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join([*NNCF, *AUTOROUND, *OURS]))
     ap.add_argument("--keep", action="store_true", help="keep the rows of earlier runs that are not run now")
     ap.add_argument("--no-markdown", action="store_true")
+    ap.add_argument("--render", action="store_true", help="only rewrite the BENCHMARKS.md section from the results "
+                                                          "file (rows run earlier with --no-markdown)")
     a = ap.parse_args()
+    if a.render:
+        import json
+
+        from markdown import replace_section
+
+        replace_section(REPO / "BENCHMARKS.md", HEADING, render(json.loads(RESULTS.read_text())))
+        return
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     ref = load_model(a.model)
