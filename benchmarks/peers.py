@@ -282,7 +282,8 @@ def render(state: dict) -> str:
     v = state["versions"]
     lines = [f"Written by `{state['command']}` ({m['cores']} cores, torch {v['torch']}, NNCF {v['nncf']}, "
              f"AutoRound {v.get('auto-round')}, "
-             f"{state['seconds'] / 60:.0f} min). {state['model']} (fp32, the zoo model); calibration "
+             f"{state['seconds'] / 60:.0f} min{'; ' + state['note'] if state.get('note') else ''}). {state['model']} "
+             "(fp32, the zoo model); calibration "
              f"{CALIB_TOKENS} tokens of the five Austen novels other than persuasion.txt for every data-aware "
              "candidate; KL = mean per-token KL(original ‖ candidate) on the ANCHORS.md windows (persuasion.txt, "
              "first 6 × 512 tokens), all through compress.evaluate. bpw = stored bytes of every weight matrix "
