@@ -109,40 +109,41 @@ def _head_metrics(models: list[LazyModel], hidden: list[list[torch.Tensor]], win
     """Each window's per-token NLL (and the reference's NLL, KL(reference ‖ candidate) and top-1 agreement) from
     the final hidden states, for the windows `which` lists; the candidate's modules outside the stack added to `foot`
     while they are loaded. One model's trunk is held at a time: per window, the reference's log-probabilities are
-    computed and kept (one window's worth), then the candidate's are compared with them."""
-    out = []
-    for k_win, w in enumerate(which):
-        ids = windows.input_ids[w]
-        starts = range(0, len(ids), TOKEN_ROWS)
-        ref = _reference_side(models[1], hidden[1][k_win], ids, starts) if len(models) > 1 else None
-        cand = models[0]
-        cand.load_trunk()
-        if k_win == 0:
-            foot.add(trunk_footprint(cand, cand.big_tables()))
-        final = cand.final_hidden(hidden[0][k_win]).reshape(-1, hidden[0][k_win].shape[-1])
-        nll, kl, top1 = [], [], []
-        for c, s in enumerate(starts):
-            rows = slice(s, min(s + TOKEN_ROWS, len(ids)))
-            lg = cand.logits(final[rows])
-            nxt = ids[rows.start + 1:rows.stop + 1]
-            nll.append(-log_softmax_chunked(lg[:len(nxt)]).gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
+    computed and kept (one window's worth) while the candidate's trunk is dropped, then compared with the
+    candidate's."""
+    cand = models[0]
+    cand.load_trunk()
+    try:
+        foot.add(trunk_footprint(cand, cand.big_tables()))
+        out = []
+        for k_win, w in enumerate(which):
+            ids = windows.input_ids[w]
+            starts = range(0, len(ids), TOKEN_ROWS)
+            ref = None
+            if len(models) > 1:
+                cand.drop_trunk()
+                ref = _reference_side(models[1], hidden[1][k_win], ids, starts)
+                cand.load_trunk()
+            final = cand.final_hidden(hidden[0][k_win]).reshape(-1, hidden[0][k_win].shape[-1])
+            nll, kl, top1 = [], [], []
+            for c, s in enumerate(starts):
+                rows = slice(s, min(s + TOKEN_ROWS, len(ids)))
+                lg = cand.logits(final[rows])
+                nll.append(_nll(lg, ids[rows.start + 1:rows.stop + 1]))
+                if ref is not None:
+                    lp, top = ref["lp"][c], ref["top"][c]
+                    if lp.shape[-1] != lg.shape[-1]:
+                        raise UserError(f"--reference {models[1].loaded.spec} and {cand.loaded.spec} have "
+                                        "different vocabularies: KL needs the same vocabulary")
+                    kl.append(kl_per_token(lp, lg))
+                    top1.append((top == lg.argmax(-1)).float())
+            cols = [torch.cat(nll)]
             if ref is not None:
-                lp, top = ref["lp"][c], ref["top"][c]
-                if lp.shape[-1] != lg.shape[-1]:
-                    raise UserError(f"--reference {models[1].loaded.spec} and {cand.loaded.spec} have "
-                                    "different vocabularies: KL needs the same vocabulary")
-                kl.append(kl_per_token(lp, lg))
-                top1.append((top == lg.argmax(-1)).float())
+                cols += [torch.cat(ref["nll"]), torch.cat(kl), torch.cat(top1)]
+            out.append(tuple(cols))
+        return out
+    finally:
         cand.drop_trunk()
-        cols = [torch.cat(nll)]
-        if ref is not None:
-            cols += [torch.cat(ref["nll"]), torch.cat(kl), torch.cat(top1)]
-        out.append(tuple(cols))
-    if not which:  # a rank with no window still reports the candidate's footprint
-        models[0].load_trunk()
-        foot.add(trunk_footprint(models[0], models[0].big_tables()))
-        models[0].drop_trunk()
-    return out
 
 
 def _reference_side(ref: LazyModel, hidden: torch.Tensor, ids: torch.Tensor, starts: range) -> dict:
@@ -155,10 +156,14 @@ def _reference_side(ref: LazyModel, hidden: torch.Tensor, ids: torch.Tensor, sta
         for s in starts:
             rows = slice(s, min(s + TOKEN_ROWS, len(ids)))
             lg = ref.logits(final[rows])
-            nxt = ids[rows.start + 1:rows.stop + 1]
-            side["nll"].append(-log_softmax_chunked(lg[:len(nxt)]).gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
+            side["nll"].append(_nll(lg, ids[rows.start + 1:rows.stop + 1]))
             side["lp"].append(log_softmax_chunked(lg))
             side["top"].append(lg.argmax(-1))
         return side
     finally:
         ref.drop_trunk()
+
+
+def _nll(logits: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL of the next tokens `nxt` under the logits of the positions that have one."""
+    return -log_softmax_chunked(logits[:len(nxt)]).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
