@@ -1,5 +1,5 @@
-"""Our quantized SmolLM2 against the peers a user would pick instead, run here in the same process on the same text
-(issue 17), written to BENCHMARKS.md.
+"""Our quantized SmolLM2 (or `--model DIR`, e.g. the project's float decoder: a table of its own) against the peers
+a user would pick instead, run here in the same process on the same text (issue 17), written to BENCHMARKS.md.
 
     pip install -e ".[bench]"          # the peers (never a runtime dependency)
     python benchmarks/peers.py [--rows nncf-awq-all,nncf-awq,nncf-rtn-all,ours-4,ours-lw-4.5,ours-lw-3.5]
@@ -39,6 +39,7 @@ from heldout_text import AUSTEN, NOVELS  # noqa: E402  (the benchmarks directory
 
 HEADING = "Against the peers at equal size (issue 17)"
 RESULTS = REPO / "benchmarks" / "results" / "peers.json"
+ZOO_DEFAULT = "smollm2-135m"  # the model whose section is HEADING; any other gets its own (`_section`)
 CALIB_TOKENS = 2048
 TARGET = 0.8  # issue 17: our best layer-wise plan's KL ≤ 0.8 × the best peer's at equal or lower bpw
 
@@ -71,6 +72,8 @@ OURS = {  # row -> (description, QuantizeRequest fields)
                         dict(layerwise=True, avg_bits=3.5, measure="fast", method="awq")),
     "ours-lw-4.5-awq-lin": ("ours: `--layerwise --avg-bits 4.5 --measure fast --method awq --granularity linear`",
                             dict(layerwise=True, avg_bits=4.5, measure="fast", method="awq", granularity="linear")),
+    "ours-lw-3.5-awq-lin": ("ours: `--layerwise --avg-bits 3.5 --measure fast --method awq --granularity linear`",
+                            dict(layerwise=True, avg_bits=3.5, measure="fast", method="awq", granularity="linear")),
     "ours-lw-4.5-lin": ("ours: `--layerwise --avg-bits 4.5 --measure fast --granularity linear` (RTN + importance "
                         "matrix)", dict(layerwise=True, avg_bits=4.5, measure="fast", granularity="linear")),
     "ours-lw-4.5-awq-full": ("ours: `--layerwise --avg-bits 4.5 --measure full --method awq`",
@@ -94,6 +97,16 @@ AUTOROUND = {  # row -> (description, code bits, the embedding / tied head's pla
                           "g32", 3, 3),
 }
 PEERS = ("nncf", "autoround")
+SMOLLM2_ONLY = ("ours-105MB",)  # rows whose budget is SmolLM2's (105 MB is more than a small model's whole size)
+
+
+def _section(model: str) -> tuple[str, Path]:
+    """The BENCHMARKS.md heading and results file of `model`'s table: SmolLM2's as before, another model's named
+    after its directory."""
+    if model == ZOO_DEFAULT:
+        return HEADING, RESULTS
+    name = Path(model).expanduser().name
+    return f"Against the peers at equal size: {name} (issue 17)", RESULTS.with_name(f"peers-{name}.json")
 
 
 def main() -> None:
@@ -103,19 +116,22 @@ def main() -> None:
     from compress.models import load_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--rows", default=",".join([*NNCF, *AUTOROUND, *OURS]))
+    ap.add_argument("--model", default=ZOO_DEFAULT, help="a zoo name or a model directory (each model has its "
+                                                           "own table and results file)")
+    ap.add_argument("--rows", default=None, help="comma-separated rows (default: all; for a model other than "
+                                                 "SmolLM2, all but the 105 MB ones)")
     ap.add_argument("--keep", action="store_true", help="keep the rows of earlier runs that are not run now")
     ap.add_argument("--no-markdown", action="store_true")
     ap.add_argument("--render", action="store_true", help="only rewrite the BENCHMARKS.md section from the results "
                                                           "file (rows run earlier with --no-markdown)")
     a = ap.parse_args()
+    heading, results = _section(a.model)
     if a.render:
         import json
 
         from markdown import replace_section
 
-        replace_section(REPO / "BENCHMARKS.md", HEADING, render(json.loads(RESULTS.read_text())))
+        replace_section(REPO / "BENCHMARKS.md", heading, render(json.loads(results.read_text())))
         return
     torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -123,16 +139,18 @@ def main() -> None:
     calib = load_windows(NOVELS, ref, split="calibration", tokens=CALIB_TOKENS, seq_len=512)
     anchors = load_windows(str(AUSTEN / "persuasion.txt"), ref, split="all", tokens=3072, seq_len=512,
                            sequential=True)
-    state = {"model": a.model, "rows": [], "versions": _versions(),
+    state = {"model": a.model.replace(str(Path.home()), "~"), "rows": [], "versions": _versions(),
              "command": shlex.join(["python", "benchmarks/peers.py", *sys.argv[1:]])}
-    wanted = [r.strip() for r in a.rows.split(",") if r.strip()]
-    if a.keep and not RESULTS.is_file():  # a fresh checkout: the section would lose every row not run now
-        raise SystemExit(f"--keep: {RESULTS.relative_to(REPO)} is missing (results are not committed), so the "
+    everything = [r for r in [*NNCF, *AUTOROUND, *OURS]
+                  if a.model == ZOO_DEFAULT or not r.startswith(SMOLLM2_ONLY)]
+    wanted = [r.strip() for r in (a.rows or ",".join(everything)).split(",") if r.strip()]
+    if a.keep and not results.is_file():  # a fresh checkout: the section would lose every row not run now
+        raise SystemExit(f"--keep: {results.relative_to(REPO)} is missing (results are not committed), so the "
                          "earlier rows cannot be kept; run every row, or restore the file first")
     if a.keep:
         import json
 
-        earlier = json.loads(RESULTS.read_text())
+        earlier = json.loads(results.read_text())
         state["rows"] = [r for r in earlier["rows"] if r["row"] not in wanted]
         state["command"] = earlier["command"] + "; " + state["command"]
     for row in wanted:
@@ -151,7 +169,7 @@ def main() -> None:
         entry.update(row=row, what=desc, seconds=round(time.perf_counter() - t, 1))
         print(entry, flush=True)
         state["rows"].append(entry)
-        publish_state(state, t0, RESULTS, HEADING, render, not a.no_markdown)
+        publish_state(state, t0, results, heading, render, not a.no_markdown)
 
 
 def _evaluate(cand, ref, anchors) -> dict:
@@ -283,7 +301,7 @@ def render(state: dict) -> str:
     lines = [f"Written by `{state['command']}` ({m['cores']} cores, torch {v['torch']}, NNCF {v['nncf']}, "
              f"AutoRound {v.get('auto-round')}, "
              f"{state['seconds'] / 60:.0f} min{'; ' + state['note'] if state.get('note') else ''}). {state['model']} "
-             "(fp32, the zoo model); calibration "
+             "(fp32); calibration "
              f"{CALIB_TOKENS} tokens of the five Austen novels other than persuasion.txt for every data-aware "
              "candidate; KL = mean per-token KL(original ‖ candidate) on the ANCHORS.md windows (persuasion.txt, "
              "first 6 × 512 tokens), all through compress.evaluate. bpw = stored bytes of every weight matrix "
