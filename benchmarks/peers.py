@@ -120,6 +120,7 @@ def main() -> None:
                                                            "own table and results file)")
     ap.add_argument("--rows", default=None, help="comma-separated rows (default: all; for a model other than "
                                                  "SmolLM2, all but the 105 MB ones)")
+    ap.add_argument("--note", default="", help="a sentence for the header (e.g. that other jobs shared the cores)")
     ap.add_argument("--keep", action="store_true", help="keep the rows of earlier runs that are not run now")
     ap.add_argument("--no-markdown", action="store_true")
     ap.add_argument("--render", action="store_true", help="only rewrite the BENCHMARKS.md section from the results "
@@ -140,7 +141,9 @@ def main() -> None:
     anchors = load_windows(str(AUSTEN / "persuasion.txt"), ref, split="all", tokens=3072, seq_len=512,
                            sequential=True)
     state = {"model": a.model.replace(str(Path.home()), "~"), "rows": [], "versions": _versions(),
-             "command": shlex.join(["python", "benchmarks/peers.py", *sys.argv[1:]])}
+             "command": _command(sys.argv[1:])}
+    if a.note:
+        state["note"] = a.note
     everything = [r for r in [*NNCF, *AUTOROUND, *OURS]
                   if a.model == ZOO_DEFAULT or not r.startswith(SMOLLM2_ONLY)]
     wanted = [r.strip() for r in (a.rows or ",".join(everything)).split(",") if r.strip()]
@@ -170,6 +173,17 @@ def main() -> None:
         print(entry, flush=True)
         state["rows"].append(entry)
         publish_state(state, t0, results, heading, render, not a.no_markdown)
+
+
+def _command(argv: list[str]) -> str:
+    """The command as run, without its --note (the header shows it) and with ~ for the home directory."""
+    args, skip = [], False
+    for arg in argv:
+        if skip or arg == "--note" or arg.startswith("--note="):
+            skip = arg == "--note"
+            continue
+        args.append(arg)
+    return shlex.join(["python", "benchmarks/peers.py", *args]).replace(str(Path.home()), "~")
 
 
 def _evaluate(cand, ref, anchors) -> dict:
