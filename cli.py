@@ -307,6 +307,9 @@ def quantize(
     data: str = DATA,
     tokens: int = typer.Option(1024, "--tokens", help="Calibration tokens for measuring distortion."),
     eval_tokens: int = typer.Option(2048, "--eval-tokens", help="Held-out tokens for the before/after metrics."),
+    run_eval: bool = typer.Option(True, "--eval/--no-eval", help="Measure the result against the original on "
+                                  "held-out text (default); --no-eval writes the artifact only (evaluate it later "
+                                  "with `compress eval OUT --reference MODEL`), which halves a large model's time."),
     seq_len: int = SEQ_LEN,
     seed: int = SEED,
     out: Path = typer.Option(None, "--out", help="Artifact directory to write (packed safetensors + compress.json)."),
@@ -348,7 +351,7 @@ def quantize(
         granularity=granularity, scores=scores, rank_by=rank_by, embeddings=embeddings, plan_file=plan_file,
         show_plan=show_plan, data=data, tokens=tokens, eval_tokens=eval_tokens, seq_len=seq_len, seed=seed,
         out=out, arch=arch, trust_pickle=trust_pickle, stream=stream, offload_dir=offload_dir, device=device,
-        resume=resume, imatrix=imatrix, imatrix_out=imatrix_out, use_imatrix=use_imatrix)
+        resume=resume, imatrix=imatrix, imatrix_out=imatrix_out, use_imatrix=use_imatrix, evaluate=run_eval)
     from compress import distributed
     if not distributed.is_writer():  # another rank of torchrun: measure and evaluate its share, write nothing
         request.out, plot, request.imatrix_out = None, None, None

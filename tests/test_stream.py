@@ -297,6 +297,16 @@ def test_resume_after_a_sigkill_writes_the_same_artifact(model_dir, text_file, t
     assert nothing.returncode == 2 and "no interrupted run" in nothing.stderr
 
 
+def test_no_eval_writes_the_same_artifact_without_metrics(model_dir, text_file, tmp_path):
+    _quantize(model_dir, tmp_path / "evaluated", "on", text_file)
+    run = _cli("quantize", str(model_dir), "--bits", "4", "--group-size", "16", "--data", str(text_file), "--tokens",
+               "128", "--eval-tokens", "128", "--seq-len", "32", "--stream", "on", "--no-eval", "--json", "--out",
+               str(tmp_path / "q"))
+    assert run.returncode == 0, run.stderr
+    assert "metrics" not in json.loads(run.stdout)
+    assert _weights(tmp_path / "q") == _weights(tmp_path / "evaluated")
+
+
 def test_device_choices_resolve_or_refuse_in_one_line(monkeypatch):
     from compress.errors import UserError
     from compress.stream.decide import resolve_device
