@@ -2,6 +2,8 @@
 an uninterrupted single process, and what each costs.
 
     python benchmarks/resume_distributed.py [--kill-at-block 15]
+    python benchmarks/resume_distributed.py --part resume --model ~/.cache/compress/bench/llama-3b-synth \
+        --method rtn --kill-at-block 14 --no-eval          # the 3 B model (its own section)
 
 Resume: `quantize smollm2-135m --bits 4 --method gptq --stream on` uninterrupted; then the same command killed with
 SIGKILL as soon as block K's group is on disk (watched from outside, as a user's kill would land), then run again
@@ -54,13 +56,19 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kill-at-block", type=int, default=15)
+    ap.add_argument("--model", default="smollm2-135m", help="a zoo name or a model directory (resume part only; "
+                                                            "another model than SmolLM2 gets its own section)")
+    ap.add_argument("--method", default="gptq", help="the resumed run's --method")
+    ap.add_argument("--no-eval", action="store_true", help="the resumed runs write the artifact only "
+                                                           "(quantize --no-eval): a large model's evaluation "
+                                                           "would double each run")
     ap.add_argument("--part", choices=("all", "resume", "torchrun"), default="all",
                     help="run one half only (its rows alone are written)")
     a = ap.parse_args()
     cli = [sys.executable, str(REPO / "cli.py")]
     work = Path(tempfile.mkdtemp(prefix="resume-dist-"))
-    base = ["quantize", "smollm2-135m", "--bits", "4", "--method", "gptq", "--stream", "on", "--data", str(DATA),
-            "--json"]
+    base = ["quantize", a.model, "--bits", "4", "--method", a.method, "--stream", "on",
+            *(["--no-eval"] if a.no_eval else []), "--data", str(DATA), "--json"]
     lw = ["quantize", "smollm2-135m", "--layerwise", "--avg-bits", "4.5", "--measure", "fast", "--data", str(DATA),
           "--json"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -82,12 +90,12 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     head = [
-        f"Written by `python benchmarks/resume_distributed.py --kill-at-block {a.kill_at_block} --part {a.part}` on "
+        f"Written by `{shown(['python', 'benchmarks/resume_distributed.py', *sys.argv[1:]])}` on "
         f"{time.strftime('%Y-%m-%d')} ({platform.machine()}, {os.cpu_count()} cores, no GPU). Data: the Austen "
         "novels (`austen/`, the shared test data).", "",
         "| case | command | exit | wall | weight files vs uninterrupted single process |", "|---|---|---|---|---|"]
     resume_rows = [
-        f"| uninterrupted | `compress {' '.join(base[:-2])} austen/ --out whole` | {rc_whole} | {t_whole:.0f} s | "
+        f"| uninterrupted | `compress {shown(base[:-2])} austen/ --out whole` | {rc_whole} | {t_whole:.0f} s | "
         "(reference) |",
         f"| SIGKILL once block {a.kill_at_block} is written | same, `--out q` | {rc_kill} | {t_kill:.0f} s | "
         f"{kept} block groups kept in `.q.partial` |",
@@ -107,7 +115,14 @@ def main() -> None:
                       "cells; each also loads the model, builds the reference and, on rank 0, evaluates, and the two "
                       "cores were already both used by one process's threads).")
     lines = [*head, *resume_rows, *torchrun_rows, "", " ".join(ratios)]
-    replace_section(REPO / "BENCHMARKS.md", "Resume after SIGKILL, and torchrun (issue 16)", "\n".join(lines) + "\n")
+    heading = "Resume after SIGKILL, and torchrun (issue 16)" if a.model == "smollm2-135m" else \
+        f"Resume after SIGKILL: {Path(a.model).name} (issue 16)"
+    replace_section(REPO / "BENCHMARKS.md", heading, "\n".join(lines) + "\n")
+
+
+def shown(args: list[str]) -> str:
+    """A command line as the reader would type it: ~ for the home directory."""
+    return " ".join(args).replace(str(Path.home()), "~")
 
 
 if __name__ == "__main__":
