@@ -162,6 +162,8 @@ def main() -> None:
         earlier = json.loads(results.read_text())
         state["rows"] = [r for r in earlier["rows"] if r["row"] not in wanted]
         state["command"] = earlier["command"] + "; " + state["command"]
+        if "note" in earlier and "note" not in state:
+            state["note"] = earlier["note"]
     for row in wanted:
         t = time.perf_counter()
         if row in NNCF:
