@@ -269,9 +269,13 @@ def render(state: dict) -> str:
                      f"{r['matmulnbits']} | {r['gqa']} | {_num(r, 'prefill_tok_s', 0)} | {_num(r, 'decode_ms', 2)} | "
                      f"{_num(r, 'peak_rss_mb', 0)} |")
     if state.get("max_size"):
+        given = "--max-size" in state["command"] and "--max-size builder" not in state["command"]
+        whose = ("set by --max-size, below the builder's own: a smaller budget makes the plan take coarser groups "
+                 "(g64, g128), which decode faster") if given else (
+            "the builder's own, less the zero points our package writes for symmetric Q/K/V (the builder packs "
+            "the three and needs all of them)")
         lines += ["", f"Our plans' budget: {state['max_size']:,} bytes of quantized weights as the ONNX file stores "
-                  "them (fp32 scales): the builder's own, less the zero points our package writes for symmetric "
-                  "Q/K/V (the builder packs the three and needs all of them). Units per menu:"]
+                  f"them (fp32 scales): {whose}. Units per menu:"]
         seen = set()
         for label, r in state["rows"].items():
             menu = label.rsplit(", accuracy level", 1)[0] if r.get("who") == "ours" else None
