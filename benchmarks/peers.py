@@ -328,39 +328,44 @@ def render(state: dict) -> str:
              "candidate; KL = mean per-token KL(original ‖ candidate) on the ANCHORS.md windows (persuasion.txt, "
              "first 6 × 512 tokens), all through compress.evaluate. bpw = stored bytes of every weight matrix "
              "(codes, scales, zeros; embedding included, tied head once) × 8 ÷ its parameters.", "",
-             "| candidate | bpw | KL | KL p99 | top-1 | s |", "|---|---|---|---|---|---|"]
+             "| row | candidate | bpw | KL | KL p99 | top-1 | s |", "|---|---|---|---|---|---|---|"]
     rows = sorted(state["rows"], key=lambda r: r["bpw"])
     for r in rows:
-        lines.append(f"| {r['what']} | {r['bpw']:.3f} | {r['kl']:.4f} | {r['kl_p99']:.3f} | {r['top1']:.3f} | "
-                     f"{r['seconds']:.0f} |")
-    lines += ["", _verdicts(rows)]
+        lines.append(f"| `{r['row']}` | {r['what']} | {r['bpw']:.3f} | {r['kl']:.4f} | {r['kl_p99']:.3f} | "
+                     f"{r['top1']:.3f} | {r['seconds']:.0f} |")
+    lines += ["", _verdicts(rows)] + (["", state["after"]] if state.get("after") else [])
     return "\n".join(lines)
 
 
 def _verdicts(rows: list[dict]) -> str:
-    """Target (issue 17): at each of our layer-wise budgets B, our KL ≤ 0.8 × the best peer's among those at or
-    above our bpw and at most B + 0.05 (ours at equal or lower bpw, the peer at the same budget)."""
-    out = []
+    """Target (issue 17), one line per layer-wise budget B: each of our rows' KL over the best peer's among those at
+    or above that row's bpw and at most B + 0.05 (ours at equal or lower bpw, the peer at the same budget); the
+    budget is met when our best row is ≤ 0.8×. Rows are named by their --rows key."""
     peers = [r for r in rows if r["row"].startswith(PEERS)]
+    budgets: dict[float, list[tuple[dict, dict | None]]] = {}
     for r in rows:
-        if not r["row"].startswith("ours-lw"):
+        if r["row"].startswith("ours-lw"):
+            budget = OURS.get(r["row"], ("", {}))[1].get("avg_bits", r["bpw"])
+            fair = [p for p in peers if r["bpw"] - 1e-3 <= p["bpw"] <= budget + 0.05]
+            budgets.setdefault(budget, []).append((r, min(fair, key=lambda p: p["kl"]) if fair else None))
+    out = []
+    for budget, pairs in sorted(budgets.items()):
+        judged = sorted(((r["kl"] / p["kl"], r, p) for r, p in pairs if p is not None), key=lambda t: t[0])
+        if not judged:
+            out.append(f"- **{budget} bpw**: no peer lands at this budget (not evaluated).")
             continue
-        budget = OURS.get(r["row"], ("", {}))[1].get("avg_bits", r["bpw"])
-        fair = [p for p in peers if r["bpw"] - 1e-3 <= p["bpw"] <= budget + 0.05]  # ours at equal or lower bpw
-        if not fair:
-            out.append(f"{r['what']} at {r['bpw']:.3f} bpw: no peer lands at this budget (not evaluated).")
-            continue
-        best = min(fair, key=lambda p: p["kl"])
-        ratio = r["kl"] / best["kl"]
-        out.append(f"{r['what']} at {r['bpw']:.3f} bpw: KL {r['kl']:.4f} = {ratio:.2f}× {best['what']} "
-                   f"({best['kl']:.4f} at {best['bpw']:.3f} bpw): target ≤ {TARGET}× "
-                   f"{'met' if ratio <= TARGET else 'missed'}.")
+        ratio, best, peer = judged[0]
+        each = ", ".join(f"`{r['row']}` {x:.2f}×" for x, r, _ in judged)
+        out.append(f"- **{budget} bpw**: best peer `{peer['row']}` KL {peer['kl']:.4f} at {peer['bpw']:.3f} bpw; our "
+                   f"best `{best['row']}` KL {best['kl']:.4f} at {best['bpw']:.3f} bpw = **{ratio:.2f}×** (target "
+                   f"≤ {TARGET}×: **{'met' if ratio <= TARGET else 'missed'}**). Every layer-wise row against its "
+                   f"peer: {each}.")
     small = [r for r in rows if r["row"].startswith("ours-105MB")]
     if small:
         best = min(small, key=lambda r: r["kl"])
-        out.append(f"At ≤ 105 MB of weights: best KL {best['kl']:.4f} ({best['what']}); target ≤ 0.020 "
-                   f"{'met' if best['kl'] <= 0.020 else 'missed'}.")
-    return "Target (issue 17): " + (" ".join(out) if out else "no layer-wise row yet.")
+        out.append(f"- **≤ 105 MB of weights**: best KL {best['kl']:.4f} (`{best['row']}`); target ≤ 0.020 "
+                   f"**{'met' if best['kl'] <= 0.020 else 'missed'}**.")
+    return "Target (issue 17):\n\n" + ("\n".join(out) if out else "no layer-wise row yet.")
 
 
 if __name__ == "__main__":
