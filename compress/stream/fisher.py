@@ -339,11 +339,15 @@ def _predict_tables(lazy: LazyModel, wanted: set[str], calls: list[Calls], norme
 # ---- the prediction
 
 def _errors(weight: torch.Tensor, sq: torch.Tensor, candidates: list[QuantSpec], tokens: int,
-            importance: torch.Tensor | None = None, rows: int = 1024) -> list[float]:
-    """½ Σ (sq / tokens) (Q(W) − W)² for each candidate, `rows` rows at a time (rows are quantized independently,
-    so a slice of rows is predicted on its own, and the fp32 copies stay small). Under torchrun each rank predicts
-    the candidates whose index ≡ its rank and all receive every value (the same numbers as one process)."""
+            importance: torch.Tensor | None = None, rows: int | None = None) -> list[float]:
+    """½ Σ (sq / tokens) (Q(W) − W)² for each candidate, `rows` rows at a time (default: RTN's cache-sized chunk;
+    rows are quantized independently, so a slice of rows is predicted on its own, and the fp32 copies stay small),
+    summed in float64. Under torchrun each rank predicts the candidates whose index ≡ its rank and all receive
+    every value (the same numbers as one process)."""
     from compress import distributed
+    from compress.quantize.rtn import CHUNK_ELEMENTS
+
+    rows = rows or max(1, CHUNK_ELEMENTS // weight.shape[1])
 
     if distributed.world() > 1 and len(candidates) > 1:
         return distributed.map_split(candidates, lambda c: _errors_alone(weight, sq, [c], tokens, importance,
@@ -357,7 +361,7 @@ def _errors_alone(weight: torch.Tensor, sq: torch.Tensor, candidates: list[Quant
     for s in range(0, weight.shape[0], rows):
         w = weight[s:s + rows].detach().float()
         for k, c in enumerate(candidates):
-            total[k] += float((sq[s:s + rows] * (_fake_quant(w, c, importance) - w).square_()).sum())
+            total[k] += float((sq[s:s + rows] * (_fake_quant(w, c, importance) - w).square_()).sum(dtype=torch.float64))
     return [0.5 * t / tokens for t in total]
 
 
