@@ -62,8 +62,11 @@ def codes_for(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, s
     return torch.clamp(torch.floor(w * inv + 0.5) + zero, 0, 2**spec.bits - 1)
 
 
-CHUNK_ELEMENTS = 1 << 19  # weights per step of quantize / dequantize: 2 MB float temporaries stay in cache
-# (3–4× faster here than 16 MB ones for the importance-weighted search; the result is the same whatever the chunk)
+# Weights per step of quantize / dequantize: 512 KB float temporaries. They stay in cache, and under 1 MiB they come
+# from the heap even after release_freed_memory (compress.stream.lazy) has every allocation of 1 MiB or more mapped
+# and unmapped on its own: with 16 MB steps the importance-weighted search ran 9× slower in a streamed run, each
+# temporary a fresh mapping. The result is the same whatever the step (rows are independent).
+CHUNK_ELEMENTS = 1 << 17
 
 
 def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None):
