@@ -165,7 +165,7 @@ def main() -> None:
     done = {name for name, *_ in rows}
     for name in cases:
         if name not in done:
-            lines += [ln if ln.count("|") >= 11 else ln.rstrip() + " 2026-12-03 (stop 15) |" for ln in earlier(name)]
+            lines += [ln if ln.count("|") >= 10 else ln.rstrip() + " 2026-12-03 (stop 15) |" for ln in earlier(name)]
     for name, args, r, m in rows:
         cmd = " ".join(args).replace(str(big), shown).replace(str(DATA), "austen/")
         ok = "met" if r["rss"] <= target else "**missed**"

@@ -105,10 +105,8 @@ def apply_plan(model: nn.Module, lmap: LayerMap, specs: dict[str, QuantSpec],
 def _quant_embedding(module: nn.Embedding, spec: QuantSpec, q=None, empty: bool = False) -> nn.Module:
     if spec.bits == 16:
         raise UserError("fp16 embeddings are not supported: quantize the embedding (e.g. 8 bits) or keep it (32)")
-    new = QuantEmbedding(module.num_embeddings, module.embedding_dim, spec, module.padding_idx)
-    if not empty:
-        new.packed = PackedWeight.from_quantized(q or quantize_rtn(module.weight, spec))
-    return new
+    packed = None if empty else PackedWeight.from_quantized(q or quantize_rtn(module.weight, spec))
+    return QuantEmbedding(module.num_embeddings, module.embedding_dim, spec, module.padding_idx, packed)
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:

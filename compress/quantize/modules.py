@@ -21,10 +21,16 @@ TABLE_ROWS = 8192  # rows of a vocabulary-sized table dequantized at a time (emb
 class PackedWeight(nn.Module):
     """Packed codes, fp16 scales and zero points of one [rows, cols] matrix, with its QuantSpec."""
 
-    def __init__(self, rows: int, cols: int, spec: QuantSpec):
+    def __init__(self, rows: int, cols: int, spec: QuantSpec, allocate: bool = True):
+        """Zero buffers of the packed sizes (for load_state_dict to fill), or with `allocate=False` no buffers at all
+        (from_quantized sets every one: a vocabulary-sized table's codes are not held twice)."""
         super().__init__()
         spec = spec.for_width(cols)
         self.rows, self.cols, self.spec = rows, cols, spec
+        if not allocate:
+            for name in ("qweight", "scales", "zeros", "sub_scales", "dmin", "sub_mins"):
+                self.register_buffer(name, None)
+            return
         if spec.kquant:
             self._init_kquant()
             return
@@ -56,16 +62,19 @@ class PackedWeight(nn.Module):
     def from_quantized(cls, q: QuantizedWeight | KQuantWeight) -> PackedWeight:
         """Pack a QuantizedWeight (or a K-quant's KQuantWeight)."""
         rows, cols = q.codes.shape
-        m = cls(rows, cols, q.spec)
-        m.qweight = pack(q.codes, q.spec.bits)
+        m = cls(rows, cols, q.spec, allocate=False)
+        m.register_buffer("qweight", pack(q.codes, q.spec.bits))
         if isinstance(q, KQuantWeight):
-            m.scales, m.sub_scales = q.d.contiguous(), q.sub_scales.contiguous()
+            m.register_buffer("scales", q.d.contiguous())
+            m.register_buffer("sub_scales", q.sub_scales.contiguous())
             if q.dmin is not None:
-                m.dmin, m.sub_mins = q.dmin.contiguous(), q.sub_mins.contiguous()
+                m.register_buffer("dmin", q.dmin.contiguous())
+                m.register_buffer("sub_mins", q.sub_mins.contiguous())
             return m
-        m.scales = q.scales.contiguous()
+        m.register_buffer("scales", q.scales.contiguous())
         if q.zeros is not None:
-            m.zeros = q.zeros.contiguous() if q.zeros.dtype == torch.float16 else pack(q.zeros, q.spec.bits)
+            m.register_buffer("zeros", q.zeros.contiguous() if q.zeros.dtype == torch.float16
+                              else pack(q.zeros, q.spec.bits))
         return m
 
     def dequantize(self) -> torch.Tensor:
@@ -128,10 +137,11 @@ class QuantLinear(nn.Module):
 class QuantEmbedding(nn.Module):
     """Embedding lookup from packed codes (rows = tokens, groups along the hidden axis)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec, padding_idx: int | None = None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec, padding_idx: int | None = None,
+                 packed: PackedWeight | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.packed = PackedWeight(num_embeddings, embedding_dim, spec)
+        self.packed = packed if packed is not None else PackedWeight(num_embeddings, embedding_dim, spec)
 
     @property
     def spec(self) -> QuantSpec:

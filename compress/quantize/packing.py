@@ -12,7 +12,12 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     _check_bits(bits)
     flat = codes.reshape(-1).to(torch.uint8)
     if flat.numel() > CHUNK_CODES and bits != 8:  # 8 codes always fill `bits` whole bytes: chunks concatenate exactly
-        return torch.cat([_pack(flat[s:s + CHUNK_CODES], bits) for s in range(0, flat.numel(), CHUNK_CODES)])
+        out = torch.empty(packed_bytes(flat.numel(), bits), dtype=torch.uint8, device=flat.device)
+        step = CHUNK_CODES * bits // 8
+        for k, s in enumerate(range(0, flat.numel(), CHUNK_CODES)):
+            part = _pack(flat[s:s + CHUNK_CODES], bits)
+            out[k * step:k * step + part.numel()] = part
+        return out
     return _pack(flat, bits)
 
 
