@@ -23,6 +23,8 @@ from compress.stream.shards import ShardWriter, as_stored
 CALIBRATION_BATCH = 4  # windows per calibration batch: BlockRunner's, so GPTQ's Hessians add up identically
 
 
+NARROW_METHODS = ("rtn", "hqq")  # code makers that cast a weight to fp32 themselves: it is read in its stored dtype
+
 @dataclass
 class Footprint:
     """weight_footprint of a whole model, summed part by part (blocks, then the modules outside the stack)."""
@@ -106,9 +108,9 @@ def quantize_streaming(lazy: LazyModel, specs: dict[str, QuantSpec], root: Path,
                 progress.update(task, advance=1, description=f"quantize blocks ({_gb(lazy)} read)")
         if writer.done == len(lmap.blocks):
             trunk = {n: s for n, s in specs.items() if not n.startswith(lmap.blocks_path + ".")}
-            # RTN reads a table a chunk of rows at a time (the same codes from bf16 as from its fp32 copy), so the
-            # tables stay in their storage dtype: a 3 B model's quantized embedding held in fp32 was 600 MB
-            narrow = all(s.method == "rtn" or s.is_float for s in trunk.values())
+            # the tables stay in their storage dtype unless a code maker needs the fp32 copy held (GPTQ's head):
+            # a 3 B model's quantized embedding held in fp32 was 600 MB
+            narrow = all(s.is_float or s.method in NARROW_METHODS for s in trunk.values())
             lazy.load_trunk(keep_storage=narrow)
             widened = lazy.big_tables() if narrow else ()
             codes = {}
@@ -136,7 +138,7 @@ def _narrow(specs: dict[str, QuantSpec]) -> tuple[str, ...]:
     """The weights of the Linears that RTN or HQQ will replace with codes: read in the checkpoint's dtype (each
     code maker casts a slice of rows to fp32 at a time, so the codes are the same), which halves a bf16 block's
     bytes while it is quantized. Float-kept Linears are read in the compute dtype as before."""
-    return tuple(f"{n}.weight" for n, s in specs.items() if not s.is_float and s.method in ("rtn", "hqq"))
+    return tuple(f"{n}.weight" for n, s in specs.items() if not s.is_float and s.method in NARROW_METHODS)
 
 
 def _hidden_file(root: Path, block: int) -> Path:
