@@ -25,6 +25,7 @@ CALIBRATION_BATCH = 4  # windows per calibration batch: BlockRunner's, so GPTQ's
 
 NARROW_METHODS = ("rtn", "hqq")  # code makers that cast a weight to fp32 themselves: it is read in its stored dtype
 
+
 @dataclass
 class Footprint:
     """weight_footprint of a whole model, summed part by part (blocks, then the modules outside the stack)."""
