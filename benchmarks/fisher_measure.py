@@ -92,7 +92,9 @@ def main() -> None:
                   flush=True)
         rows.append((b, out))
 
-    shown = a.model.replace(str(Path.home()), "~")
+    from markdown import tilde
+
+    shown = tilde(a.model)
     again = f" --repeats {a.repeats}" if a.repeats > 1 else ""
     lines = [f"Written by `python benchmarks/fisher_measure.py --model {shown} --budgets {a.budgets}{again}` on "
              f"{time.strftime('%Y-%m-%d')} ({platform.machine()}, {os.cpu_count()} cores, torch "

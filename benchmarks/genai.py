@@ -71,7 +71,7 @@ print(json.dumps({"prefill_s": prefill, "prefill_tok_s": prompt_len / prefill,
 
 
 def main() -> None:
-    from markdown import publish_state
+    from markdown import publish_state, tilde
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -116,7 +116,7 @@ def main() -> None:
         packages.update(_our_packages(a.model, budget, None if menu == "default" else menu, work / "ours",
                                       seq, a.method, a.measure, a.calib_tokens))
     state = {"model": name, "max_size": budget, "candidates": a.candidates, "rows": {}, "speed_rounds": [],
-             "command": shlex.join(["python", "benchmarks/genai.py", *sys.argv[1:]]).replace(str(Path.home()), "~"),
+             "command": tilde(shlex.join(["python", "benchmarks/genai.py", *sys.argv[1:]])),
              "versions": _versions()}
     for label, (path, meta) in packages.items():
         state["rows"][label] = {**meta, **_accuracy(path, anchors, ref_logits), **_size(path)}

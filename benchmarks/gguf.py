@@ -38,6 +38,8 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.markdown import tilde  # noqa: E402
+
 AUSTEN = REPO.parent / "shared" / "data" / "text" / "austen"
 PERSUASION = AUSTEN / "persuasion.txt"
 CALIB = ",".join(str(p) for p in sorted(AUSTEN.glob("*.txt")) if p.name != "persuasion.txt")
@@ -276,7 +278,7 @@ def _version(pkg: str) -> str:
 def others_running() -> list[str]:
     """Other benchmark processes (the timing must not overlap them)."""
     out = subprocess.run(["pgrep", "-af", "benchmarks/"], capture_output=True, text=True).stdout.splitlines()
-    return [ln.replace(str(REPO) + "/", "").replace(str(Path.home()), "~") for ln in out
+    return [tilde(ln.replace(str(REPO) + "/", "")) for ln in out
             if str(os.getpid()) != ln.split()[0] and "benchmarks/gguf.py" not in ln]
 
 
@@ -432,7 +434,7 @@ def _shown(path: str) -> str:
     p = Path(path).expanduser()
     if p.is_relative_to(REPO):
         return str(p.relative_to(REPO))
-    return str(p).replace(str(Path.home()), "~", 1)
+    return tilde(str(p))
 
 
 def _kl(v: float) -> str:
@@ -588,13 +590,13 @@ def write_heading(result: dict, heading: str, markdown: Path, timed: bool = True
     from benchmarks.markdown import replace_section
 
     meta = result["meta"]
-    command = meta["command"].replace(str(Path.home()), "~")
+    command = tilde(meta["command"])
     intro = (f"Written by `{command}` on {meta['date']} ({meta['cores']} cores, llama-cpp-python "
              f"{meta['llama_cpp_python']}). Protocol as in the section \"GGUF export for llama.cpp\": llama.cpp runs "
              "each file on the ANCHORS.md windows; KL(reference fp32 ‖ llama.cpp). Ours now carry RTN codes weighted "
              "by the importance matrix collected on the calibration text; the `+ our imatrix` row is llama.cpp's own "
              "quantizer (`llama-quantize --imatrix`, built by benchmarks/llamacpp_tools.py) given that same matrix.")
-    lines = [ln.replace(str(Path.home()), "~") for ln in model_table(result)]
+    lines = [tilde(ln) for ln in model_table(result)]
     if not timed:
         lines = [ln.rsplit("|", 2)[0] + "|" if ln.startswith("|") else ln for ln in lines]
         lines.append("Decode speed not timed in this run (the machine was shared with other jobs).")

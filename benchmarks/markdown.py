@@ -9,6 +9,11 @@ HEADER = ("# Benchmarks\n\nEach section is written by the script it names, with 
           "medians where timed.\n")
 
 
+def tilde(text: str) -> str:
+    """`text` with the user's home directory written as `~`: committed files name no path of this machine."""
+    return text.replace(str(Path.home()), "~")
+
+
 def replace_section(path: Path, heading: str, body: str) -> None:
     """Put `## heading` + body into the file, replacing the section of that heading if present; under a lock, so
     benchmarks running side by side (the ones whose figures are not timings) do not lose each other's sections."""

@@ -35,7 +35,7 @@ VARIANTS = {"bias alone": (0.0, None), "bias, margin 0.05": (0.05, None),
 
 
 def main() -> None:
-    from markdown import publish_state
+    from markdown import publish_state, tilde
 
     from compress.data import load_windows
     from compress.models import load_model
@@ -57,7 +57,7 @@ def main() -> None:
     held = {"KJV": load_windows(str(kjv_text()), ref, split="evaluation", tokens=a.eval_tokens, seq_len=512),
             "persuasion": load_windows(str(AUSTEN / "persuasion.txt"), ref, split="evaluation",
                                        tokens=a.eval_tokens, seq_len=512)}
-    state: dict = {"model": str(a.model).replace(str(Path.home()), "~"), "capacity": a.capacity, "rows": [],
+    state: dict = {"model": tilde(str(a.model)), "capacity": a.capacity, "rows": [],
                    "recipe": json.loads((a.model / "recipe.json").read_text()),
                    "command": "python benchmarks/moe_heldout.py " + " ".join(sys.argv[1:]),
                    "calibration_tokens": calib.num_tokens, "heldout_tokens": {k: w.num_tokens for k, w in held.items()}}

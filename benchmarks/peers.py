@@ -116,7 +116,7 @@ def _section(model: str) -> tuple[str, Path]:
 
 
 def main() -> None:
-    from markdown import publish_state
+    from markdown import publish_state, tilde
 
     from compress.data import load_windows
     from compress.models import load_model
@@ -146,7 +146,7 @@ def main() -> None:
     calib = load_windows(NOVELS, ref, split="calibration", tokens=CALIB_TOKENS, seq_len=512)
     anchors = load_windows(str(AUSTEN / "persuasion.txt"), ref, split="all", tokens=3072, seq_len=512,
                            sequential=True)
-    state = {"model": a.model.replace(str(Path.home()), "~"), "rows": [], "versions": _versions(),
+    state = {"model": tilde(a.model), "rows": [], "versions": _versions(),
              "command": _command(sys.argv[1:])}
     if a.note:
         state["note"] = a.note
@@ -191,7 +191,9 @@ def _command(argv: list[str]) -> str:
             skip = arg == "--note"
             continue
         args.append(arg)
-    return shlex.join(["python", "benchmarks/peers.py", *args]).replace(str(Path.home()), "~")
+    from markdown import tilde
+
+    return tilde(shlex.join(["python", "benchmarks/peers.py", *args]))
 
 
 def _evaluate(cand, ref, anchors) -> dict:

@@ -122,7 +122,9 @@ def main() -> None:
 
 def shown(args: list[str]) -> str:
     """A command line as the reader would type it: ~ for the home directory."""
-    return " ".join(args).replace(str(Path.home()), "~")
+    from markdown import tilde
+
+    return tilde(" ".join(args))
 
 
 if __name__ == "__main__":
