@@ -15,8 +15,9 @@ Peers: NNCF `compress_weights` (INT4_SYM, group 32, data-aware AWQ + scale estim
 so the embedding / tied head is 4-bit too; without it NNCF keeps them INT8_ASYM per channel; `nncf-rtn-all` = the
 same without data). NNCF has no mode below 4 bits with groups of 32 (its INT4 floor is 4.5 bpw), so it has no
 3.5 bpw row. AutoRound 0.16 (signed-gradient rounding, W4 g32 symmetric, its light recipe: 50 iterations at
-lr 5e-3, CPU fp32) tunes the block
-Linears; `autoround-emb4` adds plain RTN int4 on the embedding it leaves float, to land at 4.5 bpw.
+lr 5e-3, CPU fp32) tunes the block Linears; `autoround-emb4` adds plain RTN int4 on the embedding it leaves float,
+to land at 4.5 bpw (`autoround-w3-emb3`: W3 and int3, 3.5 bpw). `autoscheme-3.5-emb3` is AutoRound's own mixed-bit
+search (AutoScheme: W2 / W3 / W4 per Linear at an average of 3.5 bpw) before the same tuning.
 """
 
 from __future__ import annotations
@@ -102,7 +103,11 @@ AUTOROUND = {  # row -> (description, code bits, the embedding / tied head's pla
     "autoround-w3-emb3": ("AutoRound W3 g32 sym, light recipe (50 iters, lr 5e-3); embedding / tied head RTN int3 "
                           "g32", 3, 3),
 }
-PEERS = ("nncf", "autoround")
+AUTOSCHEME = {  # row -> (description, target bpw of the block Linears as we count it, the embedding's RTN bits)
+    "autoscheme-3.5-emb3": ("AutoRound AutoScheme mixed bits (W2/W3/W4 g32 sym per Linear, chosen by its delta loss at "
+                            "3.5 bpw), light recipe (50 iters, lr 5e-3); embedding / tied head RTN int3 g32", 3.5, 3),
+}
+PEERS = ("nncf", "autoround", "autoscheme")
 SMOLLM2_ONLY = ("ours-105MB",)  # rows whose budget is SmolLM2's (105 MB is more than a small model's whole size)
 
 
@@ -150,7 +155,7 @@ def main() -> None:
              "command": _command(sys.argv[1:])}
     if a.note:
         state["note"] = a.note
-    everything = [r for r in [*NNCF, *AUTOROUND, *OURS]
+    everything = [r for r in [*NNCF, *AUTOROUND, *AUTOSCHEME, *OURS]
                   if a.model == ZOO_DEFAULT or not r.startswith(SMOLLM2_ONLY)]
     wanted = [r.strip() for r in (a.rows or ",".join(everything)).split(",") if r.strip()]
     if a.keep and not results.is_file():  # a fresh checkout: the section would lose every row not run now
@@ -172,11 +177,14 @@ def main() -> None:
         elif row in AUTOROUND:
             desc, bits, emb_bits = AUTOROUND[row]
             entry = _autoround(ref, calib, anchors, bits, emb_bits)
+        elif row in AUTOSCHEME:
+            desc, target, emb_bits = AUTOSCHEME[row]
+            entry = _autoscheme(ref, anchors, target, emb_bits)
         elif row in OURS:
             desc, fields = OURS[row]
             entry = _ours(a.model, ref, anchors, fields)
         else:
-            raise SystemExit(f"--rows: unknown row {row}; use {', '.join([*NNCF, *AUTOROUND, *OURS])}")
+            raise SystemExit(f"--rows: unknown row {row}; use {', '.join([*NNCF, *AUTOROUND, *AUTOSCHEME, *OURS])}")
         entry.update(row=row, what=desc, seconds=round(time.perf_counter() - t, 1))
         print(entry, flush=True)
         state["rows"].append(entry)
@@ -274,6 +282,58 @@ def _autoround(ref, calib, anchors, bits: int, emb_bits: int | None) -> dict:
     return _evaluate(cand, ref, anchors) | {"bpw": bpw, "weight_bytes": None}
 
 
+def _autoscheme(ref, anchors, target: float, emb_bits: int) -> dict:
+    """AutoRound's own mixed-bit search (AutoScheme: per Linear, W2 / W3 / W4 g32 symmetric, chosen from its
+    gradient-based delta loss to meet an average) followed by its light tuning recipe, on an fp32 copy on CPU; the
+    embedding it leaves float gets RTN at `emb_bits` g32 as in `_autoround`. AutoScheme reads its data only from a
+    file, so the calibration text goes in as the decoded windows of 520 tokens of the same novels (AutoRound cuts
+    each to its first 512). AutoScheme counts a zero point even for symmetric codes (b + (16 + b) / 32 bits per
+    weight); its target is set so the code bits average `target` − ½, which is `target` as we count it."""
+    import copy
+    import json
+
+    from auto_round import AutoRound, AutoScheme
+    from auto_round.schemes import QuantizationScheme
+
+    from compress.data import load_windows
+    from compress.models.hf import LoadedModel
+    from compress.quantize.rtn import quantize_rtn
+    from compress.quantize.spec import QuantSpec
+
+    seq = 512
+    texts = load_windows(NOVELS, ref, split="calibration", tokens=CALIB_TOKENS // seq * (seq + 8), seq_len=seq + 8)
+    model = copy.deepcopy(ref.module).float()
+    options = [QuantizationScheme.from_dict(dict(bits=b, group_size=32, sym=True, data_type="int", act_bits=16))
+               for b in (2, 3, 4)]
+    code_bits = target - 0.5
+    with tempfile.TemporaryDirectory(prefix="compress-autoscheme-") as tmp:
+        data = Path(tmp) / "calibration.json"
+        data.write_text(json.dumps([ref.tokenizer.decode(ids[m.bool()]) for ids, m in
+                                    zip(texts.input_ids, texts.attention_mask, strict=True)]))
+        scheme = AutoScheme(avg_bits=code_bits * 33 / 32 + 0.5, options=options, nsamples=len(texts.input_ids),
+                            seqlen=seq, batch_size=1, device_map="cpu", enable_torch_compile=False)
+        ar = AutoRound(model, tokenizer=ref.tokenizer, scheme=scheme, dataset=str(data),
+                       nsamples=len(texts.input_ids), seqlen=seq, batch_size=len(texts.input_ids), device_map="cpu",
+                       amp=False, iters=50, lr=5e-3, enable_torch_compile=False)
+        ar.quantize()
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        emb.weight.copy_(quantize_rtn(emb.weight, QuantSpec(emb_bits, 32)).dequantize())
+    bits = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.data_ptr() != emb.weight.data_ptr():
+            bits[name] = int(getattr(m, "bits", 16) or 16)
+    counted = {n: b for n, b in bits.items() if b < 16}
+    weights = _matrix_params(model)
+    float_params = weights - emb.weight.numel() - sum(model.get_submodule(n).weight.numel() for n in counted)
+    total = (sum((b + 0.5) * model.get_submodule(n).weight.numel() for n, b in counted.items())
+             + (emb_bits + 0.5) * emb.weight.numel() + 16 * float_params)
+    cand = LoadedModel(model, ref.tokenizer, "decoder", ref.family, "autoscheme")
+    mix = {b: sum(1 for v in counted.values() if v == b) for b in sorted(set(counted.values()))}
+    return _evaluate(cand, ref, anchors) | {"bpw": total / weights, "weight_bytes": None,
+                                            "mix": {f"W{b}": k for b, k in mix.items()}}
+
+
 def _tracing_window():
     """One short window: what NNCF needs to trace the model when it uses no data."""
     from compress.data import Windows
@@ -333,7 +393,9 @@ def render(state: dict) -> str:
              "| row | candidate | bpw | KL | KL p99 | top-1 | s |", "|---|---|---|---|---|---|---|"]
     rows = sorted(state["rows"], key=lambda r: r["bpw"])
     for r in rows:
-        lines.append(f"| `{r['row']}` | {r['what']} | {r['bpw']:.3f} | {r['kl']:.4f} | {r['kl_p99']:.3f} | "
+        mix = ", ".join(f"{k} ×{n}" for k, n in r["mix"].items()) if r.get("mix") else ""
+        what = r["what"] + (f" (chosen: {mix})" if mix else "")
+        lines.append(f"| `{r['row']}` | {what} | {r['bpw']:.3f} | {r['kl']:.4f} | {r['kl_p99']:.3f} | "
                      f"{r['top1']:.3f} | {r['seconds']:.0f} |")
     lines += ["", _verdicts(rows)] + (["", state["after"]] if state.get("after") else [])
     return "\n".join(lines)
