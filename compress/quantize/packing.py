@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_CODES = 1 << 22  # codes packed or unpacked per step (a multiple of 8): bounds the int32 temporaries to 16 MB
+CHUNK_CODES = 1 << 16  # codes packed or unpacked per step (a multiple of 8): 512 KB of int64 temporaries, below
+# the 1 MiB above which a streamed run's allocator maps (and page-faults) every temporary afresh
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -22,19 +23,20 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _pack(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    """Code j's bit i at bit j·bits + i of the stream: each run of 8 codes is one little-endian integer of 8·bits
+    bits (≤ 56 for bits ≤ 7), cut into `bits` bytes."""
     if bits == 8:
         return flat.clone()
-    if 8 % bits == 0:  # 1, 2, 4: whole codes per byte
-        per = 8 // bits
-        pad = (-flat.numel()) % per
-        x = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, per).to(torch.int32)
-        shifts = torch.arange(per, dtype=torch.int32, device=flat.device) * bits
-        return (x << shifts).sum(1).to(torch.uint8)
-    bit_idx = torch.arange(bits, dtype=torch.uint8, device=flat.device)
-    stream = ((flat.unsqueeze(1) >> bit_idx) & 1).reshape(-1)
-    pad = (-stream.numel()) % 8
-    stream = torch.cat([stream, stream.new_zeros(pad)]).reshape(-1, 8).to(torch.int32)
-    return (stream << torch.arange(8, dtype=torch.int32, device=flat.device)).sum(1).to(torch.uint8)
+    n = flat.numel()
+    per = 8 if 8 % bits else 8 // bits  # codes per whole number of bytes: 8 codes → `bits` bytes, or one byte
+    pad = (-n) % per
+    x = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, per).to(torch.int64)
+    word = (x << (torch.arange(per, dtype=torch.int64, device=flat.device) * bits)).sum(1)
+    nbytes = per * bits // 8
+    if nbytes == 1:
+        return word.to(torch.uint8)
+    shifts = torch.arange(nbytes, dtype=torch.int64, device=flat.device) * 8
+    return ((word.unsqueeze(1) >> shifts) & 0xFF).to(torch.uint8).reshape(-1)[:packed_bytes(n, bits)]
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -53,14 +55,16 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 8:
         return packed[:n].clone()
-    if 8 % bits == 0:
+    if 8 % bits == 0:  # 1, 2, 4: whole codes per byte
         per = 8 // bits
         shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
         return ((packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
-    bit = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    stream = ((packed.unsqueeze(1) >> bit) & 1).reshape(-1)[: n * bits]
-    weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device))
-    return (stream.reshape(n, bits).to(torch.int32) * weights).sum(1).to(torch.uint8)
+    per, nbytes = 8, bits  # 8 codes in `bits` bytes, one little-endian integer
+    pad = (-packed.numel()) % nbytes
+    b = torch.cat([packed, packed.new_zeros(pad)]).reshape(-1, nbytes).to(torch.int64)
+    word = (b << (torch.arange(nbytes, dtype=torch.int64, device=packed.device) * 8)).sum(1)
+    shifts = torch.arange(per, dtype=torch.int64, device=packed.device) * bits
+    return ((word.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1)[:n]
 
 
 def packed_bytes(n: int, bits: int) -> int:
