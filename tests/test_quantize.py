@@ -37,6 +37,22 @@ def test_pack_unpack_round_trips_exactly(bits):
         assert torch.equal(unpack(packed, bits, n), codes)
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_layout_is_the_little_endian_bit_stream_across_chunks(bits):
+    """Artifacts on disk hold this layout: code j's bit i is bit j·bits + i of the stream, 8 stream bits a byte
+    (least significant first), the same whether packed in one step or in chunks."""
+    from compress.quantize import packing
+
+    n = packing.CHUNK_CODES + 13  # crosses a chunk boundary and ends in a partial byte
+    codes = torch.randint(0, 2**bits, (n,), generator=torch.Generator().manual_seed(bits)).to(torch.uint8)
+    stream = [(int(c) >> i) & 1 for c in codes.tolist() for i in range(bits)]
+    stream += [0] * (-len(stream) % 8)
+    want = [sum(stream[k + i] << i for i in range(8)) for k in range(0, len(stream), 8)]
+    packed = pack(codes, bits)
+    assert packed.tolist() == want
+    assert torch.equal(unpack(packed, bits, n), codes)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_rtn_error_is_bounded_by_the_step_and_packs_losslessly(bits, symmetric):
