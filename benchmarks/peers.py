@@ -167,8 +167,9 @@ def main() -> None:
         earlier = json.loads(results.read_text())
         state["rows"] = [r for r in earlier["rows"] if r["row"] not in wanted]
         state["command"] = earlier["command"] + "; " + state["command"]
-        if "note" in earlier and "note" not in state:
-            state["note"] = earlier["note"]
+        for key in ("note", "after"):  # the header's sentence and the paragraph after the verdicts
+            if key in earlier and key not in state:
+                state[key] = earlier[key]
     for row in wanted:
         t = time.perf_counter()
         if row in NNCF:
