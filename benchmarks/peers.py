@@ -59,6 +59,8 @@ OURS = {  # row -> (description, QuantizeRequest fields)
                          dict(layerwise=True, avg_bits=3.5, measure="fast", method="gptq")),
     "ours-lw-3.5-awq+gptq": ("ours: `--layerwise --avg-bits 3.5 --measure fast --method awq+gptq`",
                              dict(layerwise=True, avg_bits=3.5, measure="fast", method="awq+gptq")),
+    "ours-lw-3.5-gptq-lin": ("ours: `--layerwise --avg-bits 3.5 --measure fast --method gptq --granularity linear`",
+                             dict(layerwise=True, avg_bits=3.5, measure="fast", method="gptq", granularity="linear")),
     "ours-lw-4.5-awq+gptq": ("ours: `--layerwise --avg-bits 4.5 --measure fast --method awq+gptq`",
                              dict(layerwise=True, avg_bits=4.5, measure="fast", method="awq+gptq")),
     "ours-lw-5.25": ("ours: `--layerwise --avg-bits 5.25 --measure fast` (RTN + importance matrix)",
