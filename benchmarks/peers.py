@@ -46,6 +46,7 @@ TARGET = 0.8  # issue 17: our best layer-wise plan's KL ≤ 0.8 × the best peer
 
 ASYM = "8,6a,6,5a,5,4a,4,3a"  # the default torch menu with asymmetric variants (a zero point per group)
 ASYM_LOW = ASYM + ",3,2a"  # 3a alone costs more than 3.5 bpw
+G64 = "8,6,5,4,4g64,3,3g64"  # groups of 64 (¼ bit of scale instead of ½): at 3.5 bpw g32 leaves only 3-bit codes
 OURS = {  # row -> (description, QuantizeRequest fields)
     "ours-4": ("ours: `--bits 4 --embeddings quantize` (RTN + importance matrix)",
                dict(bits=4, group_size=32, embeddings="quantize")),
@@ -59,8 +60,8 @@ OURS = {  # row -> (description, QuantizeRequest fields)
                          dict(layerwise=True, avg_bits=3.5, measure="fast", method="gptq")),
     "ours-lw-3.5-awq+gptq": ("ours: `--layerwise --avg-bits 3.5 --measure fast --method awq+gptq`",
                              dict(layerwise=True, avg_bits=3.5, measure="fast", method="awq+gptq")),
-    "ours-lw-3.5-gptq-lin": ("ours: `--layerwise --avg-bits 3.5 --measure fast --method gptq --granularity linear`",
-                             dict(layerwise=True, avg_bits=3.5, measure="fast", method="gptq", granularity="linear")),
+    "ours-lw-3.5-gptq-g64": ("ours: `--layerwise --avg-bits 3.5 --measure fast --method gptq --candidates " + G64 + "`",
+                             dict(layerwise=True, avg_bits=3.5, measure="fast", method="gptq", candidates=G64)),
     "ours-lw-4.5-awq+gptq": ("ours: `--layerwise --avg-bits 4.5 --measure fast --method awq+gptq`",
                              dict(layerwise=True, avg_bits=4.5, measure="fast", method="awq+gptq")),
     "ours-lw-5.25": ("ours: `--layerwise --avg-bits 5.25 --measure fast` (RTN + importance matrix)",
