@@ -92,7 +92,7 @@ def main() -> None:
                   flush=True)
         rows.append((b, out))
 
-    from markdown import tilde
+    from markdown import replace_section, tilde
 
     shown = tilde(a.model)
     again = f" --repeats {a.repeats}" if a.repeats > 1 else ""
@@ -117,7 +117,6 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from markdown import replace_section
 
     name = Path(a.model).name if Path(a.model).exists() else a.model
     replace_section(REPO / "BENCHMARKS.md", f"Predicted distortion, --measure fisher: {name} (issue 16)",

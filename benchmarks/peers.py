@@ -295,6 +295,7 @@ def _autoscheme(ref, anchors, target: float, emb_bits: int) -> dict:
     weight); its target is set so the code bits average `target` − ½, which is `target` as we count it."""
     import copy
     import json
+    from collections import Counter
 
     from auto_round import AutoRound, AutoScheme
     from auto_round.schemes import QuantizationScheme
@@ -323,19 +324,19 @@ def _autoscheme(ref, anchors, target: float, emb_bits: int) -> dict:
     emb = model.get_input_embeddings()
     with torch.no_grad():
         emb.weight.copy_(quantize_rtn(emb.weight, QuantSpec(emb_bits, 32)).dequantize())
-    bits = {}
+    linears = {}  # bits and parameters of each Linear AutoRound quantized (the tied head is the embedding)
     for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and m.weight.data_ptr() != emb.weight.data_ptr():
-            bits[name] = int(getattr(m, "bits", 16) or 16)
-    counted = {n: b for n, b in bits.items() if b < 16}
+        b = int(getattr(m, "bits", 16) or 16)
+        if isinstance(m, torch.nn.Linear) and m.weight.data_ptr() != emb.weight.data_ptr() and b < 16:
+            linears[name] = (b, m.weight.numel())
     weights = _matrix_params(model)
-    float_params = weights - emb.weight.numel() - sum(model.get_submodule(n).weight.numel() for n in counted)
-    total = (sum((b + 0.5) * model.get_submodule(n).weight.numel() for n, b in counted.items())
-             + (emb_bits + 0.5) * emb.weight.numel() + 16 * float_params)
+    float_params = weights - emb.weight.numel() - sum(n for _, n in linears.values())
+    total = (sum((b + 0.5) * n for b, n in linears.values()) + (emb_bits + 0.5) * emb.weight.numel()
+             + 16 * float_params)
     cand = LoadedModel(model, ref.tokenizer, "decoder", ref.family, "autoscheme")
-    mix = {b: sum(1 for v in counted.values() if v == b) for b in sorted(set(counted.values()))}
+    mix = Counter(b for b, _ in linears.values())
     return _evaluate(cand, ref, anchors) | {"bpw": total / weights, "weight_bytes": None,
-                                            "mix": {f"W{b}": k for b, k in mix.items()}}
+                                            "mix": {f"W{b}": k for b, k in sorted(mix.items())}}
 
 
 def _tracing_window():

@@ -87,10 +87,9 @@ def apply_plan(model: nn.Module, lmap: LayerMap, specs: dict[str, QuantSpec],
             new = HalfLinear(module)
         else:
             out_f, in_f = weight_matrix(module).shape
-            new = QuantLinear(in_f, out_f, spec, module.bias is not None)
-            if not empty:
-                q = quantized.get(name) or quantize_rtn(weight_matrix(module), spec)
-                new.packed = PackedWeight.from_quantized(q)
+            packed = None if empty else PackedWeight.from_quantized(quantized.get(name)
+                                                                     or quantize_rtn(weight_matrix(module), spec))
+            new = QuantLinear(in_f, out_f, spec, module.bias is not None, packed)
             if module.bias is not None:
                 new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         _set(model, name, new)

@@ -117,10 +117,11 @@ class PackedWeight(nn.Module):
 class QuantLinear(nn.Module):
     """y = x Wᵀ + b with W dequantized from packed codes at every call."""
 
-    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool):
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool,
+                 packed: PackedWeight | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.packed = PackedWeight(out_features, in_features, spec)
+        self.packed = packed if packed is not None else PackedWeight(out_features, in_features, spec)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     @property
