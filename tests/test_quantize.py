@@ -226,20 +226,37 @@ def _text(tmp_path):
     return p
 
 
-def test_gptq_with_white_inputs_is_round_to_nearest_and_beats_it_on_correlated_inputs():
+def test_gptq_with_white_inputs_is_weighted_round_to_nearest_and_beats_it_on_correlated_inputs():
     from compress.quantize.gptq import gptq_quantize
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 64, generator=g)
     spec = QuantSpec(3, 32, True)
-    white = gptq_quantize(w, torch.eye(64), spec)
-    assert torch.equal(white.codes, quantize_rtn(w, spec).codes)
+    white = gptq_quantize(w, torch.eye(64), spec)  # uncorrelated inputs: no error to spread, equal importance
+    rtn = quantize_rtn(w, spec, torch.ones(64))
+    assert torch.equal(white.codes, rtn.codes) and torch.equal(white.scales, rtn.scales)
     mix = torch.randn(64, 64, generator=g)
     x = torch.randn(2048, 64, generator=g) @ mix  # strongly correlated input features
     h = 2 * x.T @ x / len(x)
     gq = gptq_quantize(w, h, spec)
     out_err = lambda q: float(((x @ (q.dequantize() - w).T) ** 2).mean())  # noqa: E731
     assert out_err(gq) < 0.7 * out_err(quantize_rtn(w, spec))
+
+
+def test_asymmetric_gptq_fixes_its_groups_from_the_weighted_rtn_of_the_original_and_beats_it():
+    from compress.quantize.gptq import gptq_quantize
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 96, generator=g)
+    x = (torch.randn(1024, 96, generator=g) @ torch.randn(96, 96, generator=g)) * torch.linspace(0.1, 3, 96)
+    h = 2 * x.T @ x / len(x)
+    spec = QuantSpec(4, 32, False, "gptq")
+    gq = gptq_quantize(w, h, spec)
+    diag = torch.diag(h) + 0.01 * torch.diag(h).mean()  # the damped diagonal GPTQ weighs the groups by
+    rtn = quantize_rtn(w, QuantSpec(4, 32, False), diag)
+    assert torch.equal(gq.scales, rtn.scales) and torch.equal(gq.zeros, rtn.zeros)  # static groups
+    out_err = lambda q: float(((x @ (q.dequantize() - w).T) ** 2).mean())  # noqa: E731
+    assert out_err(gq) < 0.7 * out_err(rtn)
 
 
 def test_hqq_zero_point_reduces_the_error_of_min_max_rounding():
