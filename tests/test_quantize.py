@@ -243,20 +243,19 @@ def test_gptq_with_white_inputs_is_weighted_round_to_nearest_and_beats_it_on_cor
     assert out_err(gq) < 0.7 * out_err(quantize_rtn(w, spec))
 
 
-def test_asymmetric_gptq_fixes_its_groups_from_the_weighted_rtn_of_the_original_and_beats_it():
-    from compress.quantize.gptq import gptq_quantize
+def test_gptq_takes_the_most_active_groups_first_and_beats_weighted_rtn_asymmetric_too():
+    from compress.quantize.gptq import gptq_quantize, group_order
 
+    diag = torch.tensor([1.0, 1, 5, 5, 0, 0, 2, 2])  # groups of 2: sums 2, 10, 0, 4
+    assert group_order(diag, 2).tolist() == [2, 3, 6, 7, 0, 1, 4, 5]
     g = torch.Generator().manual_seed(1)
     w = torch.randn(32, 96, generator=g)
     x = (torch.randn(1024, 96, generator=g) @ torch.randn(96, 96, generator=g)) * torch.linspace(0.1, 3, 96)
     h = 2 * x.T @ x / len(x)
-    spec = QuantSpec(4, 32, False, "gptq")
-    gq = gptq_quantize(w, h, spec)
-    diag = torch.diag(h) + 0.01 * torch.diag(h).mean()  # the damped diagonal GPTQ weighs the groups by
-    rtn = quantize_rtn(w, QuantSpec(4, 32, False), diag)
-    assert torch.equal(gq.scales, rtn.scales) and torch.equal(gq.zeros, rtn.zeros)  # static groups
+    gq = gptq_quantize(w, h, QuantSpec(4, 32, False, "gptq"))
+    rtn = quantize_rtn(w, QuantSpec(4, 32, False), torch.diag(h))
     out_err = lambda q: float(((x @ (q.dequantize() - w).T) ** 2).mean())  # noqa: E731
-    assert out_err(gq) < 0.7 * out_err(rtn)
+    assert gq.zeros is not None and out_err(gq) < 0.7 * out_err(rtn)
 
 
 def test_hqq_zero_point_reduces_the_error_of_min_max_rounding():
