@@ -7,7 +7,8 @@ One run, one process, the same windows: the full table (every unit × candidate 
 as KL on the calibration windows) and the Fisher table (one forward and backward per calibration window, then
 ½ Σ F ΔW² per cell), each timed; Spearman ρ between their cells; then for each budget the DP plan of each table,
 quantized and evaluated on held-out windows, with the Fisher table's predicted plan KL beside the measured one.
-Targets: plan KL of fisher ≤ 1.15 × full's, measurement time ≤ 0.1 × full's.
+Targets: plan KL of fisher ≤ 1.15 × full's, measurement time ≤ 0.1 × full's. Beside them, the floor of any
+gradient-based prediction: one plain forward and backward of the calibration NLL through the whole model.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def main() -> None:
                                 ref.module, quantizable(ref.module, lmap))
     some_budget = Budget.parse(4.5, None).resolve(ref.module)
     cands, units, sizes, _, allowed = plan_inputs(ref.module, lmap, cands, some_budget)
-    times: dict[str, list[float]] = {"full": [], "fisher": []}
+    times: dict[str, list[float]] = {"full": [], "fisher": [], "floor": []}
     for _ in range(a.repeats):  # alternated, so a busy spell of the machine falls on both
         t0 = time.perf_counter()
         full = measure_kl(ScoringContext(ref, lmap, calib), units, cands, allowed)
@@ -68,7 +69,9 @@ def main() -> None:
         t0 = time.perf_counter()
         fisher = predict_fisher(ref, lmap, calib, units, cands, allowed)
         times["fisher"].append(time.perf_counter() - t0)
+        times["floor"].append(_gradient_floor(ref.module, calib))
     t_full, t_fisher = statistics.median(times["full"]), statistics.median(times["fisher"])
+    t_floor = statistics.median(times["floor"])
     cells = [(f, m) for fr, mr in zip(fisher.distortion, full.distortion, strict=True)
              for f, m in zip(fr, mr, strict=True) if m != float("inf")]
     rho = float(spearmanr([c[0] for c in cells], [c[1] for c in cells]).statistic)
@@ -104,6 +107,10 @@ def main() -> None:
              f"- Measurement time{' (medians of ' + str(a.repeats) + ', alternated)' if a.repeats > 1 else ''}: "
              f"full {t_full:.0f} s, fisher {t_fisher:.1f} s → ratio **{t_fisher / t_full:.3f}** "
              f"(target ≤ 0.1: {'met' if t_fisher <= 0.1 * t_full else '**missed**'}).",
+             f"- The floor of any gradient-based prediction (the Fisher needs the calibration NLL's gradient at every "
+             f"weight): one forward and backward of that NLL through the whole model in memory, all windows in one "
+             f"batch, with no Fisher accumulated and nothing predicted: {t_floor:.2f} s = **{t_floor / t_full:.3f}** "
+             "of full.",
              f"- Spearman ρ between the {len(cells)} predicted and measured cells: **{rho:.3f}**.", "",
              "| budget | plan from | bpw | KL held-out | top-1 | KL / full's | target ≤ 1.15 | Σ table of the plan "
              "| measured / Σ |", "|---|---|---|---|---|---|---|---|---|"]
@@ -122,6 +129,19 @@ def main() -> None:
     replace_section(REPO / "BENCHMARKS.md", f"Predicted distortion, --measure fisher: {name} (issue 16)",
                     "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _gradient_floor(model: torch.nn.Module, windows) -> float:
+    """Seconds of one forward and backward of the calibration NLL through the whole model (the least any gradient
+    of it costs), all windows in one batch; gradients freed after."""
+    ids, mask = windows.input_ids, windows.attention_mask
+    t0 = time.perf_counter()
+    with torch.enable_grad():
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False).loss
+        loss.backward()
+    seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return seconds
 
 
 def _budget(b: str) -> str:
