@@ -180,6 +180,18 @@ def _quantized_bytes(package: Path) -> int:
     return sum(numpy_helper.to_array(inits[x]).nbytes for x in names if x in inits)
 
 
+def _code_key() -> str:
+    """8 hex digits of the source that makes and exports our packages (compress/, flows/, exporters/): a cached
+    artifact of other code is never reused (a change to GPTQ once left a stale package measured as new)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for d in ("compress", "flows", "exporters"):
+        for f in sorted((REPO / d).rglob("*.py")):
+            h.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:8]
+
+
 def _our_packages(model: str, max_size: int, candidates: str | None, root: Path, seq: int = 512,
                   method: str = "rtn", measure: str = "fast", tokens: int = CALIB_TOKENS) -> dict:
     """Our layer-wise --target ort artifact under `max_size` weight bytes, exported at accuracy levels 0 and 4."""
@@ -190,7 +202,7 @@ def _our_packages(model: str, max_size: int, candidates: str | None, root: Path,
     how = [f"--{k} {v}" for k, v, default in (("method", method, "rtn"), ("measure", measure, "fast"),
                                                ("tokens", tokens, CALIB_TOKENS)) if v != default]
     tag = f"lw{max_size}" + (f"-{candidates.replace(',', '_')}" if candidates else "") \
-        + "".join("-" + h.replace("--", "").replace(" ", "") for h in how)
+        + "".join("-" + h.replace("--", "").replace(" ", "") for h in how) + f"-{_code_key()}"
     art = root / tag
     if not (art / "compress.json").is_file():
         run_quantize(QuantizeRequest(model=model, layerwise=True, max_size=max_size, target="ort", measure=measure,
