@@ -121,10 +121,6 @@ def main() -> None:
             verdict = "" if name == "full" else ("met" if ratio <= 1.15 else "**missed**")
             lines.append(f"| {_budget(b)} | {name} | {r.bpw:.3f} | {r.kl_mean:.4f} | {r.top1_agreement:.3f} | "
                          f"{ratio:.3f} | {verdict} | {predicted:.4f} | {r.kl_mean / predicted:.2f} |")
-    import sys
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-
     name = Path(a.model).name if Path(a.model).exists() else a.model
     replace_section(REPO / "BENCHMARKS.md", f"Predicted distortion, --measure fisher: {name} (issue 16)",
                     "\n".join(lines) + "\n")

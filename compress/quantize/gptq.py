@@ -33,8 +33,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     W[:, dead] = 0.0
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype, device=H.device)
     order = group_order(torch.diag(H), g)
-    importance = torch.diag(H)[order].float()
     W, H = W[:, order], H[order][:, order]
+    importance = torch.diag(H).float()  # each column's weight in its group's scale search, in processing order
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     dev = W.device
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=dev)
